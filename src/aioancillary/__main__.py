@@ -1,0 +1,10 @@
+"""Command line: ``python -m aioancillary demo``."""
+
+from __future__ import annotations
+
+import sys
+
+from ._demo import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,112 @@
+"""The exception tree of aioancillary.
+
+Every error the library raises on purpose derives from :class:`AncillaryError`::
+
+    AncillaryError
+    ├── FdTruncatedError        fds were dropped by the kernel (MSG_CTRUNC, EMFILE)
+    ├── DataTruncatedError      a datagram/seqpacket message was cut (MSG_TRUNC)
+    ├── TooManyFdsError         more fds than one message may carry (also ValueError)
+    ├── InvalidFdError          an fd to send is not open (also ValueError)
+    ├── CloexecError            FD_CLOEXEC could not be set on a received fd (also OSError)
+    ├── FdsInFlightError        the kernel refused more fds in flight (ETOOMANYREFS; OSError)
+    ├── ProtocolError           the peer broke the framing protocol (bad frame, fd count)
+    ├── ConnectionClosedError   the connection is closed (also ConnectionError)
+    └── PeerRejectedError       the peer's credentials failed authorization (PermissionError)
+
+Whenever one of these is raised on the receive path, every fd that arrived with the faulty
+message has already been closed: catching the error never leaves an fd open in the process.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AncillaryError",
+    "CloexecError",
+    "ConnectionClosedError",
+    "DataTruncatedError",
+    "FdTruncatedError",
+    "FdsInFlightError",
+    "InvalidFdError",
+    "PeerRejectedError",
+    "ProtocolError",
+    "TooManyFdsError",
+]
+
+
+class AncillaryError(Exception):
+    """Root of every error raised by aioancillary.
+
+    Catch this to handle any failure of the library in one place::
+
+        try:
+            msg = recv_fds(sock, 1024, 4)
+        except AncillaryError as exc:
+            log.warning("fd passing failed: %s", exc)
+    """
+
+
+class FdTruncatedError(AncillaryError):
+    """The kernel dropped file descriptors of a received message (``MSG_CTRUNC``).
+
+    On Linux this happens when the receiver reaches ``RLIMIT_NOFILE`` (EMFILE) or a security
+    module denies an fd; on macOS ``recvmsg`` fails with EMFILE instead. Every fd that did arrive
+    with the message has been closed. The message's bytes are kept in :attr:`data` so that a
+    framing layer can stay in sync.
+    """
+
+    def __init__(self, message: str, *, data: bytes = b"", closed_fds: int = 0) -> None:
+        super().__init__(message)
+        #: The bytes that came with the truncated message.
+        self.data = data
+        #: How many fds that did arrive were closed because of the truncation.
+        self.closed_fds = closed_fds
+
+
+class DataTruncatedError(AncillaryError):
+    """A datagram or seqpacket message was longer than the receive buffer (``MSG_TRUNC``).
+
+    The tail of the message is lost (the kernel discards it). Any fds that came with the message
+    have been closed. Receive with a larger buffer to avoid it.
+    """
+
+    def __init__(self, message: str, *, data: bytes = b"", closed_fds: int = 0) -> None:
+        super().__init__(message)
+        #: The part of the message that fit in the buffer.
+        self.data = data
+        #: How many fds that came with the message were closed.
+        self.closed_fds = closed_fds
+
+
+class TooManyFdsError(AncillaryError, ValueError):
+    """More file descriptors than one message may carry (``SCM_MAX_FD``, 253 on Linux/BSD)."""
+
+
+class InvalidFdError(AncillaryError, ValueError):
+    """A file descriptor given to send is not a valid open fd (negative, or EBADF)."""
+
+
+class CloexecError(AncillaryError, OSError):
+    """``FD_CLOEXEC`` could not be set on received fds; all of them have been closed."""
+
+
+class FdsInFlightError(AncillaryError, OSError):
+    """The kernel refused the send: too many fds are in flight for this user (ETOOMANYREFS).
+
+    Linux counts fds sitting unread in Unix sockets against the sender's ``RLIMIT_NOFILE``.
+    Let the peer read what is queued, or raise the limit, and send again.
+    """
+
+
+class ProtocolError(AncillaryError):
+    """The peer broke the framing protocol: garbage, an oversized frame, or wrong fd counts.
+
+    The connection is closed when this is raised, and every fd involved has been closed.
+    """
+
+
+class ConnectionClosedError(AncillaryError, ConnectionError):
+    """The connection is closed (locally, or by the peer); nothing more can be sent."""
+
+
+class PeerRejectedError(AncillaryError, PermissionError):
+    """The peer's credentials were refused by the ``authorize`` callback; no fd was exchanged."""

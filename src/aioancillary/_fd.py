@@ -1,0 +1,174 @@
+"""Owned file descriptors, and the borrowed forms accepted when sending."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import warnings
+from collections.abc import Iterable
+from typing import IO, Any, Protocol, Self, TypeAlias
+
+from ._errors import InvalidFdError
+
+__all__ = ["FdLike", "HasFileno", "OwnedFd", "close_all", "fd_number"]
+
+
+class HasFileno(Protocol):
+    """Anything with a ``fileno()`` method: sockets, files, :class:`OwnedFd`."""
+
+    def fileno(self) -> int: ...
+
+
+#: What may be passed wherever fds are *sent*: an ``int`` or an object with ``fileno()``.
+#: Such fds are borrowed: aioancillary never closes them.
+FdLike: TypeAlias = int | HasFileno
+
+
+def fd_number(fd: FdLike) -> int:
+    """Return the fd number of ``fd`` (an int or an object with ``fileno()``), validated >= 0.
+
+    Raises:
+        InvalidFdError: the value is negative, or the object is closed (``fileno()`` is -1).
+    """
+    num = fd if isinstance(fd, int) else fd.fileno()
+    if num < 0:
+        raise InvalidFdError(
+            f"cannot send fd {num}: it is not an open file descriptor (is {fd!r} already closed?)"
+        )
+    return num
+
+
+class OwnedFd:
+    """One open file descriptor that this object owns and will close.
+
+    An ``OwnedFd`` closes its fd on :meth:`close`, on leaving a ``with`` block, and, as a last
+    resort, when garbage collected (emitting a :class:`ResourceWarning` naming the fd, like an
+    unclosed file). :meth:`detach` hands the raw int out and gives up ownership;
+    :meth:`into_socket` and :meth:`into_file` move ownership into a stdlib object.
+
+    Example::
+
+        with msg.take_fds()[0] as fd:          # an OwnedFd received from a peer
+            os.write(fd.fileno(), b"hello")
+        # closed here
+
+        sock = owned.into_socket()             # the socket now owns the fd
+    """
+
+    __slots__ = ("__weakref__", "_fd")
+
+    def __init__(self, fd: int) -> None:
+        """Take ownership of the open fd ``fd``.
+
+        Raises:
+            InvalidFdError: ``fd`` is negative.
+        """
+        if fd < 0:
+            raise InvalidFdError(f"OwnedFd needs an open fd (>= 0), got {fd}")
+        self._fd = fd
+
+    @classmethod
+    def dup_of(cls, fd: FdLike) -> OwnedFd:
+        """Return an ``OwnedFd`` holding a close-on-exec duplicate of a borrowed ``fd``.
+
+        Raises:
+            InvalidFdError: ``fd`` is not open.
+        """
+        num = fd_number(fd)
+        try:
+            return cls(os.dup(num))  # os.dup makes the copy non-inheritable (CLOEXEC)
+        except OSError as exc:
+            raise InvalidFdError(f"cannot duplicate fd {num}: {exc.strerror}") from exc
+
+    def fileno(self) -> int:
+        """Return the fd number, still owned by this object.
+
+        Raises:
+            ValueError: the fd was closed or detached.
+        """
+        fd = self._fd
+        if fd < 0:
+            raise ValueError("I/O operation on closed OwnedFd")
+        return fd
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once the fd has been closed or detached."""
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Close the fd. Calling it again does nothing."""
+        fd = self._fd
+        if fd >= 0:
+            self._fd = -1
+            os.close(fd)
+
+    def detach(self) -> int:
+        """Give up ownership and return the raw fd; the caller must close it.
+
+        Raises:
+            ValueError: the fd was already closed or detached.
+        """
+        fd = self.fileno()
+        self._fd = -1
+        return fd
+
+    def dup(self) -> OwnedFd:
+        """Return a new ``OwnedFd`` for a close-on-exec duplicate of this fd."""
+        return OwnedFd(os.dup(self.fileno()))
+
+    def into_socket(self) -> socket.socket:
+        """Move the fd into a :class:`socket.socket`; family, type and protocol are detected.
+
+        This object is detached afterwards. If the fd is not a socket, it stays owned here and
+        :class:`OSError` (ENOTSOCK) is raised.
+        """
+        sock = socket.socket(fileno=self.fileno())
+        self._fd = -1
+        return sock
+
+    def into_file(self, mode: str = "r+b", buffering: int = -1, **kwargs: Any) -> IO[Any]:
+        """Move the fd into a file object, as :func:`open` would on an fd.
+
+        Args:
+            mode: File mode, as for :func:`open` (must match how the fd was opened).
+            buffering: As for :func:`open`.
+            **kwargs: ``encoding``, ``errors``, ``newline`` for text modes.
+
+        The file object owns and closes the fd; this object is detached afterwards.
+        """
+        fobj = io.open(self.fileno(), mode, buffering, closefd=True, **kwargs)  # noqa: UP020, SIM115
+        self._fd = -1
+        return fobj
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        fd = self._fd
+        return "<OwnedFd closed>" if fd < 0 else f"<OwnedFd fd={fd}>"
+
+    def __del__(self) -> None:
+        fd = self._fd
+        if fd >= 0:
+            self._fd = -1
+            warnings.warn(
+                f"unclosed OwnedFd fd={fd}: close it, use 'with', or detach() it",
+                ResourceWarning,
+                stacklevel=2,
+                source=self,
+            )
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def close_all(fds: Iterable[OwnedFd]) -> None:
+    """Close every fd in ``fds``, even if closing one of them fails."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            fd.close()

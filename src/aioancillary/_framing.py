@@ -1,0 +1,228 @@
+"""Sans-I/O message framing for SOCK_STREAM: keeps every message's fds with its own message.
+
+Wire format, version 1 (see ``docs/protocol.md``). Every message is one frame::
+
+    +---------+---------+-----------------+-------------------------+---------------+
+    | version |  flags  |   fd count      |   payload length        |   payload     |
+    | u8 = 1  | u8 = 0  |   u16, big end. |   u32, big endian       |   length bytes|
+    +---------+---------+-----------------+-------------------------+---------------+
+
+The frame's fds travel as SCM_RIGHTS with (or before) the frame's first byte, in the same
+``sendmsg`` as that byte. Linux attaches a ``sendmsg``'s fds to its first chunk and returns them
+with the ``recvmsg`` that reads that chunk (``unix_stream_read_generic``), so when a frame's
+header has been read in full, its fds are already in the receiver's FIFO. A frame whose fds are
+not there then is a protocol violation, as are a bad version/flags, an oversized length or fd
+count, and fds that no frame claims.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+
+from ._errors import ProtocolError
+from ._fd import OwnedFd, close_all
+from ._message import AncillaryMessage
+from ._platform import SCM_MAX_FD
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "FRAME_HEADER_SIZE",
+    "FrameDecoder",
+    "frame_header",
+]
+
+_HEADER = struct.Struct(">HHI")
+#: Bytes of framing in front of every message.
+FRAME_HEADER_SIZE = _HEADER.size
+_VERSION = 1
+_VERSION_WORD = _VERSION << 8  # version byte 1, flags byte 0 (reserved)
+#: Default cap on one message's payload in framed mode (1 MiB).
+DEFAULT_MAX_FRAME_SIZE = 1 << 20
+_MAX_LENGTH = 0xFFFFFFFF
+_MAX_FDS_FIELD = 0xFFFF
+
+_pack_header = _HEADER.pack
+
+
+def frame_header(nfds: int, length: int) -> bytes:
+    """Return the 8-byte frame header for a payload of ``length`` bytes carrying ``nfds`` fds.
+
+    Raises:
+        ValueError: a field does not fit the wire format.
+    """
+    if not 0 <= nfds <= _MAX_FDS_FIELD or not 0 <= length <= _MAX_LENGTH:
+        raise ValueError(f"frame fields out of range: nfds={nfds}, length={length}")
+    return _pack_header(_VERSION_WORD, nfds, length)
+
+
+class FrameDecoder:
+    """Turns ``(bytes, fds)`` chunks read from a stream into whole messages with their fds.
+
+    Feed it what each ``recvmsg`` returned, in order; it returns the messages completed so
+    far. Partial frames are kept for the next call. If the peer breaks the protocol, the
+    messages decoded before the fault are still returned, :attr:`failure` is set, and every fd
+    the decoder held is closed; later input is refused (its fds closed).
+
+    Example::
+
+        dec = FrameDecoder()
+        for msg in dec.feed(data, fds):
+            handle(msg)
+        if dec.failure:
+            raise dec.failure
+
+    Args:
+        max_frame_size: Largest payload accepted; a bigger length field is a protocol error.
+        max_fds_per_frame: Largest fd count accepted in one frame.
+        max_pending_fds: Most fds that may wait for their frame's header; a peer sending fds
+            that no frame claims cannot make the receiver hold more than this.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_claimed",
+        "_fifo",
+        "_max_fds",
+        "_max_pending",
+        "_max_size",
+        "failure",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_fds_per_frame: int = SCM_MAX_FD,
+        max_pending_fds: int = 2 * SCM_MAX_FD,
+    ) -> None:
+        self._max_size = max_frame_size
+        self._max_fds = max_fds_per_frame
+        self._max_pending = max_pending_fds
+        self._buf = bytearray()
+        self._fifo: deque[OwnedFd] = deque()
+        self._claimed: tuple[OwnedFd, ...] | None = None
+        #: The :class:`ProtocolError` once the peer has broken the protocol, else ``None``.
+        self.failure: ProtocolError | None = None
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of an incomplete frame held by the decoder."""
+        return len(self._buf)
+
+    @property
+    def pending_fds(self) -> int:
+        """Fds held by the decoder that belong to no completed message yet."""
+        return len(self._fifo) + len(self._claimed or ())
+
+    def feed(
+        self, data: bytes | bytearray | memoryview, fds: list[OwnedFd]
+    ) -> list[AncillaryMessage]:
+        """Take one chunk read from the stream and its fds; return the completed messages.
+
+        The decoder owns ``fds`` from this call on. ``data`` is not kept (it may be a view of a
+        buffer the caller reuses).
+        """
+        fifo = self._fifo
+        if fds:
+            fifo.extend(fds)
+        if self.failure is not None:
+            self._discard()  # a broken stream cannot be resynchronised: refuse what follows
+            return []
+        buf = self._buf
+        buffered = bool(buf)
+        if buffered:
+            buf += data
+            view: bytes | bytearray | memoryview = memoryview(buf)
+        else:
+            view = data
+        out: list[AncillaryMessage] = []
+        claimed = self._claimed
+        self._claimed = None  # held in the local until the loop ends
+        fault: ProtocolError | None = None
+        pos = 0
+        end = len(view)
+        unpack = _HEADER.unpack_from
+        while end - pos >= 8:
+            word, nfds, length = unpack(view, pos)
+            if claimed is None:
+                if word != _VERSION_WORD or length > self._max_size or nfds > self._max_fds:
+                    fault = self._bad_header(word, nfds, length)
+                    break
+                if nfds:
+                    if len(fifo) < nfds:
+                        fault = ProtocolError(
+                            f"a frame declares {nfds} fd(s) but only {len(fifo)} arrived "
+                            "with or before its header; the peer is not following the "
+                            "framing protocol (fds must ride with the frame's first byte)"
+                        )
+                        break
+                    pop = fifo.popleft
+                    claimed = tuple([pop() for _ in range(nfds)])
+                else:
+                    claimed = ()
+            stop = pos + 8 + length
+            if stop > end:
+                break
+            out.append(AncillaryMessage(bytes(view[pos + 8 : stop]), claimed))
+            claimed = None
+            pos = stop
+        self._claimed = claimed
+        if buffered:
+            assert isinstance(view, memoryview)
+            view.release()  # a bytearray cannot shrink while a view of it exists
+            del buf[:pos]
+        elif pos < end:
+            buf += view[pos:]
+        if fault is None and len(fifo) > self._max_pending:
+            fault = ProtocolError(
+                f"the peer sent {len(fifo)} fds that no frame has claimed (limit "
+                f"{self._max_pending}); it is not following the framing protocol"
+            )
+        if fault is not None:
+            self._fail(fault)
+        return out
+
+    def eof(self) -> None:
+        """Signal the end of the stream: an incomplete frame or an unclaimed fd sets ``failure``."""
+        if self.failure is None and (self._buf or self._fifo or self._claimed):
+            self._fail(
+                ProtocolError(
+                    f"the stream ended inside a frame: {len(self._buf)} byte(s) of an incomplete "
+                    f"frame and {self.pending_fds} fd(s) never delivered (all closed). The peer "
+                    "closed or crashed mid-message"
+                )
+            )
+
+    def close(self) -> None:
+        """Close every fd the decoder still holds and drop buffered bytes."""
+        self._discard()
+
+    def _bad_header(self, word: int, nfds: int, length: int) -> ProtocolError:
+        if word >> 8 != _VERSION:
+            return ProtocolError(
+                f"received a frame of wire-format version {word >> 8} (expected {_VERSION}); "
+                "the peer does not speak aioancillary's framing, or the stream is corrupt. "
+                "Use framed=False to talk to a peer that does not frame"
+            )
+        if word & 0xFF:
+            return ProtocolError(f"received a frame with reserved flags 0x{word & 0xFF:02x} set")
+        if length > self._max_size:
+            return ProtocolError(
+                f"received a frame of {length} bytes, over the {self._max_size}-byte limit; "
+                "raise max_frame_size if the peer legitimately sends such messages"
+            )
+        return ProtocolError(
+            f"received a frame declaring {nfds} fds, over the per-frame limit of {self._max_fds}"
+        )
+
+    def _fail(self, exc: ProtocolError) -> None:
+        self.failure = exc
+        self._discard()
+
+    def _discard(self) -> None:
+        fds = list(self._fifo) + list(self._claimed or ())
+        self._fifo.clear()
+        self._claimed = None
+        self._buf.clear()
+        close_all(fds)  # no message will ever own these: close them rather than leak them

@@ -1,0 +1,55 @@
+"""Shared test machinery: an open-fd check around every test; async tests on both loops."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+from collections.abc import Callable, Iterator, Mapping
+
+import pytest
+import uvloop
+
+# The first uvloop loop of a process keeps libuv's internal fds open for good: create one now
+# so that the baseline taken before each test already includes them.
+uvloop.new_event_loop().close()
+
+
+def open_fd_count() -> int:
+    """Open fds of this process (the listing's own directory fd excluded)."""
+    return len(os.listdir("/proc/self/fd")) - 1
+
+
+def open_fds() -> set[str]:
+    return {f"{fd} -> {_target(fd)}" for fd in os.listdir("/proc/self/fd")}
+
+
+def _target(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leak(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test ends with exactly the open fds it started with."""
+    gc.collect()
+    before = open_fds()
+    yield
+    if request.node.get_closest_marker("fd_leak_ok"):
+        return
+    gc.collect()  # an fd closed only by GC warns (ResourceWarning is an error in this suite)
+    after = open_fds()
+    if len(after) != len(before):
+        raise AssertionError(
+            f"open fd count changed: {len(before)} -> {len(after)}; "
+            f"new: {sorted(after - before)}, gone: {sorted(before - after)}"
+        )
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs on the default loop and on uvloop."""
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
