@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ._blocking import ReceivedInto, recv_fds, recv_fds_into, send_fds
 from ._cmsg import Credentials, SocketAncillary
+from ._connection import DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_FDS, AncillaryConnection
 from ._errors import (
     AncillaryError,
     CloexecError,
@@ -29,16 +30,33 @@ from ._errors import (
 from ._fd import FdLike, HasFileno, OwnedFd
 from ._framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, frame_header
 from ._message import AncillaryMessage
+from ._peercred import peer_credentials
 from ._platform import SCM_MAX_FD, Platform, buffer_size_for_rights, current_platform
+from ._server import (
+    AncillaryServer,
+    Authorize,
+    Handler,
+    connection_pair,
+    open_unix_connection,
+    start_unix_server,
+)
+from ._transport import AncillaryProtocol, AncillaryTransport
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "DEFAULT_MAX_QUEUED_BYTES",
+    "DEFAULT_MAX_QUEUED_FDS",
     "FRAME_HEADER_SIZE",
     "SCM_MAX_FD",
+    "AncillaryConnection",
     "AncillaryError",
     "AncillaryMessage",
+    "AncillaryProtocol",
+    "AncillaryServer",
+    "AncillaryTransport",
+    "Authorize",
     "CloexecError",
     "ConnectionClosedError",
     "Credentials",
@@ -47,6 +65,7 @@ __all__ = [
     "FdTruncatedError",
     "FdsInFlightError",
     "FrameDecoder",
+    "Handler",
     "HasFileno",
     "InvalidFdError",
     "OwnedFd",
@@ -57,9 +76,13 @@ __all__ = [
     "SocketAncillary",
     "TooManyFdsError",
     "buffer_size_for_rights",
+    "connection_pair",
     "current_platform",
     "frame_header",
+    "open_unix_connection",
+    "peer_credentials",
     "recv_fds",
     "recv_fds_into",
     "send_fds",
+    "start_unix_server",
 ]

@@ -75,7 +75,11 @@ def receive_into(
     return nbytes, fds
 
 
-def _check_flags(flags: int) -> None:
+def _check_args(flags: int, maxfds: int) -> None:
+    # Checked before receiving: an error raised after recvmsg would drop the message and
+    # leave its fds to the garbage collector.
+    if maxfds < 0:
+        raise ValueError(f"maxfds must be >= 0, got {maxfds}")
     if flags & _MSG_PEEK:
         raise ValueError(
             "MSG_PEEK with a control buffer makes the kernel install duplicate fds on every "
@@ -84,8 +88,6 @@ def _check_flags(flags: int) -> None:
 
 
 def _limit(fds: list[OwnedFd], maxfds: int) -> int:
-    if maxfds < 0:
-        raise ValueError(f"maxfds must be >= 0, got {maxfds}")
     if len(fds) <= maxfds:
         return 0
     surplus = fds[maxfds:]
@@ -122,7 +124,7 @@ def recv_fds(
         CloexecError: ``FD_CLOEXEC`` could not be set; the fds are closed.
         ValueError: ``flags`` has ``MSG_PEEK``, or ``maxfds`` is negative.
     """
-    _check_flags(flags)
+    _check_args(flags, maxfds)
     buf = bytearray(bufsize)
     nbytes, fds = receive_into(sock, buf, flags, platform or current_platform())
     discarded = _limit(fds, maxfds)
@@ -150,7 +152,7 @@ def recv_fds_into(
     Raises:
         The same errors as :func:`recv_fds`.
     """
-    _check_flags(flags)
+    _check_args(flags, maxfds)
     nbytes, fds = receive_into(sock, buffer, flags, platform or current_platform())
     _limit(fds, maxfds)
     return ReceivedInto(nbytes, tuple(fds))

@@ -24,9 +24,11 @@ AncData = Sequence[tuple[int, int, bytes]]
 
 _SOL_SOCKET = socket.SOL_SOCKET
 _SCM_RIGHTS = socket.SCM_RIGHTS
-# Linux values; these records only ever appear on Linux, where they are these numbers.
-_SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 0x02)
-_SCM_PIDFD = getattr(socket, "SCM_PIDFD", 0x04)
+# Linux values (include/linux/socket.h), interpreted only on a Linux platform: elsewhere the
+# same SOL_SOCKET numbers mean other records (FreeBSD: 2 SCM_TIMESTAMP, 4 SCM_BINTIME; macOS: 2
+# SCM_TIMESTAMP, 4 SCM_TIMESTAMP_MONOTONIC), whose bytes must never be taken for fds to close.
+_SCM_CREDENTIALS = 0x02
+_SCM_PIDFD = 0x04
 _CTRUNC = socket.MSG_CTRUNC
 _FD_SIZE = array.array("i").itemsize
 _UCRED = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
@@ -62,20 +64,26 @@ class _Parsed(NamedTuple):
     other: list[tuple[int, int, bytes]]
 
 
-def _wrap(ancdata: AncData) -> _Parsed:
+def _wrap(ancdata: AncData, platform: Platform) -> _Parsed:
     rights: list[OwnedFd] = []
     pidfds: list[OwnedFd] = []
     credentials = None
     other: list[tuple[int, int, bytes]] = []
+    linux = platform.name == "linux"
     for level, kind, payload in ancdata:
         # Wrap first: nothing may fail while an fd from the kernel is still a bare int.
         if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             rights.extend([OwnedFd(fd) for fd in _fd_ints(payload) if fd >= 0])
-        elif level == _SOL_SOCKET and kind == _SCM_PIDFD:
+        elif linux and level == _SOL_SOCKET and kind == _SCM_PIDFD:
             # Linux 6.5+ with SO_PASSPIDFD: the kernel adds a pidfd of the sender. It is an
             # fd too, to be owned and closed, but not one the peer sent.
             pidfds.extend([OwnedFd(fd) for fd in _fd_ints(payload) if fd >= 0])
-        elif level == _SOL_SOCKET and kind == _SCM_CREDENTIALS and len(payload) >= _UCRED_SIZE:
+        elif (
+            linux
+            and level == _SOL_SOCKET
+            and kind == _SCM_CREDENTIALS
+            and len(payload) >= _UCRED_SIZE
+        ):
             credentials = Credentials(*_UCRED.unpack_from(payload))
         else:
             other.append((level, kind, bytes(payload)))  # unknown records carry no fds
@@ -133,7 +141,7 @@ def extract_fds(
     """
     if not ancdata and not msg_flags & _CTRUNC:
         return []
-    parsed = _wrap(ancdata)
+    parsed = _wrap(ancdata, platform)
     _check(parsed, msg_flags, recv_flags, platform, data)
     close_all(parsed.pidfds)
     return parsed.rights
@@ -247,9 +255,13 @@ class SocketAncillary:
 
         Raises:
             CloexecError: ``FD_CLOEXEC`` could not be set; every fd was closed.
+            ValueError: ``maxfds`` is negative; every fd was closed.
         """
         anc = cls(platform=platform)
-        parsed = _wrap(ancdata)
+        parsed = _wrap(ancdata, anc._platform)
+        if maxfds is not None and maxfds < 0:
+            close_all(parsed.rights + parsed.pidfds)  # wrapped first, so none is left open
+            raise ValueError(f"maxfds must be >= 0, got {maxfds}")
         anc.credentials = parsed.credentials
         anc.other = parsed.other
         try:

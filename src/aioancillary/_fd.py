@@ -32,7 +32,13 @@ def fd_number(fd: FdLike) -> int:
     Raises:
         InvalidFdError: the value is negative, or the object is closed (``fileno()`` is -1).
     """
-    num = fd if isinstance(fd, int) else fd.fileno()
+    if isinstance(fd, int):
+        num = fd
+    else:
+        try:
+            num = fd.fileno()
+        except ValueError as exc:  # a closed file or OwnedFd (io.UnsupportedOperation too)
+            raise InvalidFdError(f"cannot send {fd!r}: it has no open fd ({exc})") from exc
     if num < 0:
         raise InvalidFdError(
             f"cannot send fd {num}: it is not an open file descriptor (is {fd!r} already closed?)"
@@ -65,6 +71,7 @@ class OwnedFd:
         Raises:
             InvalidFdError: ``fd`` is negative.
         """
+        self._fd = -1  # __del__ runs even when __init__ raises: the slot must be set
         if fd < 0:
             raise InvalidFdError(f"OwnedFd needs an open fd (>= 0), got {fd}")
         self._fd = fd
@@ -137,9 +144,17 @@ class OwnedFd:
             buffering: As for :func:`open`.
             **kwargs: ``encoding``, ``errors``, ``newline`` for text modes.
 
-        The file object owns and closes the fd; this object is detached afterwards.
+        The file object owns and closes the fd; this object is detached afterwards. If the
+        arguments are refused (bad mode, unknown encoding, ...), the fd stays owned here.
         """
-        fobj = io.open(self.fileno(), mode, buffering, closefd=True, **kwargs)  # noqa: UP020, SIM115
+        fd = self.fileno()
+        # io.open closes the fd itself when it fails after wrapping it (an unknown encoding
+        # fails in TextIOWrapper, after FileIO took the fd), which would leave this object owning
+        # a closed, maybe reused, number. Build the same stack without closefd first, so every
+        # argument error is raised while the fd is untouched.
+        probe = io.open(fd, mode, buffering, closefd=False, **kwargs)  # noqa: UP020, SIM115
+        probe.close()  # closefd=False: flushes nothing (nothing written), leaves the fd open
+        fobj = io.open(fd, mode, buffering, closefd=True, **kwargs)  # noqa: UP020, SIM115
         self._fd = -1
         return fobj
 
@@ -170,5 +185,7 @@ class OwnedFd:
 def close_all(fds: Iterable[OwnedFd]) -> None:
     """Close every fd in ``fds``, even if closing one of them fails."""
     for fd in fds:
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib.suppress costs more than the close on hot paths
             fd.close()
+        except OSError:
+            pass

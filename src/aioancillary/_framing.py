@@ -158,7 +158,7 @@ class FrameDecoder:
                         )
                         break
                     pop = fifo.popleft
-                    claimed = tuple([pop() for _ in range(nfds)])
+                    claimed = (pop(),) if nfds == 1 else tuple([pop() for _ in range(nfds)])
                 else:
                     claimed = ()
             stop = pos + 8 + length

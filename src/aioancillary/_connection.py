@@ -1,0 +1,364 @@
+"""The application-facing connection: ``await send_fds()``, ``await recv()``, ``async for``."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Self
+
+from ._cmsg import Credentials
+from ._errors import ConnectionClosedError
+from ._fd import FdLike
+from ._framing import DEFAULT_MAX_FRAME_SIZE
+from ._message import AncillaryMessage
+from ._platform import SCM_MAX_FD, Platform
+from ._transport import AncillaryProtocol, AncillaryTransport
+
+__all__ = ["DEFAULT_MAX_QUEUED_BYTES", "DEFAULT_MAX_QUEUED_FDS", "AncillaryConnection"]
+
+#: Default receive-queue byte budget: reading pauses above it.
+DEFAULT_MAX_QUEUED_BYTES = 4 * 1024 * 1024
+#: Default receive-queue fd budget: reading pauses above it, so that a slow consumer cannot be
+#: pushed to its RLIMIT_NOFILE by a fast peer.
+DEFAULT_MAX_QUEUED_FDS = 4 * SCM_MAX_FD
+
+
+class _ConnectionProtocol(AncillaryProtocol):
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: AncillaryConnection) -> None:
+        self._conn = conn
+
+    def messages_received(self, messages: list[AncillaryMessage]) -> None:
+        self._conn._on_messages(messages)
+
+    def eof_received(self) -> bool:
+        self._conn._on_eof()
+        return True  # the application may still send; it closes the connection itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._conn._on_connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._conn._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._conn._on_resume_writing()
+
+
+class AncillaryConnection:
+    """A connected Unix socket that sends and receives messages with fds.
+
+    Get one from :func:`open_unix_connection`, :func:`start_unix_server` (passed to the
+    handler) or :func:`connection_pair`. On SOCK_STREAM the default framed mode delivers every
+    ``send_fds(data, fds)`` as exactly one message with exactly its fds.
+
+    Example::
+
+        async with await open_unix_connection("/run/worker.sock") as conn:
+            await conn.send_fds(b"client", [client_sock])    # client_sock may be closed now
+            async for msg in conn:                            # ends cleanly at EOF
+                with msg:
+                    print(msg.data, msg.fds)
+
+    Received messages queue up to ``max_queued_bytes`` / ``max_queued_fds``; above that the
+    connection stops reading until the application catches up (the peer then blocks).
+    Only one task may wait in :meth:`recv` at a time.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        framed: bool | None = None,
+        max_message_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        max_queued_fds: int = DEFAULT_MAX_QUEUED_FDS,
+        platform: Platform | None = None,
+    ) -> None:
+        """Wrap a connected AF_UNIX socket; call from a coroutine (the running loop is used).
+
+        The connection owns ``sock``. Prefer :func:`open_unix_connection` with ``sock=``.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._queue: collections.deque[AncillaryMessage] = collections.deque()
+        self._qbytes = 0
+        self._qfds = 0
+        self._max_qbytes = max_queued_bytes
+        self._max_qfds = max_queued_fds
+        self._read_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._exc: BaseException | None = None
+        self._closed = False
+        self._lost = self._loop.create_future()
+        self._write_paused = False
+        self._drain_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._transport = AncillaryTransport(
+            self._loop,
+            sock,
+            _ConnectionProtocol(self),
+            framed=framed,
+            max_message_size=max_message_size,
+            platform=platform,
+        )
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _on_messages(self, messages: list[AncillaryMessage]) -> None:
+        if self._closed:
+            for msg in messages:
+                msg.close()  # the application closed the connection: nobody will read them
+            return
+        self._queue.extend(messages)
+        if len(messages) == 1:
+            msg = messages[0]
+            self._qbytes += len(msg.data)
+            self._qfds += len(msg.fds)
+        else:
+            self._qbytes += sum([len(m.data) for m in messages])
+            self._qfds += sum([len(m.fds) for m in messages])
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if not self._read_paused and (
+            self._qbytes > self._max_qbytes or self._qfds > self._max_qfds
+        ):
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _consumed(self) -> None:
+        if (
+            self._read_paused
+            and self._qbytes <= self._max_qbytes // 2
+            and self._qfds <= self._max_qfds // 2
+        ):
+            self._read_paused = False
+            self._transport.resume_reading()
+
+    async def _wait_for_messages(self) -> None:
+        while not self._queue:
+            if self._exc is not None:
+                raise self._exc
+            if self._eof or self._closed or self._lost.done():
+                raise ConnectionClosedError("the connection is closed: no more messages")
+            if self._waiter is not None:
+                raise RuntimeError(
+                    "another task is already waiting for a message on this connection; "
+                    "concurrent receivers would race for messages"
+                )
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def recv(self) -> AncillaryMessage:
+        """Return the next message; the caller owns it (close it, or take its fds).
+
+        Returns at once, without a trip through the event loop, when a message is queued.
+        Cancelling a waiting ``recv()`` loses no message.
+
+        Raises:
+            ConnectionClosedError: the peer closed the connection (EOF) or it was closed here.
+            ProtocolError: the peer broke the framing protocol (the connection is closed).
+        """
+        if not self._queue:
+            await self._wait_for_messages()
+        msg = self._queue.popleft()
+        self._qbytes -= len(msg.data)
+        self._qfds -= len(msg.fds)
+        if self._read_paused:
+            self._consumed()
+        return msg
+
+    async def recv_batch(self) -> list[AncillaryMessage]:
+        """Return every queued message at once (at least one); the caller owns them all.
+
+        The fastest way to consume a flood: one call hands over everything the connection has
+        read so far. Raises as :meth:`recv` does.
+        """
+        if not self._queue:
+            await self._wait_for_messages()
+        messages = list(self._queue)
+        self._queue.clear()
+        self._qbytes = 0
+        self._qfds = 0
+        if self._read_paused:
+            self._consumed()
+        return messages
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> AncillaryMessage:
+        """The next message; iteration ends at EOF or local close, and raises on errors."""
+        if not self._queue:
+            try:
+                await self._wait_for_messages()
+            except ConnectionClosedError:
+                if self._exc is not None:
+                    raise
+                raise StopAsyncIteration from None
+        # recv() inlined: one coroutine frame less per message.
+        msg = self._queue.popleft()
+        self._qbytes -= len(msg.data)
+        self._qfds -= len(msg.fds)
+        if self._read_paused:
+            self._consumed()
+        return msg
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def send_fds(
+        self, data: bytes, fds: Iterable[FdLike] = (), *, close_fds: bool = False
+    ) -> None:
+        """Send ``data`` with ``fds``; the peer receives them as one message.
+
+        The fds are borrowed: they stay open, and the caller may close them as soon as this
+        returns (queued fds are held as duplicates). Below the write buffer's high watermark
+        this returns without suspending, so a tight loop of sends is batched. With
+        ``close_fds=True`` the connection takes ownership of ``OwnedFd``/socket/int items and
+        closes them once sent (no duplicate is made).
+
+        Once ``send_fds`` is called the message is queued: cancelling it while it waits for
+        the buffer to drain does not withdraw the message.
+
+        Raises:
+            ConnectionClosedError: the connection is closed or failed.
+            TooManyFdsError: more fds than one message may carry (253 on Linux/BSD).
+            InvalidFdError: an fd is not open; nothing was sent.
+            FdsInFlightError: the kernel refused more fds in flight (ETOOMANYREFS).
+        """
+        try:
+            self._transport.write_fds(data, fds, close_fds=close_fds)
+        except ConnectionClosedError as exc:
+            if self._exc is not None and exc.__cause__ is None:
+                raise ConnectionClosedError(f"the connection failed: {self._exc}") from self._exc
+            raise
+        if self._write_paused:
+            await self.drain()
+
+    async def send(self, data: bytes) -> None:
+        """Send ``data`` as one message without fds (see :meth:`send_fds`)."""
+        await self.send_fds(data, ())
+
+    async def drain(self) -> None:
+        """Wait until the write buffer is below its low watermark.
+
+        Raises:
+            ConnectionClosedError: the connection failed while data was queued.
+        """
+        if self._exc is not None:
+            raise ConnectionClosedError(f"the connection failed: {self._exc}") from self._exc
+        if not self._write_paused:
+            return
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._drain_waiters:
+                self._drain_waiters.remove(waiter)
+
+    def _on_resume_writing(self) -> None:
+        self._write_paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def write_eof(self) -> None:
+        """Shut down the sending side after queued messages (the peer sees EOF)."""
+        self._transport.write_eof()
+
+    # -- closing --------------------------------------------------------------------------
+
+    def _on_connection_lost(self, exc: BaseException | None) -> None:
+        if exc is not None and self._exc is None:
+            self._exc = exc
+        if not self._lost.done():
+            self._lost.set_result(None)
+        self._wake_reader()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(ConnectionClosedError(f"the connection failed: {exc}"))
+        self._write_paused = False
+
+    def close(self) -> None:
+        """Close the connection: queued outgoing messages are sent first; received messages
+        not yet taken are closed (with their fds). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._transport.close()
+        self._close_queue()
+        self._wake_reader()
+
+    def abort(self) -> None:
+        """Close at once, dropping queued outgoing messages; every fd held is closed."""
+        self._closed = True
+        self._transport.abort()
+        self._close_queue()
+        self._wake_reader()
+
+    def _close_queue(self) -> None:
+        queue = self._queue
+        while queue:
+            queue.popleft().close()  # the application gave up on them: close their fds
+        self._qbytes = 0
+        self._qfds = 0
+
+    async def wait_closed(self) -> None:
+        """Wait until the socket is closed (after :meth:`close`, or when the peer vanished)."""
+        await asyncio.shield(self._lost)
+
+    def is_closing(self) -> bool:
+        """True once the connection is closing or closed."""
+        return self._closed or self._transport.is_closing()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+    # -- information ----------------------------------------------------------------------
+
+    @property
+    def transport(self) -> AncillaryTransport:
+        """The underlying :class:`AncillaryTransport`."""
+        return self._transport
+
+    @property
+    def peercred(self) -> Credentials | None:
+        """The peer process's credentials ``(pid, uid, gid)``, or ``None`` where unknown."""
+        creds: Credentials | None = self._transport.get_extra_info("peercred")
+        return creds
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """Transport information, as :meth:`AncillaryTransport.get_extra_info`."""
+        return self._transport.get_extra_info(name, default)
+
+    def __repr__(self) -> str:
+        return f"<AncillaryConnection {self._transport!r} queued={len(self._queue)}>"

@@ -1,0 +1,670 @@
+"""An asyncio transport that carries fds: readiness callbacks driving ``recvmsg``/``sendmsg``.
+
+asyncio's own transports (and uvloop's) hide their socket and read with ``recv()``: ancillary
+data cannot pass through them. This transport owns a non-blocking AF_UNIX socket and drives it
+with the loop's public ``add_reader``/``add_writer`` only, so it runs unchanged on uvloop.
+
+Write path (SOCK_STREAM): the first message of a loop iteration goes out at once (round trips
+stay fast); later ones are appended to a batch that goes out on a ``call_soon`` flush, or as soon
+as it holds the per-message fd cap. A batch's fds ride with its first byte; after a partial
+write the rest of the batch goes out without them. Queued fds are duplicates owned here, so a
+caller may close its fds as soon as ``write_fds`` returns.
+
+Read path: one readiness callback reads until the socket would block (bounded), through the one
+receive path (:func:`receive_into`) into a reusable buffer, decodes frames (framed mode) and
+hands each read's messages to the protocol in one call.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import contextlib
+import os
+import socket
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+from ._blocking import receive_into, translate_send_error
+from ._errors import (
+    AncillaryError,
+    ConnectionClosedError,
+    InvalidFdError,
+    TooManyFdsError,
+)
+from ._fd import FdLike, OwnedFd, close_all, fd_number
+from ._framing import _VERSION_WORD, DEFAULT_MAX_FRAME_SIZE, FrameDecoder, _pack_header
+from ._message import AncillaryMessage
+from ._peercred import peer_credentials
+from ._platform import SCM_MAX_FD, Platform, current_platform
+
+__all__ = ["AncillaryProtocol", "AncillaryTransport"]
+
+_SOL_SOCKET = socket.SOL_SOCKET
+_SCM_RIGHTS = socket.SCM_RIGHTS
+_READ_CHUNK = 256 * 1024  # stream read buffer: holds many small frames per recvmsg
+_MAX_READS_PER_CALLBACK = 32  # bounds one callback so other connections get their turn
+_DEFAULT_HIGH_WATER = 64 * 1024
+_DEFAULT_FD_HIGH_WATER = 2 * SCM_MAX_FD
+_NO_FDS: list[int] = []
+_dup = os.dup  # the copy is non-inheritable (CLOEXEC), as every fd this library holds
+
+
+class AncillaryProtocol(asyncio.BaseProtocol):
+    """Callbacks of an :class:`AncillaryTransport`: messages arrive with their owned fds.
+
+    Override :meth:`message_received` (or :meth:`messages_received`, which gets every message
+    decoded from one read at once). The protocol owns each message it receives and must close
+    it (``with msg:``) or take its fds. ``connection_made``, ``connection_lost``,
+    ``pause_writing`` and ``resume_writing`` are as in :class:`asyncio.BaseProtocol`.
+
+    Example::
+
+        class Worker(AncillaryProtocol):
+            def message_received(self, msg: AncillaryMessage) -> None:
+                with msg:
+                    serve(msg.take_fd().into_socket())
+    """
+
+    def messages_received(self, messages: list[AncillaryMessage]) -> None:
+        """Called with the messages decoded from one read, in order.
+
+        The default calls :meth:`message_received` for each. If one raises, the messages not
+        yet handed over are closed and the error propagates.
+        """
+        for i, msg in enumerate(messages):
+            try:
+                self.message_received(msg)
+            except BaseException:
+                for rest in messages[i + 1 :]:
+                    rest.close()  # never handed over: the protocol cannot own them
+                raise
+
+    def message_received(self, message: AncillaryMessage) -> None:
+        """Called for every received message. The default closes it (its fds are closed)."""
+        message.close()
+
+    def eof_received(self) -> bool | None:
+        """The peer closed its sending side. Return true to keep the transport open."""
+        return None
+
+
+class _Batch:
+    """Bytes queued for one ``sendmsg`` and the owned fds that must ride with the first byte."""
+
+    __slots__ = ("data", "fds", "offset", "sealed")
+
+    def __init__(self, data: bytes | bytearray | memoryview, fds: list[OwnedFd]) -> None:
+        self.data = bytearray(data)
+        self.fds = fds
+        self.offset = 0
+        # True once sending began or fds went out: no fds may join (they would arrive late).
+        self.sealed = False
+
+
+def _ancdata(fds: Iterable[int]) -> list[tuple[int, int, bytes]]:
+    return [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+class AncillaryTransport(asyncio.Transport):
+    """A transport over a connected AF_UNIX socket whose writes can carry fds.
+
+    Created by :func:`open_unix_connection`, :func:`start_unix_server` and
+    :func:`connection_pair`; use it directly only to write your own protocol. It implements
+    the :class:`asyncio.Transport` interface (``write``, ``writelines``, ``write_eof``,
+    ``close``, ``abort``, ``pause_reading``/``resume_reading``, write-buffer limits) plus
+    :meth:`write_fds`.
+
+    ``get_extra_info`` knows ``"socket"``, ``"sockname"``, ``"peername"``, ``"peercred"`` (a
+    :class:`Credentials` of the peer process, or ``None``), ``"framed"`` and ``"socket_type"``.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol: AncillaryProtocol,
+        *,
+        framed: bool | None = None,
+        max_message_size: int = DEFAULT_MAX_FRAME_SIZE,
+        platform: Platform | None = None,
+    ) -> None:
+        """Wrap the connected ``sock`` (made non-blocking) and start reading.
+
+        ``protocol.connection_made`` is called before this returns.
+
+        Args:
+            loop: The running loop.
+            sock: A connected AF_UNIX socket; the transport owns and closes it.
+            protocol: The protocol that receives messages.
+            framed: Frame messages (default on SOCK_STREAM). ``False`` on a stream delivers
+                what each read returns. Ignored (always message-based) on seqpacket/dgram.
+            max_message_size: Largest message accepted from the peer (framed: frame payload;
+                seqpacket/dgram: the receive buffer) and sent by this side.
+            platform: Kernel facts (default: this kernel); tests simulate others.
+        """
+        super().__init__()
+        if sock.family != socket.AF_UNIX:
+            raise ValueError(f"an AF_UNIX socket is required, got {sock.family!r}")
+        sock.setblocking(False)
+        self._loop = loop
+        self._sock: socket.socket | None = sock
+        self._fileno = sock.fileno()
+        self._protocol = protocol
+        self._platform = platform or current_platform()
+        self._stream = sock.type == socket.SOCK_STREAM
+        self._dgram = sock.type == socket.SOCK_DGRAM
+        self._framed = self._stream if framed is None else (framed and self._stream)
+        self._max_message_size = max_message_size
+        self._fd_cap = self._platform.scm_max_fd or SCM_MAX_FD
+        self._decoder = (
+            FrameDecoder(max_frame_size=max_message_size, max_fds_per_frame=self._fd_cap)
+            if self._framed
+            else None
+        )
+        rsize = _READ_CHUNK if self._stream else max_message_size
+        self._rbuf = bytearray(rsize)
+        self._rview = memoryview(self._rbuf)
+        self._extra: dict[str, Any] = {
+            "socket": sock,
+            "framed": self._framed,
+            "socket_type": sock.type,
+        }
+        with contextlib.suppress(OSError):
+            self._extra["sockname"] = sock.getsockname()
+        with contextlib.suppress(OSError):
+            self._extra["peername"] = sock.getpeername()
+        # write side
+        self._queue: collections.deque[_Batch] = collections.deque()
+        self._wsize = 0
+        self._wfds = 0
+        self._high = _DEFAULT_HIGH_WATER
+        self._low = self._high // 4
+        self._fd_high = _DEFAULT_FD_HIGH_WATER
+        self._fd_low = self._fd_high // 4
+        self._writer_added = False
+        self._flush_scheduled = False
+        self._protocol_paused = False
+        self._eof_requested = False
+        # state
+        self._closing = False
+        self._conn_lost = False
+        self._reading = False
+        self._read_paused = False
+        protocol.connection_made(self)
+        if not self._conn_lost:
+            self._loop.add_reader(self._fileno, self._on_readable)
+            self._reading = True
+
+    # -- extra info -----------------------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """Return transport information: see the class docstring for the keys."""
+        if name == "peercred" and "peercred" not in self._extra and self._sock is not None:
+            self._extra["peercred"] = peer_credentials(self._sock)
+        return self._extra.get(name, default)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def is_reading(self) -> bool:
+        """True while the transport reads from the socket."""
+        return self._reading
+
+    def pause_reading(self) -> None:
+        """Stop reading until :meth:`resume_reading` (messages stay in the kernel's queue)."""
+        self._read_paused = True
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fileno)
+
+    def resume_reading(self) -> None:
+        """Resume reading after :meth:`pause_reading`."""
+        self._read_paused = False
+        if not self._reading and not self._closing and self._sock is not None:
+            self._reading = True
+            self._loop.add_reader(self._fileno, self._on_readable)
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        view = self._rview
+        decoder = self._decoder
+        platform = self._platform
+        protocol = self._protocol
+        for _ in range(_MAX_READS_PER_CALLBACK):
+            try:
+                nbytes, fds = receive_into(sock, view, 0, platform)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (AncillaryError, OSError) as exc:
+                # receive_into closed every fd of the faulty message before raising.
+                self._fatal_error(exc)
+                return
+            if nbytes == 0 and not fds and not self._dgram:
+                self._on_eof()
+                return
+            if decoder is not None:
+                # One copy of the chunk; each message's bytes are then a single slice of it.
+                messages = decoder.feed(view[:nbytes].tobytes(), fds)
+                if messages:
+                    protocol.messages_received(messages)
+                if decoder.failure is not None:
+                    self._fatal_error(decoder.failure)
+                    return
+            else:
+                protocol.messages_received([AncillaryMessage(bytes(view[:nbytes]), tuple(fds))])
+            if not self._reading:  # the protocol paused reading, or the transport closed
+                return
+
+    def _on_eof(self) -> None:
+        self._remove_reader()
+        decoder = self._decoder
+        if decoder is not None:
+            decoder.eof()
+            if decoder.failure is not None:
+                self._fatal_error(decoder.failure)
+                return
+        keep_open = self._protocol.eof_received()
+        if not keep_open:
+            self.close()
+
+    def _remove_reader(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fileno)
+
+    # -- writing --------------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` (one message in framed/seqpacket/dgram mode) for sending."""
+        self.write_fds(data, ())
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Write each item, as :meth:`write` would (one message each in framed mode)."""
+        for data in list_of_data:
+            self.write_fds(data, ())
+
+    def write_fds(
+        self,
+        data: bytes | bytearray | memoryview,
+        fds: Iterable[FdLike] = (),
+        *,
+        close_fds: bool = False,
+    ) -> None:
+        """Queue ``data`` with ``fds`` for sending; the fds arrive with this message.
+
+        The fds are borrowed: the transport keeps its own duplicates until they are sent, so
+        the caller may close its fds as soon as this returns. With ``close_fds=True`` the
+        transport instead takes ownership of ``OwnedFd``, ``socket.socket`` or ``int`` items
+        (no duplicate is made) and closes them once sent.
+
+        Raises:
+            ConnectionClosedError: the transport is closing or closed.
+            TooManyFdsError: more fds than one message may carry.
+            InvalidFdError: an fd is not open; nothing was queued.
+            ValueError: the message is larger than ``max_message_size``, or fds come with no
+                data on a raw stream.
+        """
+        if self._closing or self._eof_requested:
+            if close_fds:
+                _close_given(fds)
+            raise ConnectionClosedError(
+                "cannot write: the connection is closing or closed (or write_eof was called)"
+            )
+        owned: list[OwnedFd] | None = None
+        if close_fds:
+            owned = _take_ownership(fds)
+            nums = [fd.fileno() for fd in owned]
+        elif fds:
+            nums = [fd_number(fd) for fd in fds]
+        else:
+            nums = _NO_FDS
+        nfds = len(nums)
+        size = len(data)
+        if nfds > self._fd_cap or size > self._max_message_size or (nfds and not size):
+            try:
+                self._check_message(size, nfds)
+            except BaseException:
+                if owned:
+                    close_all(owned)
+                raise
+        if self._stream:
+            self._write_stream(data, size, nums, owned)
+        else:
+            self._write_message(data, nums, owned)
+        if not self._protocol_paused and (self._wsize > self._high or self._wfds > self._fd_high):
+            self._protocol_paused = True
+            self._protocol.pause_writing()
+
+    def _check_message(self, size: int, nfds: int) -> None:
+        if nfds > self._fd_cap:
+            raise TooManyFdsError(
+                f"one message can carry at most {self._fd_cap} fds (SCM_MAX_FD); this one has "
+                f"{nfds}. Split them over several messages"
+            )
+        if size > self._max_message_size and (self._framed or not self._stream):
+            raise ValueError(
+                f"message of {size} bytes exceeds max_message_size="
+                f"{self._max_message_size}; the peer would refuse it"
+            )
+        if nfds and not size and self._stream and not self._framed:
+            raise ValueError(
+                "a stream socket sends nothing, fds included, for an empty write: "
+                "send at least one byte with the fds"
+            )
+
+    @staticmethod
+    def _owned_copies(nums: list[int], owned: list[OwnedFd] | None) -> list[OwnedFd]:
+        if owned is not None:
+            return owned
+        copies: list[OwnedFd] = []
+        try:
+            for num in nums:
+                copies.append(OwnedFd(_dup(num)))
+        except OSError as exc:
+            close_all(copies)  # none of them was queued
+            raise InvalidFdError(
+                f"cannot send fd {num}: duplicating it failed ({exc.strerror}); is it open? "
+                "Nothing was queued"
+            ) from exc
+        return copies
+
+    def _write_stream(
+        self,
+        data: bytes | bytearray | memoryview,
+        size: int,
+        nums: list[int],
+        owned: list[OwnedFd] | None,
+    ) -> None:
+        header = _pack_header(_VERSION_WORD, len(nums), size) if self._framed else b""
+        queue = self._queue
+        if not queue and not self._flush_scheduled and self._sock is not None:
+            # First message of this loop iteration: send it now, with the caller's fds.
+            try:
+                sent = self._sock.sendmsg([header, data], _ancdata(nums) if nums else [])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                if owned:
+                    close_all(owned)
+                self._raise_send_error(exc, len(nums))
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+            if sent and owned:
+                close_all(owned)  # sent with the first byte: the kernel has its own references
+            if sent == len(header) + size:
+                return
+            if sent:
+                batch = _Batch((bytes(header) + bytes(data))[sent:], [])
+                batch.sealed = True  # its fds went out with the part already sent
+            else:
+                batch = _Batch(header, self._owned_copies(nums, owned))
+                batch.data += data
+            queue.append(batch)
+            self._wsize += len(batch.data)
+            self._wfds += len(batch.fds)
+            self._ensure_writer()
+            return
+        last = queue[-1] if queue else None
+        if nums:
+            fds = self._owned_copies(nums, owned)
+            if (
+                last is None
+                or last.sealed
+                or len(last.fds) + len(fds) > self._fd_cap
+                or (last.fds and not self._framed)
+            ):
+                # Raw mode: an fd-carrying message starts its own batch, so that a peer
+                # reading one message at a time gets these fds with this message's bytes.
+                last = _Batch(b"", [])
+                queue.append(last)
+            last.fds += fds
+            self._wfds += len(fds)
+        elif last is None:
+            last = _Batch(b"", [])
+            queue.append(last)
+        buf = last.data
+        buf += header
+        buf += data
+        self._wsize += len(header) + size
+        if len(last.fds) >= self._fd_cap and not self._writer_added:
+            self._send_queued()  # a full batch gains nothing from waiting for the flush
+
+    def _write_message(
+        self, data: bytes | bytearray | memoryview, nums: list[int], owned: list[OwnedFd] | None
+    ) -> None:
+        # SOCK_SEQPACKET / SOCK_DGRAM: one sendmsg per message keeps the boundaries.
+        if not self._queue and self._sock is not None:
+            try:
+                self._sock.sendmsg([data], _ancdata(nums) if nums else [])
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                if owned:
+                    close_all(owned)
+                self._raise_send_error(exc, len(nums))
+            else:
+                if owned:
+                    close_all(owned)
+                return
+        batch = _Batch(data, self._owned_copies(nums, owned))
+        self._queue.append(batch)
+        self._wsize += len(batch.data)
+        self._wfds += len(batch.fds)
+        self._ensure_writer()
+
+    def _raise_send_error(self, exc: OSError, nfds: int) -> None:
+        translated = translate_send_error(exc, nfds)
+        if isinstance(translated, (InvalidFdError, AncillaryError)):
+            raise translated from exc  # nothing was sent; the connection is still usable
+        self._fatal_error(exc)
+        raise ConnectionClosedError(f"the connection failed while sending: {exc}") from exc
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._queue and not self._writer_added:
+            self._send_queued()
+
+    def _ensure_writer(self) -> None:
+        if not self._writer_added and self._sock is not None:
+            self._writer_added = True
+            self._loop.add_writer(self._fileno, self._send_queued)
+
+    def _send_queued(self) -> None:
+        sock = self._sock
+        queue = self._queue
+        stream = self._stream
+        while queue and sock is not None:
+            batch = queue[0]
+            fds = batch.fds
+            anc = _ancdata([fd.fileno() for fd in fds]) if fds else []
+            try:
+                with memoryview(batch.data) as view:
+                    sent = sock.sendmsg([view[batch.offset :]], anc)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._fatal_error(translate_send_error(exc, len(fds)))
+                return
+            batch.sealed = True
+            if fds:
+                batch.fds = []
+                self._wfds -= len(fds)
+                close_all(fds)  # sent: the kernel holds its own references
+            self._wsize -= sent
+            batch.offset += sent
+            if batch.offset >= len(batch.data) or not stream:
+                queue.popleft()
+            else:
+                break  # partial write: the socket is full
+        if queue:
+            self._ensure_writer()
+        else:
+            if self._writer_added:
+                self._writer_added = False
+                self._loop.remove_writer(self._fileno)
+            if self._closing:
+                self._call_connection_lost(None)
+            elif self._eof_requested and sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+        if (
+            self._protocol_paused
+            and self._wsize <= self._low
+            and self._wfds <= self._fd_low
+            and not self._conn_lost
+        ):
+            self._protocol_paused = False
+            self._protocol.resume_writing()
+
+    def can_write_eof(self) -> bool:
+        """True on stream and seqpacket sockets."""
+        return self._sock is not None and self._sock.type != socket.SOCK_DGRAM
+
+    def write_eof(self) -> None:
+        """Shut down the sending side once everything queued has been sent."""
+        if self._closing or self._eof_requested:
+            return
+        self._eof_requested = True
+        if not self._queue and self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued and not yet sent."""
+        return self._wsize
+
+    def get_write_buffer_fds(self) -> int:
+        """Fds queued (as duplicates owned by the transport) and not yet sent."""
+        return self._wfds
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        """The ``(low, high)`` byte watermarks."""
+        return (self._low, self._high)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """Set the byte watermarks for ``pause_writing``/``resume_writing``.
+
+        Writing also pauses while more than ``2 * SCM_MAX_FD`` fds are queued, since each
+        queued fd is an open duplicate counting against ``RLIMIT_NOFILE``.
+        """
+        if high is None:
+            high = _DEFAULT_HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high = high
+        self._low = low
+
+    # -- closing --------------------------------------------------------------------------
+
+    def is_closing(self) -> bool:
+        """True once :meth:`close` or :meth:`abort` was called, or the connection failed."""
+        return self._closing
+
+    def close(self) -> None:
+        """Stop reading, send what is queued, then close the socket and every fd held."""
+        if self._closing:
+            return
+        self._closing = True
+        self._remove_reader()
+        if not self._queue:
+            self._loop.call_soon(self._call_connection_lost, None)
+
+    def abort(self) -> None:
+        """Close at once: queued messages are dropped and their fds closed."""
+        self._force_close(None)
+
+    def _fatal_error(self, exc: Exception) -> None:
+        if not isinstance(exc, (OSError, AncillaryError)):
+            self._loop.call_exception_handler(
+                {
+                    "message": "fatal error on aioancillary transport",
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
+        self._force_close(exc)
+
+    def _force_close(self, exc: Exception | None) -> None:
+        if self._conn_lost:
+            return
+        self._drop_queue()
+        if self._writer_added:
+            self._writer_added = False
+            self._loop.remove_writer(self._fileno)
+        if not self._closing:
+            self._closing = True
+            self._remove_reader()
+        self._conn_lost = True
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _drop_queue(self) -> None:
+        for batch in self._queue:
+            close_all(batch.fds)  # never sent: the duplicates are ours to close
+        self._queue.clear()
+        self._wsize = 0
+        self._wfds = 0
+
+    def _call_connection_lost(self, exc: Exception | None) -> None:
+        if self._sock is None:
+            return
+        self._conn_lost = True
+        self._remove_reader()
+        if self._writer_added:
+            self._writer_added = False
+            self._loop.remove_writer(self._fileno)
+        self._drop_queue()
+        if self._decoder is not None:
+            self._decoder.close()  # incomplete frames will never be delivered
+        sock, self._sock = self._sock, None
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            sock.close()
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            _warn(f"unclosed AncillaryTransport {self!r}", ResourceWarning, source=self)
+            self._sock = None
+            for batch in self._queue:
+                close_all(batch.fds)
+            if self._decoder is not None:
+                self._decoder.close()
+            sock.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._sock is None else ("closing" if self._closing else "open")
+        kind = "framed" if self._framed else ("stream" if self._stream else "message")
+        return f"<AncillaryTransport fd={self._fileno} {kind} {state}>"
+
+
+def _take_ownership(fds: Iterable[FdLike]) -> list[OwnedFd]:
+    """Take ownership of fds given with ``close_fds=True``, all or none."""
+    items = list(fds)
+    for item in items:
+        if not isinstance(item, (OwnedFd, socket.socket, int)):
+            raise TypeError(
+                f"close_fds=True needs OwnedFd, socket.socket or int items, got {type(item)!r}: "
+                "the transport cannot take ownership away from other objects"
+            )
+        fd_number(item)  # validates before anything is taken
+    owned: list[OwnedFd] = []
+    for item in items:
+        if isinstance(item, (OwnedFd, socket.socket)):
+            owned.append(OwnedFd(item.detach()))
+        else:
+            assert isinstance(item, int)
+            owned.append(OwnedFd(item))
+    return owned
+
+
+def _close_given(fds: Iterable[FdLike]) -> None:
+    with contextlib.suppress(TypeError, ValueError, AncillaryError):
+        close_all(_take_ownership(fds))
