@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import resource
 import socket
 from collections.abc import Iterable
 from types import TracebackType
@@ -21,9 +22,18 @@ __all__ = ["DEFAULT_MAX_QUEUED_BYTES", "DEFAULT_MAX_QUEUED_FDS", "AncillaryConne
 
 #: Default receive-queue byte budget: reading pauses above it.
 DEFAULT_MAX_QUEUED_BYTES = 4 * 1024 * 1024
-#: Default receive-queue fd budget: reading pauses above it, so that a slow consumer cannot be
-#: pushed to its RLIMIT_NOFILE by a fast peer.
+#: Upper bound of the default receive-queue fd budget. Reading pauses above the budget, so
+#: that a fast peer cannot push a slow consumer to its RLIMIT_NOFILE; by default the budget is
+#: this or a quarter of the soft RLIMIT_NOFILE, whichever is smaller (never under SCM_MAX_FD).
 DEFAULT_MAX_QUEUED_FDS = 4 * SCM_MAX_FD
+
+
+def default_max_queued_fds() -> int:
+    """The receive-queue fd budget used when none is given (see ``DEFAULT_MAX_QUEUED_FDS``)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return DEFAULT_MAX_QUEUED_FDS
+    return max(SCM_MAX_FD, min(DEFAULT_MAX_QUEUED_FDS, int(soft) // 4))
 
 
 class _ConnectionProtocol(AncillaryProtocol):
@@ -76,7 +86,7 @@ class AncillaryConnection:
         framed: bool | None = None,
         max_message_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
-        max_queued_fds: int = DEFAULT_MAX_QUEUED_FDS,
+        max_queued_fds: int | None = None,
         platform: Platform | None = None,
     ) -> None:
         """Wrap a connected AF_UNIX socket; call from a coroutine (the running loop is used).
@@ -88,7 +98,7 @@ class AncillaryConnection:
         self._qbytes = 0
         self._qfds = 0
         self._max_qbytes = max_queued_bytes
-        self._max_qfds = max_queued_fds
+        self._max_qfds = default_max_queued_fds() if max_queued_fds is None else max_queued_fds
         self._read_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
@@ -160,6 +170,7 @@ class AncillaryConnection:
                     "concurrent receivers would race for messages"
                 )
             self._waiter = self._loop.create_future()
+            self._transport.end_burst()
             try:
                 await self._waiter
             finally:

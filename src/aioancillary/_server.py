@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from ._cmsg import Credentials
-from ._connection import DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_FDS, AncillaryConnection
+from ._connection import DEFAULT_MAX_QUEUED_BYTES, AncillaryConnection
 from ._errors import PeerRejectedError
 from ._framing import DEFAULT_MAX_FRAME_SIZE
 from ._peercred import peer_credentials
@@ -60,7 +60,7 @@ def _connection(
     framed: bool | None,
     max_message_size: int,
     max_queued_bytes: int,
-    max_queued_fds: int,
+    max_queued_fds: int | None,
 ) -> AncillaryConnection:
     return AncillaryConnection(
         sock,
@@ -80,7 +80,7 @@ async def open_unix_connection(
     authorize: Authorize | None = None,
     max_message_size: int = DEFAULT_MAX_FRAME_SIZE,
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
-    max_queued_fds: int = DEFAULT_MAX_QUEUED_FDS,
+    max_queued_fds: int | None = None,
 ) -> AncillaryConnection:
     """Connect to a Unix socket at ``path``, or wrap the connected socket ``sock``.
 
@@ -96,7 +96,8 @@ async def open_unix_connection(
             result closes the socket and raises :class:`PeerRejectedError`.
         max_message_size: Largest message accepted or sent.
         max_queued_bytes: Receive-queue byte budget before reading pauses.
-        max_queued_fds: Receive-queue fd budget before reading pauses.
+        max_queued_fds: Receive-queue fd budget before reading pauses (default: a quarter
+            of RLIMIT_NOFILE, at most ``DEFAULT_MAX_QUEUED_FDS``, at least ``SCM_MAX_FD``).
 
     Example::
 
@@ -135,7 +136,7 @@ async def connection_pair(
     framed: bool | None = None,
     max_message_size: int = DEFAULT_MAX_FRAME_SIZE,
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
-    max_queued_fds: int = DEFAULT_MAX_QUEUED_FDS,
+    max_queued_fds: int | None = None,
 ) -> tuple[AncillaryConnection, AncillaryConnection]:
     """Return two connected :class:`AncillaryConnection` objects over a ``socketpair``.
 
@@ -382,7 +383,7 @@ async def start_unix_server(
     authorize: Authorize | None = None,
     max_message_size: int = DEFAULT_MAX_FRAME_SIZE,
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
-    max_queued_fds: int = DEFAULT_MAX_QUEUED_FDS,
+    max_queued_fds: int | None = None,
 ) -> AncillaryServer:
     """Listen on ``path`` (or the listening ``sock``) and run ``handler(conn)`` per connection.
 

@@ -186,6 +186,9 @@ class AncillaryTransport(asyncio.Transport):
         self._fd_low = self._fd_high // 4
         self._writer_added = False
         self._flush_scheduled = False
+        # Set by a write that went out at once; later writes in the same burst are batched.
+        # Cleared when the burst ends (the flush runs, data arrives, or the writer waits).
+        self._burst = False
         self._protocol_paused = False
         self._eof_requested = False
         # state
@@ -230,6 +233,7 @@ class AncillaryTransport(asyncio.Transport):
         sock = self._sock
         if sock is None:
             return
+        self._burst = False  # new input: a reply to it may go out at once
         view = self._rview
         decoder = self._decoder
         platform = self._platform
@@ -255,8 +259,15 @@ class AncillaryTransport(asyncio.Transport):
                     self._fatal_error(decoder.failure)
                     return
             else:
-                protocol.messages_received([AncillaryMessage(bytes(view[:nbytes]), tuple(fds))])
+                messages = [AncillaryMessage(bytes(view[:nbytes]), tuple(fds))]
+                protocol.messages_received(messages)
             if not self._reading:  # the protocol paused reading, or the transport closed
+                return
+            if nbytes < len(view) and self._stream and (not fds or len(messages) <= 1):
+                # A short stream read without fds means the socket is drained (reads stop
+                # early only at an fd-carrying chunk): another recvmsg would say EAGAIN. After
+                # a lone message with fds, more is unlikely (request/response traffic): leave
+                # it to the level-triggered poller rather than pay an EAGAIN per message.
                 return
 
     def _on_eof(self) -> None:
@@ -381,8 +392,8 @@ class AncillaryTransport(asyncio.Transport):
     ) -> None:
         header = _pack_header(_VERSION_WORD, len(nums), size) if self._framed else b""
         queue = self._queue
-        if not queue and not self._flush_scheduled and self._sock is not None:
-            # First message of this loop iteration: send it now, with the caller's fds.
+        if not queue and not self._burst and self._sock is not None:
+            # First message of a burst: send it now, with the caller's fds.
             try:
                 sent = self._sock.sendmsg([header, data], _ancdata(nums) if nums else [])
             except (BlockingIOError, InterruptedError):
@@ -391,8 +402,7 @@ class AncillaryTransport(asyncio.Transport):
                 if owned:
                     close_all(owned)
                 self._raise_send_error(exc, len(nums))
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._burst = True
             if sent and owned:
                 close_all(owned)  # sent with the first byte: the kernel has its own references
             if sent == len(header) + size:
@@ -430,8 +440,13 @@ class AncillaryTransport(asyncio.Transport):
         buf += header
         buf += data
         self._wsize += len(header) + size
-        if len(last.fds) >= self._fd_cap and not self._writer_added:
+        if self._writer_added:
+            return  # the socket is full: the writer callback sends when it can
+        if len(last.fds) >= self._fd_cap:
             self._send_queued()  # a full batch gains nothing from waiting for the flush
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def _write_message(
         self, data: bytes | bytearray | memoryview, nums: list[int], owned: list[OwnedFd] | None
@@ -463,8 +478,17 @@ class AncillaryTransport(asyncio.Transport):
         self._fatal_error(exc)
         raise ConnectionClosedError(f"the connection failed while sending: {exc}") from exc
 
+    def end_burst(self) -> None:
+        """Hint that the writer is about to wait: its next write may go out at once.
+
+        Without the hint, a write that follows an earlier one in the same loop iteration is
+        queued and sent by a ``call_soon`` flush, so that tight loops of writes are batched.
+        """
+        self._burst = False
+
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._burst = False
         if self._queue and not self._writer_added:
             self._send_queued()
 
