@@ -18,6 +18,7 @@ from ._errors import (
     FdsInFlightError,
     FdTruncatedError,
     InvalidFdError,
+    MessageTooLargeError,
 )
 from ._fd import FdLike, OwnedFd, close_all
 from ._message import AncillaryMessage
@@ -164,6 +165,12 @@ def translate_send_error(exc: OSError, nfds: int) -> Exception:
         return InvalidFdError(
             f"sendmsg failed with EBADF: one of the {nfds} fd(s) to send is not open. Nothing "
             "was sent"
+        )
+    if exc.errno == errno.EMSGSIZE:
+        return MessageTooLargeError(
+            "sendmsg failed with EMSGSIZE: the message is larger than the kernel takes in one "
+            "datagram (the socket's send buffer). Nothing was sent; send smaller messages or "
+            "raise SO_SNDBUF"
         )
     if exc.errno == errno.ETOOMANYREFS:
         return FdsInFlightError(

@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from ._cmsg import Credentials
-from ._errors import ConnectionClosedError
+from ._errors import AncillaryError, ConnectionClosedError
 from ._fd import FdLike
 from ._framing import DEFAULT_MAX_FRAME_SIZE
 from ._message import AncillaryMessage
@@ -160,8 +160,11 @@ class AncillaryConnection:
 
     async def _wait_for_messages(self) -> None:
         while not self._queue:
-            if self._exc is not None:
-                raise self._exc
+            exc = self._exc
+            if exc is not None:
+                if isinstance(exc, AncillaryError):
+                    raise exc  # ProtocolError, FdTruncatedError...: the cause itself
+                raise ConnectionClosedError(f"the connection was lost: {exc}") from exc
             if self._eof or self._closed or self._lost.done():
                 raise ConnectionClosedError("the connection is closed: no more messages")
             if self._waiter is not None:
@@ -272,8 +275,9 @@ class AncillaryConnection:
         Raises:
             ConnectionClosedError: the connection failed while data was queued.
         """
-        if self._exc is not None:
-            raise ConnectionClosedError(f"the connection failed: {self._exc}") from self._exc
+        failure = self._exc or self._transport.write_error
+        if failure is not None:
+            raise ConnectionClosedError(f"the connection failed: {failure}") from failure
         if not self._write_paused:
             return
         waiter: asyncio.Future[None] = self._loop.create_future()
@@ -283,6 +287,9 @@ class AncillaryConnection:
         finally:
             if waiter in self._drain_waiters:
                 self._drain_waiters.remove(waiter)
+        failure = self._transport.write_error
+        if failure is not None:
+            raise ConnectionClosedError(f"the peer is gone: {failure}") from failure
 
     def _on_resume_writing(self) -> None:
         self._write_paused = False
@@ -351,8 +358,17 @@ class AncillaryConnection:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
-        await self.wait_closed()
+        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            # Cancelled means stop now: waiting to flush to a peer that may never read would
+            # turn a cancellation into a hang.
+            self.abort()
+        else:
+            self.close()
+        try:
+            await self.wait_closed()
+        except asyncio.CancelledError:
+            self.abort()  # cancelled while flushing: drop the rest, close every fd
+            raise
 
     # -- information ----------------------------------------------------------------------
 

@@ -30,7 +30,8 @@ def _loop_factory() -> tuple[_LoopFactory, str]:
         import uvloop  # noqa: PLC0415 - optional dependency
     except ImportError:
         return asyncio.new_event_loop, "the default asyncio loop (uvloop is not installed)"
-    return uvloop.new_event_loop, f"uvloop {uvloop.__version__}"
+    version = getattr(uvloop, "__version__", "")
+    return uvloop.new_event_loop, f"uvloop {version}".strip()
 
 
 def _open_fds() -> int | None:
@@ -84,7 +85,7 @@ async def _worker(fd: int) -> int:
         # B's copy of the client's socket is closed: the client sees the end of the answer.
         (await conn.recv()).close()  # A asks for B's fd count once the client is done
         verdict = _leak_verdict(before, _open_fds())
-        _say(me, f"B closed the client's socket when done; {verdict}")
+        _say(me, f"closed the client's socket when done; {verdict}")
         await conn.send(b"leaked" if "LEAKED" in verdict else b"clean")
         async for msg in conn:  # wait for A to hang up (EOF ends the loop)
             msg.close()
@@ -136,7 +137,7 @@ async def _acceptor(conn: AncillaryConnection, worker_pid: int, worker_fd: int) 
         with await conn.recv() as msg:
             worker_clean = msg.data == b"clean"
         verdict = _leak_verdict(before, _open_fds())
-        _say(me, "A itself never read or wrote a byte of the client's connection")
+        _say(me, "did not read or write a single byte of the client's connection itself")
         _say(me, verdict)
     return worker_clean and "LEAKED" not in verdict
 
@@ -160,14 +161,23 @@ def _demo() -> int:
         raise
     finally:
         theirs.close()  # B has its own copy now; A keeps only its end
-    with asyncio.Runner(loop_factory=factory) as runner:
-        conn = runner.run(open_unix_connection(sock=mine))  # the connection owns `mine`
-        try:
-            ok = runner.run(_acceptor(conn, worker.pid, conn.get_extra_info("socket").fileno()))
-        finally:
-            conn.close()
-            runner.run(conn.wait_closed())
-    status = worker.wait(timeout=10)
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            conn = runner.run(open_unix_connection(sock=mine))  # the connection owns `mine`
+            try:
+                fd = conn.get_extra_info("socket").fileno()
+                ok = runner.run(_acceptor(conn, worker.pid, fd))
+            except ConnectionError as exc:  # ConnectionClosedError included
+                print(f"process B stopped unexpectedly ({exc})", file=sys.stderr)
+                ok = False
+            finally:
+                conn.close()
+                runner.run(conn.wait_closed())
+        status = worker.wait(timeout=10)
+    finally:
+        if worker.poll() is None:  # only after a failure: B is stuck, stop it
+            worker.kill()
+            worker.wait()
     elapsed = time.perf_counter() - started
     if ok and status == 0:
         print(

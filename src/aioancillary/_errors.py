@@ -6,6 +6,7 @@ Every error the library raises on purpose derives from :class:`AncillaryError`::
     ├── FdTruncatedError        fds were dropped by the kernel (MSG_CTRUNC, EMFILE)
     ├── DataTruncatedError      a datagram/seqpacket message was cut (MSG_TRUNC)
     ├── TooManyFdsError         more fds than one message may carry (also ValueError)
+    ├── MessageTooLargeError    a message over max_message_size or the kernel's limit (ValueError)
     ├── InvalidFdError          an fd to send is not open (also ValueError)
     ├── CloexecError            FD_CLOEXEC could not be set on a received fd (also OSError)
     ├── FdsInFlightError        the kernel refused more fds in flight (ETOOMANYREFS; OSError)
@@ -27,6 +28,7 @@ __all__ = [
     "FdTruncatedError",
     "FdsInFlightError",
     "InvalidFdError",
+    "MessageTooLargeError",
     "PeerRejectedError",
     "ProtocolError",
     "TooManyFdsError",
@@ -79,6 +81,11 @@ class DataTruncatedError(AncillaryError):
 
 class TooManyFdsError(AncillaryError, ValueError):
     """More file descriptors than one message may carry (``SCM_MAX_FD``, 253 on Linux/BSD)."""
+
+
+class MessageTooLargeError(AncillaryError, ValueError):
+    """A message to send is larger than allowed: over ``max_message_size`` (the peer would
+    refuse it), or over what the kernel takes in one datagram (EMSGSIZE). Nothing was sent."""
 
 
 class InvalidFdError(AncillaryError, ValueError):

@@ -18,7 +18,9 @@ __all__ = ["FdLike", "HasFileno", "OwnedFd", "close_all", "fd_number"]
 class HasFileno(Protocol):
     """Anything with a ``fileno()`` method: sockets, files, :class:`OwnedFd`."""
 
-    def fileno(self) -> int: ...
+    def fileno(self) -> int:
+        """Return the open fd number (or -1, or raise ``ValueError``, once closed)."""
+        ...
 
 
 #: What may be passed wherever fds are *sent*: an ``int`` or an object with ``fileno()``.

@@ -110,13 +110,11 @@ async def open_unix_connection(
     """
     if (path is None) == (sock is None):
         raise ValueError("give exactly one of path= or sock=")
-    loop = asyncio.get_running_loop()
     if sock is None:
         assert path is not None
         sock = socket.socket(socket.AF_UNIX, sock_type)
         try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, os.fspath(path))
+            await _connect(sock, os.fspath(path))
         except BaseException:
             sock.close()
             raise
@@ -128,6 +126,23 @@ async def open_unix_connection(
     except BaseException:
         sock.close()  # unread fds the peer may have sent are closed by the kernel with it
         raise
+
+
+async def _connect(sock: socket.socket, path: str | bytes) -> None:
+    # Not loop.sock_connect: a non-blocking AF_UNIX connect() fails with EAGAIN when the
+    # listener's backlog is full, with nothing in progress, and the socket polls writable,
+    # so sock_connect would report a connection that does not exist. Nothing signals room in
+    # the backlog either: retry with a capped backoff (wrap in asyncio.timeout to bound it).
+    sock.setblocking(False)
+    delay = 0.001
+    while True:
+        try:
+            sock.connect(path)
+        except (BlockingIOError, InterruptedError):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        else:
+            return
 
 
 async def connection_pair(
@@ -173,16 +188,19 @@ def _remove_stale(path: str | bytes) -> None:
             "refusing to replace a file that is not a socket; remove it or choose another path",
             os.fsdecode(path),
         )
+    # Non-blocking: a live server with a full backlog would block a blocking connect() (and
+    # the event loop with it) until it accepts.
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
         os.unlink(path)  # nobody listens: a stale file left by a crashed server
         return
+    except (BlockingIOError, InterruptedError):
+        pass  # EAGAIN: a live server whose backlog is full
     except OSError as exc:
-        if exc.errno == errno.EPROTOTYPE:  # a live SOCK_SEQPACKET/DGRAM server is there
-            pass
-        else:
+        if exc.errno != errno.EPROTOTYPE:  # EPROTOTYPE: a live seqpacket/dgram server
             raise
     finally:
         probe.close()

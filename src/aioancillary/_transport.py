@@ -21,7 +21,10 @@ import array
 import asyncio
 import collections
 import contextlib
+import errno
+import mmap
 import os
+import select
 import socket
 import warnings
 from collections.abc import Iterable
@@ -32,6 +35,7 @@ from ._errors import (
     AncillaryError,
     ConnectionClosedError,
     InvalidFdError,
+    MessageTooLargeError,
     TooManyFdsError,
 )
 from ._fd import FdLike, OwnedFd, close_all, fd_number
@@ -49,6 +53,10 @@ _MAX_READS_PER_CALLBACK = 32  # bounds one callback so other connections get the
 _DEFAULT_HIGH_WATER = 64 * 1024
 _DEFAULT_FD_HIGH_WATER = 2 * SCM_MAX_FD
 _NO_FDS: list[int] = []
+# Peer shut down its side (unix(7) sockets report it; POLLRDHUP is Linux's precise bit).
+_POLL_HUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP
+# sendmsg errors meaning the peer has gone: its last messages may still be ours to read.
+_PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 _dup = os.dup  # the copy is non-inheritable (CLOEXEC), as every fd this library holds
 
 
@@ -156,6 +164,7 @@ class AncillaryTransport(asyncio.Transport):
         self._platform = platform or current_platform()
         self._stream = sock.type == socket.SOCK_STREAM
         self._dgram = sock.type == socket.SOCK_DGRAM
+        self._seqpacket = sock.type == socket.SOCK_SEQPACKET
         self._framed = self._stream if framed is None else (framed and self._stream)
         self._max_message_size = max_message_size
         self._fd_cap = self._platform.scm_max_fd or SCM_MAX_FD
@@ -165,7 +174,9 @@ class AncillaryTransport(asyncio.Transport):
             else None
         )
         rsize = _READ_CHUNK if self._stream else max_message_size
-        self._rbuf = bytearray(rsize)
+        # Anonymous mmap rather than bytearray: pages become resident only when a read fills
+        # them, so hundreds of idle connections with 1 MiB message buffers cost little memory.
+        self._rbuf = mmap.mmap(-1, rsize)
         self._rview = memoryview(self._rbuf)
         self._extra: dict[str, Any] = {
             "socket": sock,
@@ -194,10 +205,12 @@ class AncillaryTransport(asyncio.Transport):
         # state
         self._closing = False
         self._conn_lost = False
+        self._exc: Exception | None = None  # what made the connection fail, if anything
+        self._write_exc: Exception | None = None  # why writing stopped (peer gone)
         self._reading = False
         self._read_paused = False
         protocol.connection_made(self)
-        if not self._conn_lost:
+        if not self._conn_lost and not self._closing and not self._read_paused:
             self._loop.add_reader(self._fileno, self._on_readable)
             self._reading = True
 
@@ -238,6 +251,9 @@ class AncillaryTransport(asyncio.Transport):
         decoder = self._decoder
         platform = self._platform
         protocol = self._protocol
+        # Read until EAGAIN, never less: uvloop (libuv's uv_poll) stops watching a socket
+        # that reported an error condition (a reset peer) after one callback, so a read
+        # left for "the next callback" may never come.
         for _ in range(_MAX_READS_PER_CALLBACK):
             try:
                 nbytes, fds = receive_into(sock, view, 0, platform)
@@ -247,7 +263,7 @@ class AncillaryTransport(asyncio.Transport):
                 # receive_into closed every fd of the faulty message before raising.
                 self._fatal_error(exc)
                 return
-            if nbytes == 0 and not fds and not self._dgram:
+            if nbytes == 0 and not fds and not self._dgram and not self._empty_message(sock):
                 self._on_eof()
                 return
             if decoder is not None:
@@ -263,12 +279,32 @@ class AncillaryTransport(asyncio.Transport):
                 protocol.messages_received(messages)
             if not self._reading:  # the protocol paused reading, or the transport closed
                 return
-            if nbytes < len(view) and self._stream and (not fds or len(messages) <= 1):
-                # A short stream read without fds means the socket is drained (reads stop
-                # early only at an fd-carrying chunk): another recvmsg would say EAGAIN. After
-                # a lone message with fds, more is unlikely (request/response traffic): leave
-                # it to the level-triggered poller rather than pay an EAGAIN per message.
-                return
+        # Bound reached with data still coming: yield to other callbacks, then go on (not
+        # left to the poller, for the reason above).
+        self._loop.call_soon(self._continue_reading)
+
+    def _continue_reading(self) -> None:
+        if self._reading:
+            self._on_readable()
+
+    def _empty_message(self, sock: socket.socket) -> bool:
+        """After a 0-byte read on SOCK_SEQPACKET: was it an empty message, or end of stream?
+
+        ``recvmsg`` returns 0 bytes for both. While the peer has not shut down, it can only
+        have been a message. After it has, a following message proves the same; if nothing
+        (or another empty message) follows, it is taken as end of stream, so an empty message
+        sent right before the peer closes may be lost (documented).
+        """
+        if not self._seqpacket:
+            return False
+        poller = select.poll()
+        poller.register(self._fileno, _POLL_HUP)
+        if not any(ev & _POLL_HUP for _fd, ev in poller.poll(0)):
+            return True
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False
 
     def _on_eof(self) -> None:
         self._remove_reader()
@@ -279,8 +315,8 @@ class AncillaryTransport(asyncio.Transport):
                 self._fatal_error(decoder.failure)
                 return
         keep_open = self._protocol.eof_received()
-        if not keep_open:
-            self.close()
+        if not keep_open or self._write_exc is not None:
+            self.close()  # nothing more to read, and (if the peer is gone) nothing to write
 
     def _remove_reader(self) -> None:
         if self._reading:
@@ -319,9 +355,14 @@ class AncillaryTransport(asyncio.Transport):
             ValueError: the message is larger than ``max_message_size``, or fds come with no
                 data on a raw stream.
         """
-        if self._closing or self._eof_requested:
+        if self._closing or self._eof_requested or self._write_exc is not None:
             if close_fds:
                 _close_given(fds)
+            failure = self._exc or self._write_exc
+            if failure is not None:
+                raise ConnectionClosedError(
+                    f"cannot write: the connection failed: {failure}"
+                ) from failure
             raise ConnectionClosedError(
                 "cannot write: the connection is closing or closed (or write_eof was called)"
             )
@@ -347,8 +388,11 @@ class AncillaryTransport(asyncio.Transport):
         else:
             self._write_message(data, nums, owned)
         if not self._protocol_paused and (self._wsize > self._high or self._wfds > self._fd_high):
-            self._protocol_paused = True
-            self._protocol.pause_writing()
+            self._pause_protocol()
+
+    def _pause_protocol(self) -> None:
+        self._protocol_paused = True
+        self._protocol.pause_writing()
 
     def _check_message(self, size: int, nfds: int) -> None:
         if nfds > self._fd_cap:
@@ -357,7 +401,7 @@ class AncillaryTransport(asyncio.Transport):
                 f"{nfds}. Split them over several messages"
             )
         if size > self._max_message_size and (self._framed or not self._stream):
-            raise ValueError(
+            raise MessageTooLargeError(
                 f"message of {size} bytes exceeds max_message_size="
                 f"{self._max_message_size}; the peer would refuse it"
             )
@@ -374,12 +418,22 @@ class AncillaryTransport(asyncio.Transport):
         copies: list[OwnedFd] = []
         try:
             for num in nums:
-                copies.append(OwnedFd(_dup(num)))
+                copy = _dup(num)
+                copies.append(OwnedFd(copy))
+                if copy in nums:
+                    # dup() returns the lowest free number: if that is one of the numbers to
+                    # send, that entry was closed, and would otherwise send our copy instead.
+                    raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         except OSError as exc:
             close_all(copies)  # none of them was queued
-            raise InvalidFdError(
-                f"cannot send fd {num}: duplicating it failed ({exc.strerror}); is it open? "
-                "Nothing was queued"
+            if exc.errno == errno.EBADF:
+                raise InvalidFdError(
+                    "cannot send: an fd in the list is not open (EBADF); nothing was queued"
+                ) from exc
+            raise OSError(
+                exc.errno,
+                f"cannot queue fds to send: duplicating one failed ({exc.strerror}); the "
+                "process is probably at its RLIMIT_NOFILE. Nothing was queued",
             ) from exc
         return copies
 
@@ -425,9 +479,9 @@ class AncillaryTransport(asyncio.Transport):
                 last is None
                 or last.sealed
                 or len(last.fds) + len(fds) > self._fd_cap
-                or (last.fds and not self._framed)
+                or (not self._framed and last.data)
             ):
-                # Raw mode: an fd-carrying message starts its own batch, so that a peer
+                # Raw mode: an fd-carrying message starts its own sendmsg, so that a peer
                 # reading one message at a time gets these fds with this message's bytes.
                 last = _Batch(b"", [])
                 queue.append(last)
@@ -473,10 +527,30 @@ class AncillaryTransport(asyncio.Transport):
 
     def _raise_send_error(self, exc: OSError, nfds: int) -> None:
         translated = translate_send_error(exc, nfds)
-        if isinstance(translated, (InvalidFdError, AncillaryError)):
+        if isinstance(translated, AncillaryError):
             raise translated from exc  # nothing was sent; the connection is still usable
-        self._fatal_error(exc)
+        self._send_failed(exc)
         raise ConnectionClosedError(f"the connection failed while sending: {exc}") from exc
+
+    def _send_failed(self, exc: Exception) -> None:
+        if not (isinstance(exc, OSError) and exc.errno in _PEER_GONE) or self._closing:
+            self._fatal_error(exc)
+            return
+        # The peer is gone, but what it sent before leaving may still wait in our receive
+        # queue: stop writing (queued fds closed), keep reading until EOF or the reset.
+        self._write_exc = exc
+        self._drop_queue()
+        if self._writer_added:
+            self._writer_added = False
+            self._loop.remove_writer(self._fileno)
+        if self._protocol_paused:
+            self._protocol_paused = False
+            self._protocol.resume_writing()  # wakes drain(), which then sees the failure
+
+    @property
+    def write_error(self) -> Exception | None:
+        """Why writing stopped (the peer went away), or ``None`` while writes can go out."""
+        return self._write_exc
 
     def end_burst(self) -> None:
         """Hint that the writer is about to wait: its next write may go out at once.
@@ -511,7 +585,8 @@ class AncillaryTransport(asyncio.Transport):
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                self._fatal_error(translate_send_error(exc, len(fds)))
+                translated = translate_send_error(exc, len(fds))
+                self._send_failed(translated if isinstance(translated, Exception) else exc)
                 return
             batch.sealed = True
             if fds:
@@ -583,12 +658,14 @@ class AncillaryTransport(asyncio.Transport):
             raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
         self._high = high
         self._low = low
+        if not self._protocol_paused and self._wsize > high:
+            self._pause_protocol()  # already above the new mark: writers must wait now
 
     # -- closing --------------------------------------------------------------------------
 
     def is_closing(self) -> bool:
         """True once :meth:`close` or :meth:`abort` was called, or the connection failed."""
-        return self._closing
+        return self._closing or self._write_exc is not None
 
     def close(self) -> None:
         """Stop reading, send what is queued, then close the socket and every fd held."""
@@ -618,6 +695,8 @@ class AncillaryTransport(asyncio.Transport):
     def _force_close(self, exc: Exception | None) -> None:
         if self._conn_lost:
             return
+        if exc is not None and self._exc is None:
+            self._exc = exc
         self._drop_queue()
         if self._writer_added:
             self._writer_added = False
