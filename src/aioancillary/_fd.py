@@ -186,8 +186,13 @@ class OwnedFd:
 
 def close_all(fds: Iterable[OwnedFd]) -> None:
     """Close every fd in ``fds``, even if closing one of them fails."""
+    close = os.close
     for fd in fds:
-        try:  # noqa: SIM105 - contextlib.suppress costs more than the close on hot paths
-            fd.close()
-        except OSError:
-            pass
+        # OwnedFd.close inlined: this runs for every received fd on the hot path.
+        num = fd._fd
+        if num >= 0:
+            fd._fd = -1
+            try:  # noqa: SIM105 - contextlib.suppress costs more than the close itself
+                close(num)
+            except OSError:
+                pass

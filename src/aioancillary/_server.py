@@ -15,7 +15,7 @@ from typing import Any, Self
 
 from ._cmsg import Credentials
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, AncillaryConnection
-from ._errors import PeerRejectedError
+from ._errors import ConnectionClosedError, PeerRejectedError
 from ._framing import DEFAULT_MAX_FRAME_SIZE
 from ._peercred import peer_credentials
 
@@ -320,6 +320,9 @@ class AncillaryServer:
         try:
             async with conn:
                 await self._handler(conn)
+        except ConnectionClosedError as exc:
+            # The peer left, or the server closed its clients: not a failure of the server.
+            logger.debug("connection handler ended: %s", exc)
         except Exception as exc:  # a failing handler must not stop the server
             self._loop.call_exception_handler(
                 {"message": "aioancillary connection handler failed", "exception": exc}

@@ -187,6 +187,15 @@ class AncillaryTransport(asyncio.Transport):
             self._extra["sockname"] = sock.getsockname()
         with contextlib.suppress(OSError):
             self._extra["peername"] = sock.getpeername()
+        # Taken now: the credentials are fixed at connect time, and unreadable once closed.
+        self._extra["peercred"] = peer_credentials(sock)
+        # Linux's unix_dgram_sendmsg refuses (EMSGSIZE) a message over sk_sndbuf - 32 bytes;
+        # checking before queueing keeps that error with the write that caused it.
+        self._dgram_limit = max_message_size
+        if not self._stream and self._platform.name == "linux":
+            with contextlib.suppress(OSError):
+                sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                self._dgram_limit = min(max_message_size, sndbuf - 32)
         # write side
         self._queue: collections.deque[_Batch] = collections.deque()
         self._wsize = 0
@@ -218,8 +227,6 @@ class AncillaryTransport(asyncio.Transport):
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """Return transport information: see the class docstring for the keys."""
-        if name == "peercred" and "peercred" not in self._extra and self._sock is not None:
-            self._extra["peercred"] = peer_credentials(self._sock)
         return self._extra.get(name, default)
 
     # -- reading --------------------------------------------------------------------------
@@ -376,7 +383,7 @@ class AncillaryTransport(asyncio.Transport):
             nums = _NO_FDS
         nfds = len(nums)
         size = len(data)
-        if nfds > self._fd_cap or size > self._max_message_size or (nfds and not size):
+        if nfds > self._fd_cap or size > self._dgram_limit or (nfds and not size):
             try:
                 self._check_message(size, nfds)
             except BaseException:
@@ -400,7 +407,13 @@ class AncillaryTransport(asyncio.Transport):
                 f"one message can carry at most {self._fd_cap} fds (SCM_MAX_FD); this one has "
                 f"{nfds}. Split them over several messages"
             )
-        if size > self._max_message_size and (self._framed or not self._stream):
+        if size > self._dgram_limit and not self._stream:
+            raise MessageTooLargeError(
+                f"message of {size} bytes exceeds the {self._dgram_limit} bytes this "
+                "socket takes in one datagram (max_message_size, or SO_SNDBUF - 32 on Linux); "
+                "send smaller messages or raise SO_SNDBUF"
+            )
+        if size > self._max_message_size and self._framed:
             raise MessageTooLargeError(
                 f"message of {size} bytes exceeds max_message_size="
                 f"{self._max_message_size}; the peer would refuse it"
@@ -585,14 +598,28 @@ class AncillaryTransport(asyncio.Transport):
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                translated = translate_send_error(exc, len(fds))
-                self._send_failed(translated if isinstance(translated, Exception) else exc)
+                if exc.errno == errno.EMSGSIZE and not stream:
+                    # SO_SNDBUF shrank after the message was queued: drop that message only.
+                    queue.popleft()
+                    self._wsize -= len(batch.data) - batch.offset
+                    self._wfds -= len(fds)
+                    close_all(fds)
+                    self._loop.call_exception_handler(
+                        {
+                            "message": "aioancillary dropped a queued message the kernel "
+                            f"refused as too large ({len(batch.data)} bytes)",
+                            "exception": translate_send_error(exc, len(fds)),
+                            "transport": self,
+                        }
+                    )
+                    continue
+                self._send_failed(translate_send_error(exc, len(fds)))
                 return
             batch.sealed = True
             if fds:
                 batch.fds = []
                 self._wfds -= len(fds)
-                close_all(fds)  # sent: the kernel holds its own references
+                _close_sent(fds)  # sent: the kernel holds its own references
             self._wsize -= sent
             batch.offset += sent
             if batch.offset >= len(batch.data) or not stream:
@@ -746,6 +773,25 @@ class AncillaryTransport(asyncio.Transport):
         state = "closed" if self._sock is None else ("closing" if self._closing else "open")
         kind = "framed" if self._framed else ("stream" if self._stream else "message")
         return f"<AncillaryTransport fd={self._fileno} {kind} {state}>"
+
+
+def _close_sent(fds: list[OwnedFd]) -> None:
+    """Close the duplicates of a sent batch, in one ``close_range`` when they are contiguous.
+
+    ``dup()`` hands out the lowest free numbers, so a batch's copies are usually one run of
+    numbers; if the run holds nothing but them, ``os.closerange`` (``close_range(2)`` on Linux
+    5.9+) closes the lot in one syscall instead of one ``close`` each.
+    """
+    if len(fds) >= 8:
+        nums = [fd.fileno() for fd in fds]
+        lo = min(nums)
+        hi = max(nums)
+        if hi - lo + 1 == len(nums) and len(set(nums)) == len(nums):
+            for fd in fds:
+                fd.detach()
+            os.closerange(lo, hi + 1)
+            return
+    close_all(fds)
 
 
 def _take_ownership(fds: Iterable[FdLike]) -> list[OwnedFd]:
