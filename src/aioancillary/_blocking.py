@@ -8,6 +8,7 @@ readiness callbacks. There is no second receive path.
 from __future__ import annotations
 
 import errno
+import mmap
 import socket
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -38,9 +39,12 @@ class ReceivedInto(NamedTuple):
 
 
 def receive_into(
-    sock: socket.socket, buffer: memoryview | bytearray, flags: int, platform: Platform
-) -> tuple[int, list[OwnedFd]]:
+    sock: socket.socket, buffer: memoryview | bytearray | mmap.mmap, flags: int, platform: Platform
+) -> tuple[int, list[OwnedFd], bool]:
     """One ``recvmsg_into`` with a control buffer no message can overflow; fds owned at once.
+
+    Returns ``(nbytes, fds, ancillary)``: ``ancillary`` tells whether the kernel attached any
+    control record (with ``SO_PASSCRED`` every message carries one, end of stream none).
 
     Raises:
         BlockingIOError: a non-blocking socket has nothing to read.
@@ -62,8 +66,12 @@ def receive_into(
             ) from exc
         raise
     if not ancdata and not msg_flags & (_MSG_TRUNC | socket.MSG_CTRUNC):
-        return nbytes, []
-    fds = extract_fds(ancdata, msg_flags, recv_flags, platform, bytes(buffer[:nbytes]))
+        return nbytes, [], False
+    try:
+        fds = extract_fds(ancdata, msg_flags, recv_flags, platform)
+    except FdTruncatedError as exc:
+        exc.data = bytes(buffer[:nbytes])  # copied only on this rare path
+        raise
     if msg_flags & _MSG_TRUNC:
         close_all(fds)  # the message is incomplete; its fds cannot be used safely
         raise DataTruncatedError(
@@ -73,7 +81,7 @@ def receive_into(
             data=bytes(buffer[:nbytes]),
             closed_fds=len(fds),
         )
-    return nbytes, fds
+    return nbytes, fds, True
 
 
 def _check_args(flags: int, maxfds: int) -> None:
@@ -127,7 +135,7 @@ def recv_fds(
     """
     _check_args(flags, maxfds)
     buf = bytearray(bufsize)
-    nbytes, fds = receive_into(sock, buf, flags, platform or current_platform())
+    nbytes, fds, _ = receive_into(sock, buf, flags, platform or current_platform())
     discarded = _limit(fds, maxfds)
     return AncillaryMessage(bytes(memoryview(buf)[:nbytes]), tuple(fds), discarded)
 
@@ -154,7 +162,7 @@ def recv_fds_into(
         The same errors as :func:`recv_fds`.
     """
     _check_args(flags, maxfds)
-    nbytes, fds = receive_into(sock, buffer, flags, platform or current_platform())
+    nbytes, fds, _ = receive_into(sock, buffer, flags, platform or current_platform())
     _limit(fds, maxfds)
     return ReceivedInto(nbytes, tuple(fds))
 

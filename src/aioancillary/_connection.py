@@ -135,8 +135,10 @@ class AncillaryConnection:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         if not self._read_paused and (
-            self._qbytes > self._max_qbytes or self._qfds > self._max_qfds
+            self._qbytes > self._max_qbytes
+            or self._qfds + self._transport.get_read_pending_fds() > self._max_qfds
         ):
+            # Fds still in the frame decoder count too: they are open in this process.
             self._read_paused = True
             self._transport.pause_reading()
 
@@ -150,10 +152,14 @@ class AncillaryConnection:
             waiter.set_result(None)
 
     def _consumed(self) -> None:
+        qfds = self._qfds
         if (
             self._read_paused
             and self._qbytes <= self._max_qbytes // 2
-            and self._qfds <= self._max_qfds // 2
+            and qfds <= self._max_qfds // 2
+            # Decoder fds wait for bytes still unread: never let them alone keep reading
+            # paused (they are at most SCM_MAX_FD, and the budget is never below that).
+            and qfds + self._transport.get_read_pending_fds() <= self._max_qfds
         ):
             self._read_paused = False
             self._transport.resume_reading()

@@ -75,8 +75,10 @@ class FrameDecoder:
     Args:
         max_frame_size: Largest payload accepted; a bigger length field is a protocol error.
         max_fds_per_frame: Largest fd count accepted in one frame.
-        max_pending_fds: Most fds that may wait for their frame's header; a peer sending fds
-            that no frame claims cannot make the receiver hold more than this.
+        max_pending_fds: Most fds that may wait for their frame's header after a feed. A
+            conforming sender never exceeds one ``sendmsg``'s fds (``SCM_MAX_FD``): one
+            ``recvmsg`` returns the fds of at most one ``sendmsg``, and the headers those fds
+            belong to follow that call's first byte. More is a protocol violation.
     """
 
     __slots__ = (
@@ -94,7 +96,7 @@ class FrameDecoder:
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_fds_per_frame: int = SCM_MAX_FD,
-        max_pending_fds: int = 2 * SCM_MAX_FD,
+        max_pending_fds: int = SCM_MAX_FD,
     ) -> None:
         self._max_size = max_frame_size
         self._max_fds = max_fds_per_frame

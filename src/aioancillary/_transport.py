@@ -169,7 +169,14 @@ class AncillaryTransport(asyncio.Transport):
         self._max_message_size = max_message_size
         self._fd_cap = self._platform.scm_max_fd or SCM_MAX_FD
         self._decoder = (
-            FrameDecoder(max_frame_size=max_message_size, max_fds_per_frame=self._fd_cap)
+            FrameDecoder(
+                max_frame_size=max_message_size,
+                max_fds_per_frame=self._fd_cap,
+                # One recvmsg returns the fds of at most one sendmsg, and a conforming sender
+                # puts every header of a batch after that batch's first byte: after a feed,
+                # no more than one sendmsg's fds can be waiting for their header.
+                max_pending_fds=self._fd_cap,
+            )
             if self._framed
             else None
         )
@@ -187,6 +194,15 @@ class AncillaryTransport(asyncio.Transport):
             self._extra["sockname"] = sock.getsockname()
         with contextlib.suppress(OSError):
             self._extra["peername"] = sock.getpeername()
+        # Linux: a 0-byte SOCK_SEQPACKET read is either an empty message or end of stream.
+        # With SO_PASSCRED every message carries an SCM_CREDENTIALS record and the end of
+        # stream none, which tells them apart. (Set after connect(): set before, it would
+        # autobind the socket to an abstract name at connect time.)
+        self._passcred = False
+        if self._seqpacket and self._platform.name == "linux" and hasattr(socket, "SO_PASSCRED"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+                self._passcred = True
         # Taken now: the credentials are fixed at connect time, and unreadable once closed.
         self._extra["peercred"] = peer_credentials(sock)
         # Linux's unix_dgram_sendmsg refuses (EMSGSIZE) a message over sk_sndbuf - 32 bytes;
@@ -263,14 +279,20 @@ class AncillaryTransport(asyncio.Transport):
         # left for "the next callback" may never come.
         for _ in range(_MAX_READS_PER_CALLBACK):
             try:
-                nbytes, fds = receive_into(sock, view, 0, platform)
+                nbytes, fds, ancillary = receive_into(sock, view, 0, platform)
             except (BlockingIOError, InterruptedError):
                 return
             except (AncillaryError, OSError) as exc:
                 # receive_into closed every fd of the faulty message before raising.
                 self._fatal_error(exc)
                 return
-            if nbytes == 0 and not fds and not self._dgram and not self._empty_message(sock):
+            if (
+                nbytes == 0
+                and not fds
+                and not self._dgram
+                and not (ancillary and self._passcred)
+                and not self._empty_message(sock)
+            ):
                 self._on_eof()
                 return
             if decoder is not None:
@@ -302,8 +324,8 @@ class AncillaryTransport(asyncio.Transport):
         (or another empty message) follows, it is taken as end of stream, so an empty message
         sent right before the peer closes may be lost (documented).
         """
-        if not self._seqpacket:
-            return False
+        if not self._seqpacket or self._passcred:
+            return False  # with SO_PASSCRED, no credentials record means end of stream
         poller = select.poll()
         poller.register(self._fileno, _POLL_HUP)
         if not any(ev & _POLL_HUP for _fd, ev in poller.poll(0)):
@@ -658,6 +680,10 @@ class AncillaryTransport(asyncio.Transport):
         if not self._queue and self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_WR)
+
+    def get_read_pending_fds(self) -> int:
+        """Fds read from the socket but not yet part of a delivered message (framed mode)."""
+        return 0 if self._decoder is None else self._decoder.pending_fds
 
     def get_write_buffer_size(self) -> int:
         """Bytes queued and not yet sent."""
