@@ -141,6 +141,22 @@ def extract_fds(
     """
     if not ancdata and not msg_flags & _CTRUNC:
         return []
+    if not msg_flags & _CTRUNC and recv_flags & platform.cmsg_cloexec:
+        # Fast path, the common case: only SCM_RIGHTS (and, on Linux, SO_PASSCRED's
+        # credentials) and the fds already close-on-exec. Every record is checked before
+        # any fd is wrapped, so the general path below never sees a half-wrapped list.
+        linux = platform.name == "linux"
+        for level, kind, _payload in ancdata:
+            if level != _SOL_SOCKET or (
+                kind != _SCM_RIGHTS and not (linux and kind == _SCM_CREDENTIALS)
+            ):
+                break
+        else:
+            owned: list[OwnedFd] = []
+            for _level, kind, payload in ancdata:
+                if kind == _SCM_RIGHTS:
+                    owned += [OwnedFd(fd) for fd in _fd_ints(payload) if fd >= 0]
+            return owned
     parsed = _wrap(ancdata, platform)
     _check(parsed, msg_flags, recv_flags, platform, data)
     close_all(parsed.pidfds)

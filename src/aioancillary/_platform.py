@@ -6,6 +6,7 @@ macOS and the BSDs can be exercised on Linux by passing a simulated platform (te
 
 from __future__ import annotations
 
+import functools
 import resource
 import socket
 import sys
@@ -81,7 +82,14 @@ class Platform:
 
     def receive_ancbufsize(self) -> int:
         """The ``ancbufsize`` to pass to ``recvmsg``: past the kernel cap, plus headroom."""
+        if self.scm_max_fd is not None:  # fixed: computed once (this runs on every read)
+            return _fixed_ancbufsize(self.scm_max_fd, self.extra_cmsg_space)
         return buffer_size_for_rights(self.receive_fd_capacity()) + self.extra_cmsg_space
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_ancbufsize(cap: int, extra: int) -> int:
+    return buffer_size_for_rights(cap) + extra
 
 
 def _detect() -> Platform:
