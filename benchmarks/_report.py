@@ -1,0 +1,258 @@
+"""Aggregating repeated cells, the table, the targets, the Markdown report and the plot."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from _cells import IMPLS, SOAK, WORKLOADS, CellResult
+
+_RSS_FLAT_KIB = 1024  # "flat": the end of the soak is within 1 MiB of its 10 % mark
+
+
+@dataclass
+class Row:
+    """A cell's repeats, summarised by its best repeat.
+
+    Noise on a shared machine only ever slows a cell down, so the fastest repeat is the
+    steadiest estimate of what the code can do (the reasoning of ``timeit``); ratios use the
+    best repeat of each side, and the median ratio is shown next to it.
+    """
+
+    workload: str
+    impl: str
+    n: int
+    rates: list[float]
+    rate: float = 0.0  # best repeat
+    ratio: float | None = None  # best / best of C
+    median_ratio: float | None = None  # median / median of C
+    p50_us: float | None = None  # of the best repeat
+    p99_us: float | None = None
+    cpu_rx: float = 0.0  # of the best repeat: CPU time / wall time of each side
+    cpu_tx: float = 0.0
+    leaked_rx: int = 0  # worst repeat
+    leaked_tx: int = 0
+    error: str = ""
+
+
+def aggregate(
+    results: dict[tuple[str, str], list[CellResult]], errors: dict[tuple[str, str], str]
+) -> list[Row]:
+    """One row per cell, in the order of WORKLOADS x IMPLS; C is the ratio reference."""
+    rows = []
+    for workload in [*WORKLOADS, SOAK]:
+        runs_c = results.get((workload.name, "c"), [])
+        best_c = max((r.rate for r in runs_c), default=None)
+        median_c = statistics.median(r.rate for r in runs_c) if runs_c else None
+        for impl in IMPLS:
+            key = (workload.name, impl.name)
+            runs = results.get(key, [])
+            if not runs:
+                if key in errors:
+                    rows.append(Row(workload.name, impl.name, 0, [], error=errors[key]))
+                continue
+            best = max(runs, key=lambda r: r.rate)
+            median = statistics.median(r.rate for r in runs)
+            rows.append(
+                Row(
+                    workload=workload.name,
+                    impl=impl.name,
+                    n=best.n,
+                    rates=[r.rate for r in runs],
+                    rate=best.rate,
+                    ratio=best.rate / best_c if best_c else None,
+                    median_ratio=median / median_c if median_c else None,
+                    p50_us=best.p50_us,
+                    p99_us=best.p99_us,
+                    cpu_rx=best.cpu_rx,
+                    cpu_tx=best.cpu_tx,
+                    leaked_rx=max(r.leaked_rx for r in runs),
+                    leaked_tx=max(r.leaked_tx for r in runs),
+                    error=errors.get(key, ""),
+                )
+            )
+    return rows
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: Sequence[Row]) -> str:
+    """The results as a Markdown table (also readable as plain text)."""
+    head = (
+        "| workload | implementation | msgs/s | x C | x C (median) | p50 µs | p99 µs | spread | "
+        "CPU % rx/tx | fds leaked rx/tx | N |"
+    )
+    lines = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for row in rows:
+        if row.error and not row.rates:
+            lines.append(f"| {row.workload} | {row.impl} | failed: {row.error} |||||||||")
+            continue
+        spread = (max(row.rates) - min(row.rates)) / row.rate if len(row.rates) > 1 else None
+        lines.append(
+            f"| {row.workload} | {row.impl} | {row.rate:,.0f} | {_fmt(row.ratio, '.2f')} | "
+            f"{_fmt(row.median_ratio, '.2f')} | "
+            f"{_fmt(row.p50_us, '.1f')} | {_fmt(row.p99_us, '.1f')} | "
+            f"{_fmt(spread and spread * 100, '.0f')}{'%' if spread else ''} | "
+            f"{row.cpu_rx * 100:.0f}/{row.cpu_tx * 100:.0f} | "
+            f"{row.leaked_rx}/{row.leaked_tx} | {row.n:,} |"
+        )
+    return "\n".join(lines)
+
+
+def _find(rows: Sequence[Row], workload: str, impl: str) -> Row | None:
+    return next((r for r in rows if r.workload == workload and r.impl == impl), None)
+
+
+def targets(rows: Sequence[Row], soak: dict[str, CellResult]) -> list[tuple[str, str, str]]:
+    """``(target, measured, verdict)`` for each target of the issue that this run covers."""
+    out = []
+    for loop in ("uvloop", "asyncio"):
+        for workload, variant, need in (
+            ("stream-1fd", "framed", 1.2),
+            ("stream-4fd", "framed", 1.0),
+            ("stream-1fd", "batch", 2.0),
+        ):
+            row = _find(rows, workload, f"aioancillary-{loop}-{variant}")
+            if row is None or row.ratio is None:
+                continue
+            api = "recv_batch()" if variant == "batch" else "async for"
+            out.append(
+                (
+                    f"{workload}, framed, {api}, {loop}: ≥ {need:.1f}x C",
+                    f"{row.ratio:.2f}x C",
+                    "met" if row.ratio >= need else "not met",
+                )
+            )
+        ping = _find(rows, "pingpong", f"aioancillary-{loop}-framed")
+        ref = _find(rows, "pingpong", "stdlib")
+        if ping and ref and ping.p50_us and ref.p50_us:
+            factor = ping.p50_us / ref.p50_us
+            out.append(
+                (
+                    f"ping-pong p50, framed, {loop}: ≤ 1.5x stdlib blocking",
+                    f"{ping.p50_us:.1f} µs vs {ref.p50_us:.1f} µs = {factor:.2f}x",
+                    "met" if factor <= 1.5 else "not met",
+                )
+            )
+    for name, res in soak.items():
+        growth_rx = res.rss_rx[-1] - res.rss_rx[1] if len(res.rss_rx) > 2 else None
+        growth_tx = res.rss_tx[-1] - res.rss_tx[1] if len(res.rss_tx) > 2 else None
+        flat = all(g is not None and g <= _RSS_FLAT_KIB for g in (growth_rx, growth_tx))
+        leaks = res.leaked_rx + res.leaked_tx
+        out.append(
+            (
+                f"{res.n:,} messages, {name}: flat RSS (≤ 1 MiB growth after 10 %), 0 fds leaked",
+                f"RSS growth rx {growth_rx} KiB, tx {growth_tx} KiB; leaked {res.leaked_rx}/"
+                f"{res.leaked_tx}",
+                "met" if flat and leaks == 0 and res.n >= 1_000_000 else "not met",
+            )
+        )
+    return out
+
+
+def targets_table(verdicts: Sequence[tuple[str, str, str]]) -> str:
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | **{v}** |" for t, m, v in verdicts]
+    return "\n".join(lines)
+
+
+def soak_table(soak: dict[str, CellResult]) -> str:
+    lines = [
+        "| implementation | messages | msgs/s | RSS rx KiB (start → 10 % → end) | "
+        "RSS tx KiB (start → 10 % → end) | fds leaked rx/tx |",
+        "|---|--:|--:|---|---|--:|",
+    ]
+    for name, res in soak.items():
+
+        def trail(samples: list[int]) -> str:
+            return " → ".join(str(s) for s in (samples[0], samples[1], samples[-1]))
+
+        lines.append(
+            f"| {name} | {res.n:,} | {res.rate:,.0f} | {trail(res.rss_rx)} | "
+            f"{trail(res.rss_tx)} | {res.leaked_rx}/{res.leaked_tx} |"
+        )
+    return "\n".join(lines)
+
+
+_COLORS = {
+    "c": "#444444",
+    "stdlib": "#8c8c8c",
+    "anyio": "#e6a23c",
+    "naive": "#c0504d",
+    "aioancillary": "#2e75b6",
+}
+
+
+_TARGET_LINES = {"stream-1fd": ((1.2, "framed target"), (2.0, "batch target"))}
+
+
+def _throughput_panel(ax: Any, rows: Sequence[Row], workload: str, title: str) -> None:
+    modules = {impl.name: impl.module for impl in IMPLS}
+    mine = [r for r in rows if r.workload == workload and r.ratio is not None][::-1]
+    values = [r.ratio or 0.0 for r in mine]
+    bars = ax.barh([r.impl for r in mine], values, color=[_COLORS[modules[r.impl]] for r in mine])
+    labels = [f"{r.ratio:.2f}x  {r.rate / 1000:.0f}k/s" for r in mine]
+    ax.bar_label(bars, labels=labels, fontsize=8, padding=2)
+    ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+    for x, text in _TARGET_LINES.get(workload, ()):
+        ax.axvline(x, color="#2e75b6", linewidth=0.8, linestyle=":")
+        ax.text(x, len(mine) - 0.4, f" {text}", fontsize=7, color="#2e75b6", va="bottom")
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("throughput relative to C (C = 1, dashed line)", fontsize=9)
+    ax.set_xlim(0, max([*values, 2.0 if workload in _TARGET_LINES else 1.0]) * 1.4)
+    ax.tick_params(axis="y", labelsize=8)
+
+
+def _latency_panel(ax: Any, rows: Sequence[Row]) -> None:
+    modules = {impl.name: impl.module for impl in IMPLS}
+    ping = [r for r in rows if r.workload == "pingpong" and r.p50_us is not None][::-1]
+    ys = list(range(len(ping)))
+    p99 = [r.p99_us or 0.0 for r in ping]
+    p50 = [r.p50_us or 0.0 for r in ping]
+    bars99 = ax.barh([y + 0.2 for y in ys], p99, height=0.4, color="#c9d6e8")
+    ax.bar_label(bars99, labels=[f"p99 {v:.0f}" for v in p99], fontsize=7, padding=2)
+    colors = [_COLORS[modules[r.impl]] for r in ping]
+    bars = ax.barh([y - 0.2 for y in ys], p50, height=0.4, color=colors)
+    ax.bar_label(bars, labels=[f"p50 {v:.0f}" for v in p50], fontsize=8, padding=2)
+    stdlib = next((r.p50_us for r in ping if r.impl == "stdlib"), None)
+    if stdlib:
+        ax.axvline(1.5 * stdlib, color="#2e75b6", linewidth=0.8, linestyle=":")
+        ax.text(
+            1.5 * stdlib,
+            len(ping) - 0.5,
+            " target: 1.5x stdlib p50",
+            fontsize=7,
+            color="#2e75b6",
+            va="bottom",
+        )
+    ax.set_xscale("log")
+    ax.set_xlim(min([*p50, 10.0]) / 2, max([*p99, 100.0]) * 4)
+    ax.set_yticks(ys, [r.impl for r in ping], fontsize=8)
+    ax.set_xlabel("round-trip latency, µs, log scale (p50 dark, p99 light)", fontsize=9)
+    ax.set_title("ping-pong, 1 fd each way (lower is better)", fontsize=11)
+
+
+def plot(rows: Sequence[Row], path: Path, subtitle: str) -> None:
+    """Bar charts: throughput relative to C per workload, and ping-pong latency."""
+    import matplotlib  # noqa: PLC0415 - bench-only, imported after all the forking
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.patches import Patch  # noqa: PLC0415
+
+    panels = [w for w in WORKLOADS if w.kind != "pingpong"]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 10.5), layout="constrained")
+    for ax, workload in zip(axes.flat, panels, strict=False):
+        _throughput_panel(ax, rows, workload.name, workload.title)
+    _latency_panel(axes.flat[len(panels)], rows)
+    handles = [Patch(color=color, label=name) for name, color in _COLORS.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
+    fig.suptitle(f"aioancillary benchmarks: {subtitle}", fontsize=12)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
