@@ -27,8 +27,11 @@ from ._platform import Platform, current_platform
 
 __all__ = ["ReceivedInto", "receive_into", "recv_fds", "recv_fds_into", "send_fds"]
 
-_MSG_TRUNC = socket.MSG_TRUNC
-_MSG_PEEK = socket.MSG_PEEK
+# Plain ints: the socket module's MsgFlag members are IntFlag enums, whose | and & run Python
+# code (several per message on the receive path).
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_PEEK = int(socket.MSG_PEEK)
+_TRUNCATED = _MSG_TRUNC | int(socket.MSG_CTRUNC)
 
 
 class ReceivedInto(NamedTuple):
@@ -65,7 +68,7 @@ def receive_into(
                 "kernel discarded the fds of a message. Close unused fds or raise the limit"
             ) from exc
         raise
-    if not ancdata and not msg_flags & (_MSG_TRUNC | socket.MSG_CTRUNC):
+    if not ancdata and not msg_flags & _TRUNCATED:
         return nbytes, [], False
     try:
         fds = extract_fds(ancdata, msg_flags, recv_flags, platform)

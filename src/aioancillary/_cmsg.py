@@ -22,14 +22,14 @@ __all__ = ["AncData", "Credentials", "SocketAncillary", "extract_fds"]
 #: The ``ancdata`` shape of ``socket.sendmsg`` / ``socket.recvmsg``.
 AncData = Sequence[tuple[int, int, bytes]]
 
-_SOL_SOCKET = socket.SOL_SOCKET
-_SCM_RIGHTS = socket.SCM_RIGHTS
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 # Linux values (include/linux/socket.h), interpreted only on a Linux platform: elsewhere the
 # same SOL_SOCKET numbers mean other records (FreeBSD: 2 SCM_TIMESTAMP, 4 SCM_BINTIME; macOS: 2
 # SCM_TIMESTAMP, 4 SCM_TIMESTAMP_MONOTONIC), whose bytes must never be taken for fds to close.
 _SCM_CREDENTIALS = 0x02
 _SCM_PIDFD = 0x04
-_CTRUNC = socket.MSG_CTRUNC
+_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag arithmetic is slow
 _FD_SIZE = array.array("i").itemsize
 _UCRED = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _UCRED_SIZE = _UCRED.size

@@ -93,7 +93,7 @@ def _fixed_ancbufsize(cap: int, extra: int) -> int:
 
 
 def _detect() -> Platform:
-    cloexec = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+    cloexec = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))  # int, not IntFlag: used per read
     if sys.platform == "darwin":
         return Platform("darwin", None, 0)
     if sys.platform.startswith("linux"):

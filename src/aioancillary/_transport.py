@@ -46,8 +46,8 @@ from ._platform import SCM_MAX_FD, Platform, current_platform
 
 __all__ = ["AncillaryProtocol", "AncillaryTransport"]
 
-_SOL_SOCKET = socket.SOL_SOCKET
-_SCM_RIGHTS = socket.SCM_RIGHTS
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _READ_CHUNK = 256 * 1024  # stream read buffer: holds many small frames per recvmsg
 _MAX_READS_PER_CALLBACK = 32  # bounds one callback so other connections get their turn
 _DEFAULT_HIGH_WATER = 64 * 1024
@@ -100,11 +100,17 @@ class AncillaryProtocol(asyncio.BaseProtocol):
 
 
 class _Batch:
-    """Bytes queued for one ``sendmsg`` and the owned fds that must ride with the first byte."""
+    """Bytes queued for one ``sendmsg`` and the fds that must ride with the first byte.
+
+    ``fds`` are raw numbers owned by the transport (duplicates, or fds handed over with
+    ``close_fds=True``): closed once sent, or when the queue is dropped. Plain ints rather than
+    :class:`OwnedFd` objects because this is the per-message hot path of a sender; the
+    transport's ``_drop_queue`` and ``__del__`` are their owners' close paths.
+    """
 
     __slots__ = ("data", "fds", "offset", "sealed")
 
-    def __init__(self, data: bytes | bytearray | memoryview, fds: list[OwnedFd]) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, fds: list[int]) -> None:
         self.data = bytearray(data)
         self.fds = fds
         self.offset = 0
@@ -395,12 +401,12 @@ class AncillaryTransport(asyncio.Transport):
             raise ConnectionClosedError(
                 "cannot write: the connection is closing or closed (or write_eof was called)"
             )
-        owned: list[OwnedFd] | None = None
+        owned: list[int] | None = None  # fds handed over (close_fds=True): ours to close
         if close_fds:
-            owned = _take_ownership(fds)
-            nums = [fd.fileno() for fd in owned]
+            owned = [fd.detach() for fd in _take_ownership(fds)]
+            nums = owned
         elif fds:
-            nums = [fd_number(fd) for fd in fds]
+            nums = [fd if type(fd) is int and fd >= 0 else fd_number(fd) for fd in fds]
         else:
             nums = _NO_FDS
         nfds = len(nums)
@@ -410,7 +416,7 @@ class AncillaryTransport(asyncio.Transport):
                 self._check_message(size, nfds)
             except BaseException:
                 if owned:
-                    close_all(owned)
+                    _close_nums(owned)
                 raise
         if self._stream:
             self._write_stream(data, size, nums, owned)
@@ -447,20 +453,19 @@ class AncillaryTransport(asyncio.Transport):
             )
 
     @staticmethod
-    def _owned_copies(nums: list[int], owned: list[OwnedFd] | None) -> list[OwnedFd]:
-        if owned is not None:
-            return owned
-        copies: list[OwnedFd] = []
+    def _copies(nums: list[int]) -> list[int]:
+        """Duplicates of the borrowed ``nums``, owned by the transport while queued."""
+        copies: list[int] = []
         try:
             for num in nums:
                 copy = _dup(num)
-                copies.append(OwnedFd(copy))
-                if copy in nums:
+                copies.append(copy)
+                if copy in nums and len(nums) > 1:
                     # dup() returns the lowest free number: if that is one of the numbers to
                     # send, that entry was closed, and would otherwise send our copy instead.
                     raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         except OSError as exc:
-            close_all(copies)  # none of them was queued
+            _close_nums(copies)  # none of them was queued
             if exc.errno == errno.EBADF:
                 raise InvalidFdError(
                     "cannot send: an fd in the list is not open (EBADF); nothing was queued"
@@ -477,7 +482,7 @@ class AncillaryTransport(asyncio.Transport):
         data: bytes | bytearray | memoryview,
         size: int,
         nums: list[int],
-        owned: list[OwnedFd] | None,
+        owned: list[int] | None,
     ) -> None:
         header = _pack_header(_VERSION_WORD, len(nums), size) if self._framed else b""
         queue = self._queue
@@ -489,18 +494,18 @@ class AncillaryTransport(asyncio.Transport):
                 sent = 0
             except OSError as exc:
                 if owned:
-                    close_all(owned)
+                    _close_nums(owned)
                 self._raise_send_error(exc, len(nums))
             self._burst = True
             if sent and owned:
-                close_all(owned)  # sent with the first byte: the kernel has its own references
+                _close_nums(owned)  # sent with the first byte: the kernel has its references
             if sent == len(header) + size:
                 return
             if sent:
                 batch = _Batch((bytes(header) + bytes(data))[sent:], [])
                 batch.sealed = True  # its fds went out with the part already sent
             else:
-                batch = _Batch(header, self._owned_copies(nums, owned))
+                batch = _Batch(header, owned if owned is not None else self._copies(nums))
                 batch.data += data
             queue.append(batch)
             self._wsize += len(batch.data)
@@ -509,7 +514,7 @@ class AncillaryTransport(asyncio.Transport):
             return
         last = queue[-1] if queue else None
         if nums:
-            fds = self._owned_copies(nums, owned)
+            fds = owned if owned is not None else self._copies(nums)
             if (
                 last is None
                 or last.sealed
@@ -538,7 +543,7 @@ class AncillaryTransport(asyncio.Transport):
             self._loop.call_soon(self._flush)
 
     def _write_message(
-        self, data: bytes | bytearray | memoryview, nums: list[int], owned: list[OwnedFd] | None
+        self, data: bytes | bytearray | memoryview, nums: list[int], owned: list[int] | None
     ) -> None:
         # SOCK_SEQPACKET / SOCK_DGRAM: one sendmsg per message keeps the boundaries.
         if not self._queue and self._sock is not None:
@@ -548,13 +553,13 @@ class AncillaryTransport(asyncio.Transport):
                 pass
             except OSError as exc:
                 if owned:
-                    close_all(owned)
+                    _close_nums(owned)
                 self._raise_send_error(exc, len(nums))
             else:
                 if owned:
-                    close_all(owned)
+                    _close_nums(owned)
                 return
-        batch = _Batch(data, self._owned_copies(nums, owned))
+        batch = _Batch(data, owned if owned is not None else self._copies(nums) if nums else [])
         self._queue.append(batch)
         self._wsize += len(batch.data)
         self._wfds += len(batch.fds)
@@ -613,7 +618,7 @@ class AncillaryTransport(asyncio.Transport):
         while queue and sock is not None:
             batch = queue[0]
             fds = batch.fds
-            anc = _ancdata([fd.fileno() for fd in fds]) if fds else []
+            anc = _ancdata(fds) if fds else []
             try:
                 with memoryview(batch.data) as view:
                     sent = sock.sendmsg([view[batch.offset :]], anc)
@@ -625,7 +630,7 @@ class AncillaryTransport(asyncio.Transport):
                     queue.popleft()
                     self._wsize -= len(batch.data) - batch.offset
                     self._wfds -= len(fds)
-                    close_all(fds)
+                    _close_nums(fds)
                     self._loop.call_exception_handler(
                         {
                             "message": "aioancillary dropped a queued message the kernel "
@@ -641,7 +646,7 @@ class AncillaryTransport(asyncio.Transport):
             if fds:
                 batch.fds = []
                 self._wfds -= len(fds)
-                _close_sent(fds)  # sent: the kernel holds its own references
+                _close_nums(fds)  # sent: the kernel holds its own references
             self._wsize -= sent
             batch.offset += sent
             if batch.offset >= len(batch.data) or not stream:
@@ -762,7 +767,7 @@ class AncillaryTransport(asyncio.Transport):
 
     def _drop_queue(self) -> None:
         for batch in self._queue:
-            close_all(batch.fds)  # never sent: the duplicates are ours to close
+            _close_nums(batch.fds)  # never sent: the duplicates are ours to close
         self._queue.clear()
         self._wsize = 0
         self._wfds = 0
@@ -790,7 +795,7 @@ class AncillaryTransport(asyncio.Transport):
             _warn(f"unclosed AncillaryTransport {self!r}", ResourceWarning, source=self)
             self._sock = None
             for batch in self._queue:
-                close_all(batch.fds)
+                _close_nums(batch.fds)
             if self._decoder is not None:
                 self._decoder.close()
             sock.close()
@@ -801,23 +806,25 @@ class AncillaryTransport(asyncio.Transport):
         return f"<AncillaryTransport fd={self._fileno} {kind} {state}>"
 
 
-def _close_sent(fds: list[OwnedFd]) -> None:
-    """Close the duplicates of a sent batch, in one ``close_range`` when they are contiguous.
+def _close_nums(fds: list[int]) -> None:
+    """Close fds the transport owns as raw numbers (queued duplicates, or handed over).
 
     ``dup()`` hands out the lowest free numbers, so a batch's copies are usually one run of
     numbers; if the run holds nothing but them, ``os.closerange`` (``close_range(2)`` on Linux
     5.9+) closes the lot in one syscall instead of one ``close`` each.
     """
     if len(fds) >= 8:
-        nums = [fd.fileno() for fd in fds]
-        lo = min(nums)
-        hi = max(nums)
-        if hi - lo + 1 == len(nums) and len(set(nums)) == len(nums):
-            for fd in fds:
-                fd.detach()
+        lo = min(fds)
+        hi = max(fds)
+        if hi - lo + 1 == len(fds) and len(set(fds)) == len(fds):
             os.closerange(lo, hi + 1)
             return
-    close_all(fds)
+    close = os.close
+    for fd in fds:
+        try:  # noqa: SIM105 - contextlib.suppress costs more than the close itself
+            close(fd)
+        except OSError:
+            pass
 
 
 def _take_ownership(fds: Iterable[FdLike]) -> list[OwnedFd]:
