@@ -155,7 +155,11 @@ def extract_fds(
             owned: list[OwnedFd] = []
             for _level, kind, payload in ancdata:
                 if kind == _SCM_RIGHTS:
-                    owned += [OwnedFd(fd) for fd in _fd_ints(payload) if fd >= 0]
+                    ints = _fd_ints(payload)
+                    if ints and min(ints) >= 0:
+                        owned += map(OwnedFd, ints)
+                    else:
+                        owned += [OwnedFd(fd) for fd in ints if fd >= 0]
             return owned
     parsed = _wrap(ancdata, platform)
     _check(parsed, msg_flags, recv_flags, platform, data)

@@ -88,6 +88,7 @@ class FrameDecoder:
         "_max_fds",
         "_max_pending",
         "_max_size",
+        "_need",
         "failure",
     )
 
@@ -104,6 +105,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._fifo: deque[OwnedFd] = deque()
         self._claimed: tuple[OwnedFd, ...] | None = None
+        self._need = 0  # bytes the buffered partial frame needs before it can complete
         #: The :class:`ProtocolError` once the peer has broken the protocol, else ``None``.
         self.failure: ProtocolError | None = None
 
@@ -132,23 +134,33 @@ class FrameDecoder:
             self._discard()  # a broken stream cannot be resynchronised: refuse what follows
             return []
         buf = self._buf
-        buffered = bool(buf)
-        if buffered:
+        if buf:
             buf += data
-            view: bytes | bytearray | memoryview = memoryview(buf)
+            if len(buf) < self._need:
+                # Still inside one frame (a large one arrives over many reads): wait for the
+                # rest rather than copy the growing buffer on every read.
+                self._check_pending()
+                return []
+            view = bytes(buf)
+            buf.clear()
         else:
-            view = data
+            view = data if type(data) is bytes else bytes(data)
         out: list[AncillaryMessage] = []
+        append = out.append
         claimed = self._claimed
         self._claimed = None  # held in the local until the loop ends
         fault: ProtocolError | None = None
+        max_size = self._max_size
+        max_fds = self._max_fds
+        pop = fifo.popleft
+        unpack = _HEADER.unpack_from
         pos = 0
         end = len(view)
-        unpack = _HEADER.unpack_from
+        need = 8
         while end - pos >= 8:
-            word, nfds, length = unpack(view, pos)
             if claimed is None:
-                if word != _VERSION_WORD or length > self._max_size or nfds > self._max_fds:
+                word, nfds, length = unpack(view, pos)
+                if word != _VERSION_WORD or length > max_size or nfds > max_fds:
                     fault = self._bad_header(word, nfds, length)
                     break
                 if nfds:
@@ -159,31 +171,37 @@ class FrameDecoder:
                             "framing protocol (fds must ride with the frame's first byte)"
                         )
                         break
-                    pop = fifo.popleft
                     claimed = (pop(),) if nfds == 1 else tuple([pop() for _ in range(nfds)])
                 else:
                     claimed = ()
-            stop = pos + 8 + length
+            else:
+                length = unpack(view, pos)[2]
+            start = pos + 8
+            stop = start + length
             if stop > end:
+                need = stop - pos
                 break
-            out.append(AncillaryMessage(bytes(view[pos + 8 : stop]), claimed))
+            append(AncillaryMessage(view[start:stop], claimed))
             claimed = None
             pos = stop
         self._claimed = claimed
-        if buffered:
-            assert isinstance(view, memoryview)
-            view.release()  # a bytearray cannot shrink while a view of it exists
-            del buf[:pos]
-        elif pos < end:
-            buf += view[pos:]
-        if fault is None and len(fifo) > self._max_pending:
-            fault = ProtocolError(
-                f"the peer sent {len(fifo)} fds that no frame has claimed (limit "
-                f"{self._max_pending}); it is not following the framing protocol"
-            )
+        self._need = need
+        if pos < end and fault is None:
+            buf += memoryview(view)[pos:]
         if fault is not None:
             self._fail(fault)
+        else:
+            self._check_pending()
         return out
+
+    def _check_pending(self) -> None:
+        if len(self._fifo) > self._max_pending:
+            self._fail(
+                ProtocolError(
+                    f"the peer sent {len(self._fifo)} fds that no frame has claimed (limit "
+                    f"{self._max_pending}); it is not following the framing protocol"
+                )
+            )
 
     def eof(self) -> None:
         """Signal the end of the stream: an incomplete frame or an unclaimed fd sets ``failure``."""
@@ -227,4 +245,5 @@ class FrameDecoder:
         self._fifo.clear()
         self._claimed = None
         self._buf.clear()
+        self._need = 0
         close_all(fds)  # no message will ever own these: close them rather than leak them

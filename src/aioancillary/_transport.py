@@ -514,7 +514,15 @@ class AncillaryTransport(asyncio.Transport):
             return
         last = queue[-1] if queue else None
         if nums:
-            fds = owned if owned is not None else self._copies(nums)
+            if owned is not None:
+                fds = owned
+            elif len(nums) == 1:  # the common case, without the general loop
+                try:
+                    fds = [_dup(nums[0])]
+                except OSError:
+                    fds = self._copies(nums)  # raises the precise error
+            else:
+                fds = self._copies(nums)
             if (
                 last is None
                 or last.sealed
@@ -809,22 +817,25 @@ class AncillaryTransport(asyncio.Transport):
 def _close_nums(fds: list[int]) -> None:
     """Close fds the transport owns as raw numbers (queued duplicates, or handed over).
 
-    ``dup()`` hands out the lowest free numbers, so a batch's copies are usually one run of
-    numbers; if the run holds nothing but them, ``os.closerange`` (``close_range(2)`` on Linux
-    5.9+) closes the lot in one syscall instead of one ``close`` each.
+    ``dup()`` hands out the lowest free numbers, so a batch's copies are mostly runs of
+    consecutive numbers: each run is closed with one ``os.closerange`` (``close_range(2)`` on
+    Linux 5.9+) instead of one ``close`` per fd. Only numbers in ``fds`` are ever closed.
     """
-    if len(fds) >= 8:
-        lo = min(fds)
-        hi = max(fds)
-        if hi - lo + 1 == len(fds) and len(set(fds)) == len(fds):
-            os.closerange(lo, hi + 1)
-            return
-    close = os.close
-    for fd in fds:
-        try:  # noqa: SIM105 - contextlib.suppress costs more than the close itself
-            close(fd)
-        except OSError:
-            pass
+    if len(fds) < 8:
+        for fd in fds:
+            try:  # noqa: SIM105 - contextlib.suppress costs more than the close itself
+                os.close(fd)
+            except OSError:
+                pass
+        return
+    ordered = sorted(fds)
+    start = prev = ordered[0]
+    for fd in ordered:
+        if fd > prev + 1:
+            os.closerange(start, prev + 1)
+            start = fd
+        prev = fd
+    os.closerange(start, prev + 1)
 
 
 def _take_ownership(fds: Iterable[FdLike]) -> list[OwnedFd]:
