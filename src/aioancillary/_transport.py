@@ -53,6 +53,7 @@ _MAX_READS_PER_CALLBACK = 32  # bounds one callback so other connections get the
 _DEFAULT_HIGH_WATER = 64 * 1024
 _DEFAULT_FD_HIGH_WATER = 2 * SCM_MAX_FD
 _NO_FDS: list[int] = []
+_SEQUENCES = (list, tuple)
 # Peer shut down its side (unix(7) sockets report it; POLLRDHUP is Linux's precise bit).
 _POLL_HUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP
 # sendmsg errors meaning the peer has gone: its last messages may still be ours to read.
@@ -405,10 +406,13 @@ class AncillaryTransport(asyncio.Transport):
         if close_fds:
             owned = [fd.detach() for fd in _take_ownership(fds)]
             nums = owned
-        elif fds:
-            nums = [fd if type(fd) is int and fd >= 0 else fd_number(fd) for fd in fds]
-        else:
+        elif not fds:
             nums = _NO_FDS
+        elif type(fds) in _SEQUENCES and len(fds) == 1:  # type: ignore[arg-type]
+            fd = fds[0]  # type: ignore[index]
+            nums = [fd if type(fd) is int and fd >= 0 else fd_number(fd)]
+        else:
+            nums = [fd if type(fd) is int and fd >= 0 else fd_number(fd) for fd in fds]
         nfds = len(nums)
         size = len(data)
         if nfds > self._fd_cap or size > self._dgram_limit or (nfds and not size):
