@@ -302,22 +302,67 @@ class AncillaryTransport(asyncio.Transport):
             ):
                 self._on_eof()
                 return
-            if decoder is not None:
-                # One copy of the chunk; each message's bytes are then a single slice of it.
-                messages = decoder.feed(view[:nbytes].tobytes(), fds)
-                if messages:
-                    protocol.messages_received(messages)
-                if decoder.failure is not None:
-                    self._fatal_error(decoder.failure)
-                    return
-            else:
-                messages = [AncillaryMessage(bytes(view[:nbytes]), tuple(fds))]
+            if decoder is None:
+                self._read_messages(sock, view[:nbytes].tobytes(), fds)
+                return
+            # One copy of the chunk; each message's bytes are then a single slice of it.
+            messages = decoder.feed(view[:nbytes].tobytes(), fds)
+            if messages:
                 protocol.messages_received(messages)
+            if decoder.failure is not None:
+                self._fatal_error(decoder.failure)
+                return
             if not self._reading:  # the protocol paused reading, or the transport closed
                 return
         # Bound reached with data still coming: yield to other callbacks, then go on (not
         # left to the poller, for the reason above).
         self._loop.call_soon(self._continue_reading)
+
+    def _read_messages(self, sock: socket.socket, data: bytes, fds: list[OwnedFd]) -> None:
+        """Unframed reads (seqpacket, dgram, raw stream): one read is one message.
+
+        Such reads carry one small message each, so messages are handed to the protocol in
+        groups (up to one message cap of fds, or 64 messages) rather than one call per read.
+        """
+        view = self._rview
+        platform = self._platform
+        batch = [AncillaryMessage(data, tuple(fds))]
+        batch_fds = len(fds)
+        failure: Exception | None = None
+        eof = False
+        for _ in range(2 * _MAX_READS_PER_CALLBACK):
+            if batch_fds >= self._fd_cap or len(batch) >= 64:
+                self._protocol.messages_received(batch)
+                batch = []
+                batch_fds = 0
+                if not self._reading:
+                    return
+            try:
+                nbytes, fds, ancillary = receive_into(sock, view, 0, platform)
+            except (BlockingIOError, InterruptedError):
+                break
+            except (AncillaryError, OSError) as exc:
+                failure = exc  # receive_into closed every fd of the faulty message
+                break
+            if (
+                nbytes == 0
+                and not fds
+                and not self._dgram
+                and not (ancillary and self._passcred)
+                and not self._empty_message(sock)
+            ):
+                eof = True
+                break
+            batch.append(AncillaryMessage(view[:nbytes].tobytes(), tuple(fds)))
+            batch_fds += len(fds)
+        else:
+            self._loop.call_soon(self._continue_reading)
+        if batch:
+            self._protocol.messages_received(batch)
+        if failure is not None:
+            self._fatal_error(failure)
+        elif eof and self._sock is not None:
+            self._on_eof()
 
     def _continue_reading(self) -> None:
         if self._reading:
