@@ -42,12 +42,18 @@ class ReceivedInto(NamedTuple):
 
 
 def receive_into(
-    sock: socket.socket, buffer: memoryview | bytearray | mmap.mmap, flags: int, platform: Platform
+    sock: socket.socket,
+    buffer: memoryview | bytearray | mmap.mmap,
+    flags: int,
+    platform: Platform,
+    ancbufsize: int = 0,
 ) -> tuple[int, list[OwnedFd], bool]:
     """One ``recvmsg_into`` with a control buffer no message can overflow; fds owned at once.
 
     Returns ``(nbytes, fds, ancillary)``: ``ancillary`` tells whether the kernel attached any
     control record (with ``SO_PASSCRED`` every message carries one, end of stream none).
+    ``ancbufsize`` is the platform's :meth:`Platform.receive_ancbufsize`, precomputed by a
+    caller that reads in a loop (0: computed here, as it must be per call on macOS).
 
     Raises:
         BlockingIOError: a non-blocking socket has nothing to read.
@@ -58,7 +64,7 @@ def receive_into(
     recv_flags = flags | platform.cmsg_cloexec
     try:
         nbytes, ancdata, msg_flags, _addr = sock.recvmsg_into(
-            [buffer], platform.receive_ancbufsize(), recv_flags
+            [buffer], ancbufsize or platform.receive_ancbufsize(), recv_flags
         )
     except OSError as exc:
         if exc.errno == errno.EMFILE:

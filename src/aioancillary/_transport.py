@@ -175,6 +175,9 @@ class AncillaryTransport(asyncio.Transport):
         self._framed = self._stream if framed is None else (framed and self._stream)
         self._max_message_size = max_message_size
         self._fd_cap = self._platform.scm_max_fd or SCM_MAX_FD
+        # Fixed where the kernel cap is (Linux, BSD); 0 makes every read query RLIMIT (macOS).
+        fixed = self._platform.scm_max_fd is not None
+        self._ancbufsize = self._platform.receive_ancbufsize() if fixed else 0
         self._decoder = (
             FrameDecoder(
                 max_frame_size=max_message_size,
@@ -280,13 +283,14 @@ class AncillaryTransport(asyncio.Transport):
         view = self._rview
         decoder = self._decoder
         platform = self._platform
+        ancbufsize = self._ancbufsize
         protocol = self._protocol
         # Read until EAGAIN, never less: uvloop (libuv's uv_poll) stops watching a socket
         # that reported an error condition (a reset peer) after one callback, so a read
         # left for "the next callback" may never come.
         for _ in range(_MAX_READS_PER_CALLBACK):
             try:
-                nbytes, fds, ancillary = receive_into(sock, view, 0, platform)
+                nbytes, fds, ancillary = receive_into(sock, view, 0, platform, ancbufsize)
             except (BlockingIOError, InterruptedError):
                 return
             except (AncillaryError, OSError) as exc:
@@ -326,6 +330,7 @@ class AncillaryTransport(asyncio.Transport):
         """
         view = self._rview
         platform = self._platform
+        ancbufsize = self._ancbufsize
         batch = [AncillaryMessage(data, tuple(fds))]
         batch_fds = len(fds)
         failure: Exception | None = None
@@ -338,7 +343,7 @@ class AncillaryTransport(asyncio.Transport):
                 if not self._reading:
                     return
             try:
-                nbytes, fds, ancillary = receive_into(sock, view, 0, platform)
+                nbytes, fds, ancillary = receive_into(sock, view, 0, platform, ancbufsize)
             except (BlockingIOError, InterruptedError):
                 break
             except (AncillaryError, OSError) as exc:
