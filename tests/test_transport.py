@@ -20,6 +20,7 @@ from helpers import (
 
 from aioancillary import (
     SCM_MAX_FD,
+    AncillaryConnection,
     AncillaryMessage,
     AncillaryProtocol,
     AncillaryTransport,
@@ -27,8 +28,10 @@ from aioancillary import (
     Credentials,
     InvalidFdError,
     OwnedFd,
+    Platform,
     ProtocolError,
     TooManyFdsError,
+    connection_pair,
     frame_header,
 )
 
@@ -520,3 +523,48 @@ async def test_repr_tells_the_state() -> None:
         assert "closing" in repr(ta)
         await within(pa.lost)
         assert "closed" in repr(ta)
+
+
+async def test_close_fds_refuses_the_same_fd_twice_and_takes_nothing() -> None:
+    a, b = await connection_pair()
+    r, w = os.pipe()
+    try:
+        owned = OwnedFd(os.dup(w))
+        with pytest.raises(ValueError, match="twice"):
+            await a.send_fds(b"x", [owned, owned.fileno()], close_fds=True)
+        assert not owned.closed  # nothing was taken: the caller still owns it
+        owned.close()
+    finally:
+        os.close(r)
+        os.close(w)
+        a.abort()
+        b.abort()
+        await a.wait_closed()
+        await b.wait_closed()
+
+
+async def test_seqpacket_empty_messages_without_so_passcred() -> None:
+    """The portable path (no SO_PASSCRED, as on macOS/BSD), simulated on Linux."""
+    cloexec = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    bsd = Platform("freebsd", 253, cloexec)
+    a = AncillaryConnection(left, platform=bsd)
+    b = AncillaryConnection(right, platform=bsd)
+    try:
+        await a.send(b"")
+        await a.send(b"after")
+        first = await within(b.recv())
+        second = await within(b.recv())
+        assert (first.data, second.data) == (b"", b"after")
+        await a.send(b"")  # the peer is alive and nothing follows yet: still a message
+        with await within(b.recv()) as msg:
+            assert msg.data == b""
+        a.close()
+        await a.wait_closed()
+        with pytest.raises(ConnectionClosedError):
+            await within(b.recv())  # end of stream, not an endless run of empty messages
+    finally:
+        a.abort()
+        b.abort()
+        await a.wait_closed()
+        await b.wait_closed()

@@ -1,8 +1,8 @@
-"""The one receive path and send path over a socket, and the blocking helpers built on them.
+"""The one receive path over a socket, and the blocking helpers built on it.
 
-:func:`receive_into` and :func:`send_message` work on blocking and non-blocking sockets alike:
-the blocking helpers here call them directly, and the asyncio transport calls them from its
-readiness callbacks. There is no second receive path.
+:func:`receive_into` works on blocking and non-blocking sockets alike: the blocking helpers
+here call it directly, and the asyncio transport calls it from its readiness callbacks. There is
+no second receive path. :func:`translate_send_error` is shared by both send paths.
 """
 
 from __future__ import annotations
@@ -239,6 +239,7 @@ def send_fds(
         TooManyFdsError: more fds than one message may carry (253 on Linux/BSD).
         InvalidFdError: an fd is not open; nothing was sent.
         FdsInFlightError: the kernel refused more fds in flight (ETOOMANYREFS).
+        MessageTooLargeError: a datagram/seqpacket message over the kernel's limit (EMSGSIZE).
         ValueError: fds with empty ``data`` on a stream socket (the kernel would drop them).
     """
     anc = SocketAncillary(platform=platform)

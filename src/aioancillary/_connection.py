@@ -260,6 +260,8 @@ class AncillaryConnection:
             ConnectionClosedError: the connection is closed or failed.
             TooManyFdsError: more fds than one message may carry (253 on Linux/BSD).
             InvalidFdError: an fd is not open; nothing was sent.
+            MessageTooLargeError: the message is over ``max_message_size`` (framed) or over
+                what the kernel takes in one datagram (seqpacket/dgram); nothing was sent.
             FdsInFlightError: the kernel refused more fds in flight (ETOOMANYREFS).
         """
         try:

@@ -84,6 +84,10 @@ async def open_unix_connection(
 ) -> AncillaryConnection:
     """Connect to a Unix socket at ``path``, or wrap the connected socket ``sock``.
 
+    A listener whose backlog is full makes ``connect()`` fail with EAGAIN; the connection is
+    then retried with a capped backoff until it goes through, so wrap the call in
+    ``asyncio.timeout()`` to bound the wait.
+
     Args:
         path: Filesystem path, or a Linux abstract name starting with ``"\\0"``.
         sock: An already-connected AF_UNIX socket (e.g. inherited from a parent process); the
@@ -141,6 +145,10 @@ async def _connect(sock: socket.socket, path: str | bytes) -> None:
         except (BlockingIOError, InterruptedError):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
+        except OSError as exc:
+            if exc.errno != errno.EISCONN:  # a kernel that did connect asynchronously
+                raise
+            return
         else:
             return
 

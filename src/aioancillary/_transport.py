@@ -24,7 +24,6 @@ import contextlib
 import errno
 import mmap
 import os
-import select
 import socket
 import warnings
 from collections.abc import Iterable
@@ -54,8 +53,6 @@ _DEFAULT_HIGH_WATER = 64 * 1024
 _DEFAULT_FD_HIGH_WATER = 2 * SCM_MAX_FD
 _NO_FDS: list[int] = []
 _SEQUENCES = (list, tuple)
-# Peer shut down its side (unix(7) sockets report it; POLLRDHUP is Linux's precise bit).
-_POLL_HUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP
 # sendmsg errors meaning the peer has gone: its last messages may still be ours to read.
 _PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 _dup = os.dup  # the copy is non-inheritable (CLOEXEC), as every fd this library holds
@@ -206,8 +203,9 @@ class AncillaryTransport(asyncio.Transport):
             self._extra["peername"] = sock.getpeername()
         # Linux: a 0-byte SOCK_SEQPACKET read is either an empty message or end of stream.
         # With SO_PASSCRED every message carries an SCM_CREDENTIALS record and the end of
-        # stream none, which tells them apart. (Set after connect(): set before, it would
-        # autobind the socket to an abstract name at connect time.)
+        # stream none, which tells them apart. Side effect: like any SO_PASSCRED socket, an
+        # unbound one is autobound to an abstract address at its first send (af_unix.c,
+        # unix_dgram_sendmsg), which changes what getsockname() reports.
         self._passcred = False
         if self._seqpacket and self._platform.name == "linux" and hasattr(socket, "SO_PASSCRED"):
             with contextlib.suppress(OSError):
@@ -376,19 +374,19 @@ class AncillaryTransport(asyncio.Transport):
     def _empty_message(self, sock: socket.socket) -> bool:
         """After a 0-byte read on SOCK_SEQPACKET: was it an empty message, or end of stream?
 
-        ``recvmsg`` returns 0 bytes for both. While the peer has not shut down, it can only
-        have been a message. After it has, a following message proves the same; if nothing
-        (or another empty message) follows, it is taken as end of stream, so an empty message
-        sent right before the peer closes may be lost (documented).
+        ``recvmsg`` returns 0 bytes for both. Where SO_PASSCRED could not tell them apart,
+        peek without a control buffer (no fd is installed by a peek without one): at end of
+        stream a non-blocking read returns 0 again at once, while after a message it either
+        finds nothing yet (EAGAIN) or the next message's bytes. Another 0 is ambiguous (an
+        empty message followed by another, or by the close) and is taken as end of stream,
+        so empty messages right before the peer closes may be lost (documented).
         """
         if not self._seqpacket or self._passcred:
             return False  # with SO_PASSCRED, no credentials record means end of stream
-        poller = select.poll()
-        poller.register(self._fileno, _POLL_HUP)
-        if not any(ev & _POLL_HUP for _fd, ev in poller.poll(0)):
-            return True
         try:
             return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return True
         except OSError:
             return False
 
@@ -435,11 +433,15 @@ class AncillaryTransport(asyncio.Transport):
         (no duplicate is made) and closes them once sent.
 
         Raises:
-            ConnectionClosedError: the transport is closing or closed.
+            ConnectionClosedError: the transport is closing or closed, or failed (chained
+                from the cause).
             TooManyFdsError: more fds than one message may carry.
             InvalidFdError: an fd is not open; nothing was queued.
-            ValueError: the message is larger than ``max_message_size``, or fds come with no
-                data on a raw stream.
+            MessageTooLargeError: the message is larger than ``max_message_size`` (framed),
+                or than the kernel takes in one datagram (seqpacket/dgram).
+            FdsInFlightError: the kernel refused more fds in flight (ETOOMANYREFS).
+            ValueError: fds with no data on a raw stream; the same fd twice with
+                ``close_fds=True``.
         """
         if self._closing or self._eof_requested or self._write_exc is not None:
             if close_fds:
@@ -895,13 +897,18 @@ def _close_nums(fds: list[int]) -> None:
 def _take_ownership(fds: Iterable[FdLike]) -> list[OwnedFd]:
     """Take ownership of fds given with ``close_fds=True``, all or none."""
     items = list(fds)
+    nums = [fd_number(item) for item in items]  # validates before anything is taken
+    if len(set(nums)) != len(nums):
+        raise ValueError(
+            "close_fds=True with the same fd listed twice: it would be closed twice. List "
+            "each fd once, or send without close_fds"
+        )
     for item in items:
         if not isinstance(item, (OwnedFd, socket.socket, int)):
             raise TypeError(
                 f"close_fds=True needs OwnedFd, socket.socket or int items, got {type(item)!r}: "
                 "the transport cannot take ownership away from other objects"
             )
-        fd_number(item)  # validates before anything is taken
     owned: list[OwnedFd] = []
     for item in items:
         if isinstance(item, (OwnedFd, socket.socket)):
