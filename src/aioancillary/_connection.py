@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import operator
 import resource
 import socket
 from collections.abc import Iterable
@@ -34,6 +35,10 @@ def default_max_queued_fds() -> int:
     if soft == resource.RLIM_INFINITY:
         return DEFAULT_MAX_QUEUED_FDS
     return max(SCM_MAX_FD, min(DEFAULT_MAX_QUEUED_FDS, int(soft) // 4))
+
+
+_DATA = operator.attrgetter("data")
+_FDS = operator.attrgetter("fds")
 
 
 class _ConnectionProtocol(AncillaryProtocol):
@@ -129,8 +134,9 @@ class AncillaryConnection:
             self._qbytes += len(msg.data)
             self._qfds += len(msg.fds)
         else:
-            self._qbytes += sum([len(m.data) for m in messages])
-            self._qfds += sum([len(m.fds) for m in messages])
+            # map/attrgetter iterate in C: cheaper per message than a comprehension.
+            self._qbytes += sum(map(len, map(_DATA, messages)))
+            self._qfds += sum(map(len, map(_FDS, messages)))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

@@ -22,7 +22,7 @@ from collections import deque
 
 from ._errors import ProtocolError
 from ._fd import OwnedFd, close_all
-from ._message import AncillaryMessage
+from ._message import AncillaryMessage, _message
 from ._platform import SCM_MAX_FD
 
 __all__ = [
@@ -163,17 +163,19 @@ class FrameDecoder:
                 if word != _VERSION_WORD or length > max_size or nfds > max_fds:
                     fault = self._bad_header(word, nfds, length)
                     break
-                if nfds:
-                    if len(fifo) < nfds:
-                        fault = ProtocolError(
-                            f"a frame declares {nfds} fd(s) but only {len(fifo)} arrived "
-                            "with or before its header; the peer is not following the "
-                            "framing protocol (fds must ride with the frame's first byte)"
-                        )
-                        break
-                    claimed = (pop(),) if nfds == 1 else tuple([pop() for _ in range(nfds)])
-                else:
+                if nfds == 1 and fifo:
+                    claimed = (pop(),)
+                elif not nfds:
                     claimed = ()
+                elif len(fifo) >= nfds:
+                    claimed = tuple([pop() for _ in range(nfds)])
+                else:
+                    fault = ProtocolError(
+                        f"a frame declares {nfds} fd(s) but only {len(fifo)} arrived "
+                        "with or before its header; the peer is not following the "
+                        "framing protocol (fds must ride with the frame's first byte)"
+                    )
+                    break
             else:
                 length = unpack(view, pos)[2]
             start = pos + 8
@@ -181,7 +183,7 @@ class FrameDecoder:
             if stop > end:
                 need = stop - pos
                 break
-            append(AncillaryMessage(view[start:stop], claimed))
+            append(_message(view[start:stop], claimed))
             claimed = None
             pos = stop
         self._claimed = claimed
