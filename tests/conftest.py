@@ -15,11 +15,6 @@ import uvloop
 uvloop.new_event_loop().close()
 
 
-def open_fd_count() -> int:
-    """Open fds of this process (the listing's own directory fd excluded)."""
-    return len(os.listdir("/proc/self/fd")) - 1
-
-
 def open_fds() -> set[str]:
     return {f"{fd} -> {_target(fd)}" for fd in os.listdir("/proc/self/fd")}
 

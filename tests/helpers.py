@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import resource
 import socket
@@ -38,6 +39,17 @@ BIG = 1024 * 1024 - 1024
 def open_fd_count() -> int:
     """Open fds of this process (the listing's own directory fd excluded)."""
     return len(os.listdir("/proc/self/fd")) - 1
+
+
+def is_open(fd: int) -> bool:
+    """True while ``fd`` is an open file descriptor of this process."""
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        if exc.errno != errno.EBADF:
+            raise
+        return False
+    return True
 
 
 async def within(aw: Awaitable[T], timeout: float = TIMEOUT) -> T:

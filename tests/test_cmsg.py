@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import errno
 import os
 import socket
 import struct
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from helpers import is_open
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,16 +46,6 @@ def devnull(*, inheritable: bool = False) -> int:
     if inheritable:
         os.set_inheritable(fd, True)
     return fd
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError as exc:
-        if exc.errno != errno.EBADF:
-            raise
-        return False
-    return True
 
 
 def ints(fds: list[int]) -> bytes:

@@ -10,6 +10,7 @@ import stat
 import tempfile
 
 import pytest
+from helpers import is_open
 
 from aioancillary import InvalidFdError, OwnedFd
 from aioancillary._fd import close_all, fd_number
@@ -17,16 +18,6 @@ from aioancillary._fd import close_all, fd_number
 
 def devnull() -> int:
     return os.open(os.devnull, os.O_RDWR)
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError as exc:
-        if exc.errno != errno.EBADF:
-            raise
-        return False
-    return True
 
 
 def test_fileno_and_repr() -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import errno
 import itertools
 import os
 import re
 from collections.abc import Iterator
 
 import pytest
+from helpers import is_open
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,16 +26,6 @@ from aioancillary import (
 
 def owned(n: int) -> list[OwnedFd]:
     return [OwnedFd(os.open(os.devnull, os.O_RDONLY)) for _ in range(n)]
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError as exc:
-        if exc.errno != errno.EBADF:
-            raise
-        return False
-    return True
 
 
 def frame(data: bytes, nfds: int = 0) -> bytes:

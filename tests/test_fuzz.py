@@ -9,7 +9,6 @@ The same properties run under atheris in ``fuzz/`` (coverage-guided, no time lim
 from __future__ import annotations
 
 import array
-import errno
 import fcntl
 import itertools
 import os
@@ -18,6 +17,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from helpers import is_open
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -48,16 +48,6 @@ PIDFD = 0x04  # SCM_PIDFD (Linux 6.5+)
 
 def new_fd() -> int:
     return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError as exc:
-        if exc.errno != errno.EBADF:
-            raise
-        return False
-    return True
 
 
 @pytest.fixture

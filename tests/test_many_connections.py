@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import open_fd_count
 
 from aioancillary import (
     AncillaryConnection,
@@ -20,10 +21,6 @@ from aioancillary import (
 
 CLIENTS = 300
 TIME_LIMIT = 10.0  # seconds for the whole crowd; it takes well under one
-
-
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd")) - 1
 
 
 @pytest.fixture

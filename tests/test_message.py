@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import errno
 import os
 
 import pytest
+from helpers import is_open
 
 from aioancillary import AncillaryMessage, OwnedFd
 
 
 def owned(n: int) -> tuple[OwnedFd, ...]:
     return tuple(OwnedFd(os.open(os.devnull, os.O_RDONLY)) for _ in range(n))
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError as exc:
-        if exc.errno != errno.EBADF:
-            raise
-        return False
-    return True
 
 
 def test_defaults() -> None:

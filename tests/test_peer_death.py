@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import uvloop
+from helpers import open_fd_count
 
 from aioancillary import (
     AncillaryConnection,
@@ -49,10 +50,6 @@ def rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
     if not fds:
         return []
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-
-
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd")) - 1
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from helpers import is_open
 
 import aioancillary._cmsg
 from aioancillary import (
@@ -44,16 +45,6 @@ SOL = socket.SOL_SOCKET
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd")) - 1
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError as exc:
-        if exc.errno != errno.EBADF:
-            raise
-        return False
-    return True
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import os
 import time
 
 import pytest
+from helpers import open_fd_count
 
 from aioancillary import connection_pair
 
@@ -29,10 +30,6 @@ def rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS in /proc/self/status")
-
-
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd")) - 1
 
 
 @pytest.mark.soak

@@ -644,9 +644,7 @@ class AncillaryTransport(asyncio.Transport):
         # queue: stop writing (queued fds closed), keep reading until EOF or the reset.
         self._write_exc = exc
         self._drop_queue()
-        if self._writer_added:
-            self._writer_added = False
-            self._loop.remove_writer(self._fileno)
+        self._remove_writer()
         if self._protocol_paused:
             self._protocol_paused = False
             self._protocol.resume_writing()  # wakes drain(), which then sees the failure
@@ -669,6 +667,11 @@ class AncillaryTransport(asyncio.Transport):
         self._burst = False
         if self._queue and not self._writer_added:
             self._send_queued()
+
+    def _remove_writer(self) -> None:
+        if self._writer_added:
+            self._writer_added = False
+            self._loop.remove_writer(self._fileno)
 
     def _ensure_writer(self) -> None:
         if not self._writer_added and self._sock is not None:
@@ -720,9 +723,7 @@ class AncillaryTransport(asyncio.Transport):
         if queue:
             self._ensure_writer()
         else:
-            if self._writer_added:
-                self._writer_added = False
-                self._loop.remove_writer(self._fileno)
+            self._remove_writer()
             if self._closing:
                 self._call_connection_lost(None)
             elif self._eof_requested and sock is not None:
@@ -820,9 +821,7 @@ class AncillaryTransport(asyncio.Transport):
         if exc is not None and self._exc is None:
             self._exc = exc
         self._drop_queue()
-        if self._writer_added:
-            self._writer_added = False
-            self._loop.remove_writer(self._fileno)
+        self._remove_writer()
         if not self._closing:
             self._closing = True
             self._remove_reader()
@@ -841,9 +840,7 @@ class AncillaryTransport(asyncio.Transport):
             return
         self._conn_lost = True
         self._remove_reader()
-        if self._writer_added:
-            self._writer_added = False
-            self._loop.remove_writer(self._fileno)
+        self._remove_writer()
         self._drop_queue()
         if self._decoder is not None:
             self._decoder.close()  # incomplete frames will never be delivered
