@@ -371,8 +371,14 @@ class AncillaryServer:
     async def wait_closed(self) -> None:
         """Wait until the server is closed and every handler has returned."""
         await asyncio.shield(self._closed)
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while True:
+            # Only unfinished tasks: a finished one leaves the set in a done callback that
+            # may not have run yet (and gather() over finished tasks completes without
+            # yielding on 3.12+, which would spin here).
+            pending = [task for task in self._tasks if not task.done()]
+            if not pending:
+                return
+            await asyncio.wait(pending)
 
     async def serve_forever(self) -> None:
         """Serve until cancelled (or until :meth:`close`); cancelling closes the server."""
