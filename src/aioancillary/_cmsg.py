@@ -90,9 +90,7 @@ def _wrap(ancdata: AncData, platform: Platform) -> _Parsed:
     return _Parsed(rights, pidfds, credentials, other)
 
 
-def _check(
-    parsed: _Parsed, msg_flags: int, recv_flags: int, platform: Platform, data: bytes
-) -> None:
+def _check(parsed: _Parsed, msg_flags: int, recv_flags: int, platform: Platform) -> None:
     everything = parsed.rights + parsed.pidfds
     if msg_flags & _CTRUNC:
         close_all(everything)  # the set is incomplete: no fd can be matched to its message
@@ -103,7 +101,6 @@ def _check(
             f"the {len(everything)} fd(s) that did arrive were closed. The receiver is "
             "probably at its RLIMIT_NOFILE (close unused fds or raise the limit), or the "
             "ancillary buffer was too small (size it with buffer_size_for_rights(SCM_MAX_FD))",
-            data=data,
             closed_fds=len(everything),
         )
     if everything and not recv_flags & platform.cmsg_cloexec:
@@ -128,7 +125,6 @@ def extract_fds(
     msg_flags: int,
     recv_flags: int,
     platform: Platform,
-    data: bytes = b"",
 ) -> list[OwnedFd]:
     """Return every fd the peer sent in ``ancdata``, owned, or close them all and raise.
 
@@ -162,7 +158,7 @@ def extract_fds(
                         owned += [OwnedFd(fd) for fd in ints if fd >= 0]
             return owned
     parsed = _wrap(ancdata, platform)
-    _check(parsed, msg_flags, recv_flags, platform, data)
+    _check(parsed, msg_flags, recv_flags, platform)
     close_all(parsed.pidfds)
     return parsed.rights
 
@@ -285,7 +281,7 @@ class SocketAncillary:
         anc.credentials = parsed.credentials
         anc.other = parsed.other
         try:
-            _check(parsed, msg_flags, recv_flags, anc._platform, b"")
+            _check(parsed, msg_flags, recv_flags, anc._platform)
         except FdTruncatedError as exc:
             anc.is_truncated = True
             anc.truncated_fds = exc.closed_fds
