@@ -295,13 +295,7 @@ class AncillaryTransport(asyncio.Transport):
                 # receive_into closed every fd of the faulty message before raising.
                 self._fatal_error(exc)
                 return
-            if (
-                nbytes == 0
-                and not fds
-                and not self._dgram
-                and not (ancillary and self._passcred)
-                and not self._empty_message(sock)
-            ):
+            if nbytes == 0 and not fds and self._at_eof(sock, ancillary):
                 self._on_eof()
                 return
             if decoder is None:
@@ -347,13 +341,7 @@ class AncillaryTransport(asyncio.Transport):
             except (AncillaryError, OSError) as exc:
                 failure = exc  # receive_into closed every fd of the faulty message
                 break
-            if (
-                nbytes == 0
-                and not fds
-                and not self._dgram
-                and not (ancillary and self._passcred)
-                and not self._empty_message(sock)
-            ):
+            if nbytes == 0 and not fds and self._at_eof(sock, ancillary):
                 eof = True
                 break
             batch.append(AncillaryMessage(view[:nbytes].tobytes(), tuple(fds)))
@@ -370,6 +358,12 @@ class AncillaryTransport(asyncio.Transport):
     def _continue_reading(self) -> None:
         if self._reading:
             self._on_readable()
+
+    def _at_eof(self, sock: socket.socket, ancillary: bool) -> bool:
+        """After a read of 0 bytes and no fds: end of stream, or an empty message?"""
+        if self._dgram or (ancillary and self._passcred):
+            return False  # datagrams have no end of stream; credentials mean a message
+        return not self._empty_message(sock)
 
     def _empty_message(self, sock: socket.socket) -> bool:
         """After a 0-byte read on SOCK_SEQPACKET: was it an empty message, or end of stream?
