@@ -22,7 +22,7 @@ from collections import deque
 
 from ._errors import ProtocolError
 from ._fd import OwnedFd, close_all
-from ._message import AncillaryMessage, _message
+from ._message import AncillaryMessage
 from ._platform import SCM_MAX_FD
 
 __all__ = [
@@ -43,6 +43,7 @@ _MAX_LENGTH = 0xFFFFFFFF
 _MAX_FDS_FIELD = 0xFFFF
 
 _pack_header = _HEADER.pack
+_new = object.__new__
 
 
 def frame_header(nfds: int, length: int) -> bytes:
@@ -154,6 +155,7 @@ class FrameDecoder:
         max_fds = self._max_fds
         pop = fifo.popleft
         unpack = _HEADER.unpack_from
+        new = _new
         pos = 0
         end = len(view)
         need = 8
@@ -183,7 +185,12 @@ class FrameDecoder:
             if stop > end:
                 need = stop - pos
                 break
-            append(_message(view[start:stop], claimed))
+            # AncillaryMessage built without __init__: this runs once per message.
+            msg = new(AncillaryMessage)
+            msg.data = view[start:stop]
+            msg.fds = claimed
+            msg.discarded_fds = 0
+            append(msg)
             claimed = None
             pos = stop
         self._claimed = claimed

@@ -66,7 +66,7 @@ class AncillaryMessage:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         fds = self.fds  # close() inlined: this runs once per message on the receive hot path
         if fds:
             self.fds = ()
@@ -75,15 +75,3 @@ class AncillaryMessage:
     def __repr__(self) -> str:
         shown = self.data if len(self.data) <= 32 else self.data[:32] + b"..."
         return f"<AncillaryMessage data={shown!r} ({len(self.data)} bytes) fds={len(self.fds)}>"
-
-
-_new = object.__new__
-
-
-def _message(data: bytes, fds: tuple[OwnedFd, ...]) -> AncillaryMessage:
-    """Build a message without running ``__init__`` (the decoder's per-message hot path)."""
-    msg: AncillaryMessage = _new(AncillaryMessage)
-    msg.data = data
-    msg.fds = fds
-    msg.discarded_fds = 0
-    return msg
