@@ -33,6 +33,7 @@ from ._framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, f
 from ._message import AncillaryMessage
 from ._peercred import peer_credentials
 from ._platform import SCM_MAX_FD, Platform, buffer_size_for_rights, current_platform
+from ._protocol import AncillaryProtocol
 from ._server import (
     AncillaryServer,
     Authorize,
@@ -41,7 +42,7 @@ from ._server import (
     open_unix_connection,
     start_unix_server,
 )
-from ._transport import AncillaryProtocol, AncillaryTransport
+from ._transport import AncillaryTransport
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,8 @@ from ._fd import FdLike
 from ._framing import DEFAULT_MAX_FRAME_SIZE
 from ._message import AncillaryMessage
 from ._platform import SCM_MAX_FD, Platform
-from ._transport import AncillaryProtocol, AncillaryTransport
+from ._protocol import AncillaryProtocol
+from ._transport import AncillaryTransport
 
 __all__ = ["DEFAULT_MAX_QUEUED_BYTES", "DEFAULT_MAX_QUEUED_FDS", "AncillaryConnection"]
 

@@ -17,7 +17,6 @@ hands each read's messages to the protocol in one call.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import collections
 import contextlib
@@ -33,20 +32,26 @@ from ._blocking import receive_into, translate_send_error
 from ._errors import (
     AncillaryError,
     ConnectionClosedError,
-    InvalidFdError,
     MessageTooLargeError,
     TooManyFdsError,
 )
-from ._fd import FdLike, OwnedFd, close_all, fd_number
+from ._fd import FdLike, OwnedFd, fd_number
 from ._framing import _VERSION_WORD, DEFAULT_MAX_FRAME_SIZE, FrameDecoder, _pack_header
 from ._message import AncillaryMessage
+from ._outbox import (
+    Batch,
+    ancdata,
+    close_given,
+    close_numbers,
+    duplicates,
+    take_ownership,
+)
 from ._peercred import peer_credentials
 from ._platform import SCM_MAX_FD, Platform, current_platform
+from ._protocol import AncillaryProtocol
 
-__all__ = ["AncillaryProtocol", "AncillaryTransport"]
+__all__ = ["AncillaryTransport"]
 
-_SOL_SOCKET = int(socket.SOL_SOCKET)
-_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _READ_CHUNK = 256 * 1024  # stream read buffer: holds many small frames per recvmsg
 _MAX_READS_PER_CALLBACK = 32  # bounds one callback so other connections get their turn
 _DEFAULT_HIGH_WATER = 64 * 1024
@@ -56,68 +61,6 @@ _SEQUENCES = (list, tuple)
 # sendmsg errors meaning the peer has gone: its last messages may still be ours to read.
 _PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 _dup = os.dup  # the copy is non-inheritable (CLOEXEC), as every fd this library holds
-
-
-class AncillaryProtocol(asyncio.BaseProtocol):
-    """Callbacks of an :class:`AncillaryTransport`: messages arrive with their owned fds.
-
-    Override :meth:`message_received` (or :meth:`messages_received`, which gets every message
-    decoded from one read at once). The protocol owns each message it receives and must close
-    it (``with msg:``) or take its fds. ``connection_made``, ``connection_lost``,
-    ``pause_writing`` and ``resume_writing`` are as in :class:`asyncio.BaseProtocol`.
-
-    Example::
-
-        class Worker(AncillaryProtocol):
-            def message_received(self, msg: AncillaryMessage) -> None:
-                with msg:
-                    serve(msg.take_fd().into_socket())
-    """
-
-    def messages_received(self, messages: list[AncillaryMessage]) -> None:
-        """Called with the messages decoded from one read, in order.
-
-        The default calls :meth:`message_received` for each. If one raises, the messages not
-        yet handed over are closed and the error propagates.
-        """
-        for i, msg in enumerate(messages):
-            try:
-                self.message_received(msg)
-            except BaseException:
-                for rest in messages[i + 1 :]:
-                    rest.close()  # never handed over: the protocol cannot own them
-                raise
-
-    def message_received(self, message: AncillaryMessage) -> None:
-        """Called for every received message. The default closes it (its fds are closed)."""
-        message.close()
-
-    def eof_received(self) -> bool | None:
-        """The peer closed its sending side. Return true to keep the transport open."""
-        return None
-
-
-class _Batch:
-    """Bytes queued for one ``sendmsg`` and the fds that must ride with the first byte.
-
-    ``fds`` are raw numbers owned by the transport (duplicates, or fds handed over with
-    ``close_fds=True``): closed once sent, or when the queue is dropped. Plain ints rather than
-    :class:`OwnedFd` objects because this is the per-message hot path of a sender; the
-    transport's ``_drop_queue`` and ``__del__`` are their owners' close paths.
-    """
-
-    __slots__ = ("data", "fds", "offset", "sealed")
-
-    def __init__(self, data: bytes | bytearray | memoryview, fds: list[int]) -> None:
-        self.data = bytearray(data)
-        self.fds = fds
-        self.offset = 0
-        # True once sending began or fds went out: no fds may join (they would arrive late).
-        self.sealed = False
-
-
-def _ancdata(fds: Iterable[int]) -> list[tuple[int, int, bytes]]:
-    return [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
 
 
 class AncillaryTransport(asyncio.Transport):
@@ -221,7 +164,7 @@ class AncillaryTransport(asyncio.Transport):
                 sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
                 self._dgram_limit = min(max_message_size, sndbuf - 32)
         # write side
-        self._queue: collections.deque[_Batch] = collections.deque()
+        self._queue: collections.deque[Batch] = collections.deque()
         self._wsize = 0
         self._wfds = 0
         self._high = _DEFAULT_HIGH_WATER
@@ -439,7 +382,7 @@ class AncillaryTransport(asyncio.Transport):
         """
         if self._closing or self._eof_requested or self._write_exc is not None:
             if close_fds:
-                _close_given(fds)
+                close_given(fds)
             failure = self._exc or self._write_exc
             if failure is not None:
                 raise ConnectionClosedError(
@@ -450,7 +393,7 @@ class AncillaryTransport(asyncio.Transport):
             )
         owned: list[int] | None = None  # fds handed over (close_fds=True): ours to close
         if close_fds:
-            owned = [fd.detach() for fd in _take_ownership(fds)]
+            owned = [fd.detach() for fd in take_ownership(fds)]
             nums = owned
         elif not fds:
             nums = _NO_FDS
@@ -466,7 +409,7 @@ class AncillaryTransport(asyncio.Transport):
                 self._check_message(size, nfds)
             except BaseException:
                 if owned:
-                    _close_nums(owned)
+                    close_numbers(owned)
                 raise
         if self._stream:
             self._write_stream(data, size, nums, owned)
@@ -502,31 +445,6 @@ class AncillaryTransport(asyncio.Transport):
                 "send at least one byte with the fds"
             )
 
-    @staticmethod
-    def _copies(nums: list[int]) -> list[int]:
-        """Duplicates of the borrowed ``nums``, owned by the transport while queued."""
-        copies: list[int] = []
-        try:
-            for num in nums:
-                copy = _dup(num)
-                copies.append(copy)
-                if copy in nums and len(nums) > 1:
-                    # dup() returns the lowest free number: if that is one of the numbers to
-                    # send, that entry was closed, and would otherwise send our copy instead.
-                    raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        except OSError as exc:
-            _close_nums(copies)  # none of them was queued
-            if exc.errno == errno.EBADF:
-                raise InvalidFdError(
-                    "cannot send: an fd in the list is not open (EBADF); nothing was queued"
-                ) from exc
-            raise OSError(
-                exc.errno,
-                f"cannot queue fds to send: duplicating one failed ({exc.strerror}); the "
-                "process is probably at its RLIMIT_NOFILE. Nothing was queued",
-            ) from exc
-        return copies
-
     def _write_stream(
         self,
         data: bytes | bytearray | memoryview,
@@ -539,23 +457,23 @@ class AncillaryTransport(asyncio.Transport):
         if not queue and not self._burst and self._sock is not None:
             # First message of a burst: send it now, with the caller's fds.
             try:
-                sent = self._sock.sendmsg([header, data], _ancdata(nums) if nums else [])
+                sent = self._sock.sendmsg([header, data], ancdata(nums) if nums else [])
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
                 if owned:
-                    _close_nums(owned)
+                    close_numbers(owned)
                 self._raise_send_error(exc, len(nums))
             self._burst = True
             if sent and owned:
-                _close_nums(owned)  # sent with the first byte: the kernel has its references
+                close_numbers(owned)  # sent with the first byte: the kernel has its references
             if sent == len(header) + size:
                 return
             if sent:
-                batch = _Batch((bytes(header) + bytes(data))[sent:], [])
+                batch = Batch((bytes(header) + bytes(data))[sent:], [])
                 batch.sealed = True  # its fds went out with the part already sent
             else:
-                batch = _Batch(header, owned if owned is not None else self._copies(nums))
+                batch = Batch(header, owned if owned is not None else duplicates(nums))
                 batch.data += data
             queue.append(batch)
             self._wsize += len(batch.data)
@@ -570,9 +488,9 @@ class AncillaryTransport(asyncio.Transport):
                 try:
                     fds = [_dup(nums[0])]
                 except OSError:
-                    fds = self._copies(nums)  # raises the precise error
+                    fds = duplicates(nums)  # raises the precise error
             else:
-                fds = self._copies(nums)
+                fds = duplicates(nums)
             if (
                 last is None
                 or last.sealed
@@ -581,12 +499,12 @@ class AncillaryTransport(asyncio.Transport):
             ):
                 # Raw mode: an fd-carrying message starts its own sendmsg, so that a peer
                 # reading one message at a time gets these fds with this message's bytes.
-                last = _Batch(b"", [])
+                last = Batch(b"", [])
                 queue.append(last)
             last.fds += fds
             self._wfds += len(fds)
         elif last is None:
-            last = _Batch(b"", [])
+            last = Batch(b"", [])
             queue.append(last)
         buf = last.data
         buf += header
@@ -606,18 +524,18 @@ class AncillaryTransport(asyncio.Transport):
         # SOCK_SEQPACKET / SOCK_DGRAM: one sendmsg per message keeps the boundaries.
         if not self._queue and self._sock is not None:
             try:
-                self._sock.sendmsg([data], _ancdata(nums) if nums else [])
+                self._sock.sendmsg([data], ancdata(nums) if nums else [])
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as exc:
                 if owned:
-                    _close_nums(owned)
+                    close_numbers(owned)
                 self._raise_send_error(exc, len(nums))
             else:
                 if owned:
-                    _close_nums(owned)
+                    close_numbers(owned)
                 return
-        batch = _Batch(data, owned if owned is not None else self._copies(nums) if nums else [])
+        batch = Batch(data, owned if owned is not None else duplicates(nums) if nums else [])
         self._queue.append(batch)
         self._wsize += len(batch.data)
         self._wfds += len(batch.fds)
@@ -679,7 +597,7 @@ class AncillaryTransport(asyncio.Transport):
         while queue and sock is not None:
             batch = queue[0]
             fds = batch.fds
-            anc = _ancdata(fds) if fds else []
+            anc = ancdata(fds) if fds else []
             try:
                 with memoryview(batch.data) as view:
                     sent = sock.sendmsg([view[batch.offset :]], anc)
@@ -691,7 +609,7 @@ class AncillaryTransport(asyncio.Transport):
                     queue.popleft()
                     self._wsize -= len(batch.data) - batch.offset
                     self._wfds -= len(fds)
-                    _close_nums(fds)
+                    close_numbers(fds)
                     self._loop.call_exception_handler(
                         {
                             "message": "aioancillary dropped a queued message the kernel "
@@ -707,7 +625,7 @@ class AncillaryTransport(asyncio.Transport):
             if fds:
                 batch.fds = []
                 self._wfds -= len(fds)
-                _close_nums(fds)  # sent: the kernel holds its own references
+                close_numbers(fds)  # sent: the kernel holds its own references
             self._wsize -= sent
             batch.offset += sent
             if batch.offset >= len(batch.data) or not stream:
@@ -824,7 +742,7 @@ class AncillaryTransport(asyncio.Transport):
 
     def _drop_queue(self) -> None:
         for batch in self._queue:
-            _close_nums(batch.fds)  # never sent: the duplicates are ours to close
+            close_numbers(batch.fds)  # never sent: the duplicates are ours to close
         self._queue.clear()
         self._wsize = 0
         self._wfds = 0
@@ -850,7 +768,7 @@ class AncillaryTransport(asyncio.Transport):
             _warn(f"unclosed AncillaryTransport {self!r}", ResourceWarning, source=self)
             self._sock = None
             for batch in self._queue:
-                _close_nums(batch.fds)
+                close_numbers(batch.fds)
             if self._decoder is not None:
                 self._decoder.close()
             sock.close()
@@ -859,57 +777,3 @@ class AncillaryTransport(asyncio.Transport):
         state = "closed" if self._sock is None else ("closing" if self._closing else "open")
         kind = "framed" if self._framed else ("stream" if self._stream else "message")
         return f"<AncillaryTransport fd={self._fileno} {kind} {state}>"
-
-
-def _close_nums(fds: list[int]) -> None:
-    """Close fds the transport owns as raw numbers (queued duplicates, or handed over).
-
-    ``dup()`` hands out the lowest free numbers, so a batch's copies are mostly runs of
-    consecutive numbers: each run is closed with one ``os.closerange`` (``close_range(2)`` on
-    Linux 5.9+) instead of one ``close`` per fd. Only numbers in ``fds`` are ever closed.
-    """
-    if len(fds) < 8:
-        for fd in fds:
-            try:  # noqa: SIM105 - contextlib.suppress costs more than the close itself
-                os.close(fd)
-            except OSError:
-                pass
-        return
-    ordered = sorted(fds)
-    start = prev = ordered[0]
-    for fd in ordered:
-        if fd > prev + 1:
-            os.closerange(start, prev + 1)
-            start = fd
-        prev = fd
-    os.closerange(start, prev + 1)
-
-
-def _take_ownership(fds: Iterable[FdLike]) -> list[OwnedFd]:
-    """Take ownership of fds given with ``close_fds=True``, all or none."""
-    items = list(fds)
-    nums = [fd_number(item) for item in items]  # validates before anything is taken
-    if len(set(nums)) != len(nums):
-        raise ValueError(
-            "close_fds=True with the same fd listed twice: it would be closed twice. List "
-            "each fd once, or send without close_fds"
-        )
-    for item in items:
-        if not isinstance(item, (OwnedFd, socket.socket, int)):
-            raise TypeError(
-                f"close_fds=True needs OwnedFd, socket.socket or int items, got {type(item)!r}: "
-                "the transport cannot take ownership away from other objects"
-            )
-    owned: list[OwnedFd] = []
-    for item in items:
-        if isinstance(item, (OwnedFd, socket.socket)):
-            owned.append(OwnedFd(item.detach()))
-        else:
-            assert isinstance(item, int)
-            owned.append(OwnedFd(item))
-    return owned
-
-
-def _close_given(fds: Iterable[FdLike]) -> None:
-    with contextlib.suppress(TypeError, ValueError, AncillaryError):
-        close_all(_take_ownership(fds))
