@@ -138,9 +138,7 @@ class AncillaryConnection:
             # map/attrgetter iterate in C: cheaper per message than a comprehension.
             self._qbytes += sum(map(len, map(_DATA, messages)))
             self._qfds += sum(map(len, map(_FDS, messages)))
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake_reader()
         if not self._read_paused and (
             self._qbytes > self._max_qbytes
             or self._qfds + self._transport.get_read_pending_fds() > self._max_qfds
