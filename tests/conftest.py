@@ -26,6 +26,15 @@ def _target(fd: str) -> str:
         return "?"
 
 
+@pytest.fixture
+def pipe_fds() -> Iterator[tuple[int, int]]:
+    """A pipe ``(r, w)`` closed after the test."""
+    r, w = os.pipe()
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
 @pytest.fixture(autouse=True)
 def no_fd_leak(request: pytest.FixtureRequest) -> Iterator[None]:
     """Every test ends with exactly the open fds it started with."""

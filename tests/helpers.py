@@ -7,6 +7,7 @@ that was sent with *that* message, not merely some fd.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
@@ -39,6 +40,13 @@ BIG = 1024 * 1024 - 1024
 def open_fd_count() -> int:
     """Open fds of this process (the listing's own directory fd excluded)."""
     return len(os.listdir("/proc/self/fd")) - 1
+
+
+def rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    """The ``sendmsg`` ancillary list for ``fds`` (empty list for no fds)."""
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
 
 
 def is_open(fd: int) -> bool:

@@ -9,7 +9,6 @@ Also here: the server's security defaults (socket file mode, peer-credential aut
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import errno
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import uvloop
-from helpers import open_fd_count, wait_until
+from helpers import open_fd_count, rights, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -50,20 +49,6 @@ def frame(
     """A frame as the wire format lays it out, with every field under the test's control."""
     size = len(payload) if length is None else length
     return _HEADER.pack(version, flags, nfds, size) + payload
-
-
-def rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
-    if not fds:
-        return []
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-
-
-@pytest.fixture
-def pipe_fds() -> Iterator[tuple[int, int]]:
-    r, w = os.pipe()
-    yield r, w
-    os.close(r)
-    os.close(w)
 
 
 @contextlib.asynccontextmanager

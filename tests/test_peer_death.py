@@ -8,7 +8,6 @@ them can tidy up. Every test ends with exactly the fds it started with, on both 
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import gc
@@ -19,12 +18,12 @@ import struct
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import uvloop
-from helpers import open_fd_count
+from helpers import open_fd_count, rights
 
 from aioancillary import (
     AncillaryConnection,
@@ -44,20 +43,6 @@ _HEADER = struct.Struct(">BBHI")
 
 def frame(nfds: int, payload: bytes, *, length: int | None = None) -> bytes:
     return _HEADER.pack(1, 0, nfds, len(payload) if length is None else length) + payload
-
-
-def rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
-    if not fds:
-        return []
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-
-
-@pytest.fixture
-def pipe_fds() -> Iterator[tuple[int, int]]:
-    r, w = os.pipe()
-    yield r, w
-    os.close(r)
-    os.close(w)
 
 
 @contextlib.asynccontextmanager
