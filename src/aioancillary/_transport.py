@@ -417,6 +417,14 @@ class AncillaryTransport(asyncio.Transport):
         """Fds read from the socket but not yet part of a delivered message (framed mode)."""
         return self._decoder.pending_fds
 
+    def get_read_buffer_size(self) -> int:
+        """Bytes of an incomplete message held until the rest arrives (framed mode).
+
+        At most ``max_message_size`` plus a frame header: what a peer that stops sending in
+        the middle of a frame makes this side hold.
+        """
+        return self._decoder.buffered_bytes
+
     # -- writing ----------------------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
