@@ -93,10 +93,7 @@ def borrowed_fds(fds: Iterable[Any]) -> list[int]:
                 f"fds must be an iterable of fds (ints or objects with fileno()), not "
                 f"{type(fds).__name__}"
             ) from None
-    return [
-        fd if type(fd) is int and 0 <= fd <= FD_MAX else fd_number(fd)
-        for fd in items
-    ]
+    return [fd if type(fd) is int and 0 <= fd <= FD_MAX else fd_number(fd) for fd in items]
 
 
 def take_over(fds: Iterable[Any]) -> list[int]:
