@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping, MutableMapping, Sequence
 
 from ._blocking import send_fds
-from ._errors import AncillaryError, TooManyFdsError
+from ._errors import AncillaryError, InvalidFdError, TooManyFdsError
 from ._fd import FdLike, fd_number
 from ._platform import SCM_MAX_FD
 from ._systemd import check_fdname
@@ -77,6 +77,15 @@ def _build(
             f"one notification carries at most {SCM_MAX_FD} fds (SCM_MAX_FD), got {len(fds)}: "
             "store them in several calls"
         )
+    for num in fds:
+        # Checked now, before the notification socket is opened: it could take the number of
+        # an fd the caller already closed, and send itself to the manager in its place.
+        try:
+            os.fstat(num)
+        except OSError as exc:
+            raise InvalidFdError(
+                f"cannot store fd {num}: {exc.strerror}; nothing was sent"
+            ) from exc
     if fdname is not None:
         check_fdname(fdname)
         if not fds and not fdstore_remove:
