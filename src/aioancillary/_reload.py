@@ -163,6 +163,8 @@ class Generation:
         self._handed_over = asyncio.Event()
         self._closing = asyncio.Event()
         self._predecessor_gone = asyncio.Event()
+        if predecessor is None:
+            self._predecessor_gone.set()
         self._watcher: asyncio.Task[None] | None = None
 
     # -- what the generation holds ----------------------------------------------------------
@@ -288,9 +290,7 @@ class Generation:
         if unclaimed:
             logger.warning("closed inherited fd(s) nobody took: %s", unclaimed)
         conn = self._predecessor
-        if conn is None:
-            self._predecessor_gone.set()
-        else:
+        if conn is not None:
             try:
                 await self._confirm(conn)
             except BaseException:
@@ -307,12 +307,16 @@ class Generation:
         self._state = "serving"
 
     async def _confirm(self, conn: AncillaryConnection) -> None:
-        try:
+        # A send to a predecessor that already closed fails, but its last message (an
+        # "abort") is still delivered: read before concluding anything.
+        with contextlib.suppress(ConnectionClosedError):
             await conn.send(_encode("ready"))
+        try:
             msg = await _recv(conn, self._timeout, "waiting for the predecessor to release")
-        except (_PeerGone, ConnectionClosedError):
-            # The predecessor exited after handing over: its copies are closed, ours serve.
-            logger.warning("the predecessor vanished before confirming; this generation serves")
+        except _PeerGone:
+            # End of stream without an answer: the predecessor process is gone, and with it
+            # its copies of the fds. This generation holds the only ones: it serves.
+            logger.warning("the predecessor exited before confirming; this generation serves")
             return
         with msg:
             reply = _decode(msg, ("released", "abort"))
@@ -402,6 +406,14 @@ class Generation:
         """
         await self._handed_over.wait()
 
+    async def predecessor_exited(self) -> None:
+        """Wait until the predecessor has closed its end (it exited, or called ``close()``).
+
+        Until then this generation refuses upgrades: a third generation must not start while
+        the first still drains (returns at once for a first generation).
+        """
+        await self._predecessor_gone.wait()
+
     def is_handed_over(self) -> bool:
         """True once a successor has declared itself ready."""
         return self._handed_over.is_set()
@@ -480,7 +492,10 @@ async def _fetch(conn: AncillaryConnection, timeout: float) -> NamedFds:
                         f"{names!r}; every fd needs exactly one name"
                     )
                 for name in names:
-                    check_fdname(name)
+                    try:
+                        check_fdname(name)
+                    except ValueError as exc:
+                        raise HandoffError(f"handoff protocol error: {exc}") from None
                 items.extend(zip(names, msg.take_fds(), strict=True))
                 last = reply.get("last") is True
     except _PeerGone as exc:
