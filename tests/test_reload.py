@@ -34,6 +34,7 @@ from aioancillary import (
 )
 from aioancillary._reload import (
     Generation,
+    HandoffBusyError,
     HandoffError,
     HandoffTimeoutError,
     start_generation,
@@ -381,7 +382,7 @@ async def test_second_upgrade_is_refused_while_one_is_in_progress(tmp_path: Path
         with msg:
             assert body["names"] == ["web", "state"]
             assert len(msg.fds) == 2
-        with pytest.raises(HandoffError, match="another successor is taking over right now"):
+        with pytest.raises(HandoffBusyError, match="another successor is taking over right now"):
             await within(start_generation(path))
         conn.close()  # the first successor gives up: g1 serves on, and accepts the next
         await within(conn.wait_closed())
@@ -398,10 +399,8 @@ async def _retry_busy(path: Path) -> Generation:
     while True:
         try:
             return await start_generation(path)
-        except HandoffError as exc:
-            if "another successor" not in str(exc):
-                raise
-            await asyncio.sleep(0.01)
+        except HandoffBusyError:
+            await asyncio.sleep(0.01)  # the failed successor's cleanup has not reached it yet
 
 
 async def test_upgrade_is_refused_while_the_predecessor_drains(tmp_path: Path) -> None:
@@ -413,7 +412,7 @@ async def test_upgrade_is_refused_while_the_predecessor_drains(tmp_path: Path) -
         g2.take_fd("state").close()
         await within(g2.ready())
         await within(g1.handed_over())  # g1 now drains: it has not closed yet
-        with pytest.raises(HandoffError, match=r"predecessor \(pid \d+\) is still finishing"):
+        with pytest.raises(HandoffBusyError, match=r"predecessor \(pid \d+\) is still finishing"):
             await within(start_generation(path))
         await within(g1.close())
         await within(g2.predecessor_exited())

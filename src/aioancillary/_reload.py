@@ -52,7 +52,13 @@ from ._platform import SCM_MAX_FD
 from ._server import AncillaryServer, Authorize, open_unix_connection, start_unix_server
 from ._systemd import NamedFds, check_fdname, listen_fds
 
-__all__ = ["Generation", "HandoffError", "HandoffTimeoutError", "start_generation"]
+__all__ = [
+    "Generation",
+    "HandoffBusyError",
+    "HandoffError",
+    "HandoffTimeoutError",
+    "start_generation",
+]
 
 logger = logging.getLogger("aioancillary")
 
@@ -67,6 +73,11 @@ class HandoffError(AncillaryError, ConnectionError):
 
 class HandoffTimeoutError(HandoffError, TimeoutError):
     """A handoff step did not complete in time (the peer is stuck or too slow)."""
+
+
+class HandoffBusyError(HandoffError):
+    """The running generation refused the upgrade for now: another successor is taking over,
+    or its own predecessor is still draining. Nothing was taken; retry a little later."""
 
 
 class _PeerGone(HandoffError):
@@ -477,7 +488,7 @@ async def _fetch(conn: AncillaryConnection, timeout: float) -> NamedFds:
             with await _recv(conn, timeout, "waiting for the running generation's fds") as msg:
                 reply = _decode(msg, ("fds", "busy"))
                 if reply["op"] == "busy":
-                    raise HandoffError(
+                    raise HandoffBusyError(
                         f"the running generation (pid {reply.get('pid')}) refused the upgrade: "
                         f"{reply.get('reason')}. Nothing was taken; retry later"
                     )
@@ -541,8 +552,10 @@ async def start_generation(
         systemd: Adopt ``LISTEN_FDS`` when there is no running generation.
 
     Raises:
-        HandoffError: the running generation refused (busy) or broke the protocol; nothing
-            was taken.
+        HandoffBusyError: the running generation is busy with another upgrade, or its
+            predecessor still drains; nothing was taken: retry later.
+        HandoffError: the running generation closed the connection or broke the protocol;
+            nothing was taken.
         HandoffTimeoutError: it did not answer within ``timeout``; nothing was taken.
         PeerRejectedError: ``authorize`` refused the running generation.
         ActivationError: the systemd variables are for another process or malformed.
