@@ -165,6 +165,27 @@ def assert_no_fd_leak(exit_event: dict[str, Any]) -> None:
     assert exit_event["fds_after"] == exit_event["fds_before"], exit_event
 
 
+async def switch_to(
+    children: list[Child], path: Path, label: str, old: Child, clients: Clients
+) -> tuple[Child, dict[str, Any], dict[str, Any]]:
+    """Start generation ``label``; return it, its "serving" event and the old one's "exit"
+    event once the old one has exited and the new one has served 10 clients."""
+    new = await spawn(children, path, label)
+    serving = await new.event("serving")
+    old_exit = await old.event("exit")
+    assert await old.returncode() == 0
+    await clients.served_more(label, 10)
+    return new, serving, old_exit
+
+
+async def terminate(child: Child) -> dict[str, Any]:
+    """SIGTERM: the generation stops accepting, finishes its clients, reports and exits 0."""
+    child.proc.send_signal(signal.SIGTERM)
+    exit_event = await child.event("exit")
+    assert await child.returncode() == 0
+    return exit_event
+
+
 async def test_generation_switch_under_load_refuses_and_drops_nothing(tmp_path: Path) -> None:
     path = tmp_path / "handoff.sock"
     async with generations(path) as children:
@@ -174,20 +195,14 @@ async def test_generation_switch_under_load_refuses_and_drops_nothing(tmp_path: 
         clients = Clients(first["port"])
         try:
             await clients.served_more("g1", 20)
-            g2 = await spawn(children, path, "g2")
+            g2, second, g1_exit = await switch_to(children, path, "g2", g1, clients)
             assert (await g2.event("got-fds"))["names"] == ["web", "state"]
-            second = await g2.event("serving")
             # The same listening socket, and the state file carried the generation count.
             assert second["inode"] == first["inode"]
             assert (second["generation"], second["from"]) == (2, "predecessor")
-            g1_exit = await g1.event("exit")
-            assert await g1.returncode() == 0
-            await clients.served_more("g2", 20)
         finally:
             await clients.stop()
-        g2.proc.send_signal(signal.SIGTERM)
-        g2_exit = await g2.event("exit")
-        assert await g2.returncode() == 0
+        g2_exit = await terminate(g2)
     assert clients.failures == []  # 0 refused, 0 dropped: every answer arrived whole
     assert g1_exit["handed_over"] is True
     assert g1_exit["cancelled"] == 0  # every in-flight connection finished in time
@@ -211,16 +226,12 @@ async def test_successor_crashing_mid_handoff_leaves_the_old_one_serving(
             assert await crasher.returncode() == 3  # died holding copies of every fd
             await g1.log_containing("failed, still serving")
             await clients.served_more("g1", 20)  # the port stayed up
-            g3 = await spawn(children, path, "g3")
-            third = await g3.event("serving")
+            g3, third, g1_exit = await switch_to(children, path, "g3", g1, clients)
             assert third["inode"] == first["inode"]
             assert third["generation"] == 2  # the crashed one never took the state file
-            g1_exit = await g1.event("exit")
-            await clients.served_more("g3", 20)
         finally:
             await clients.stop()
-        g3.proc.send_signal(signal.SIGTERM)
-        g3_exit = await g3.event("exit")
+        g3_exit = await terminate(g3)
     assert clients.failures == []
     assert_no_fd_leak(g1_exit)
     assert_no_fd_leak(g3_exit)
@@ -238,19 +249,14 @@ async def test_successor_never_ready_times_out_and_the_old_one_goes_on(tmp_path:
             await stalled.event("serving-unready")  # it even accepts, but never says ready
             message = await g1.log_containing("failed, still serving")
             assert "no answer within 0.5 s while waiting for the successor to be ready" in message
-            stalled.proc.send_signal(signal.SIGTERM)  # it finishes what it accepted, then exits
-            assert_no_fd_leak(await stalled.event("exit"))
-            assert await stalled.returncode() == 0
+            assert_no_fd_leak(await terminate(stalled))  # it finishes what it accepted
             await clients.served_more("g1", 10)
-            g3 = await spawn(children, path, "g3")
+            g3, third, g1_exit = await switch_to(children, path, "g3", g1, clients)
             # The stalled one did write the shared state file (the same open file everywhere).
-            assert (await g3.event("serving"))["generation"] == 3
-            g1_exit = await g1.event("exit")
-            await clients.served_more("g3", 10)
+            assert third["generation"] == 3
         finally:
             await clients.stop()
-        g3.proc.send_signal(signal.SIGTERM)
-        g3_exit = await g3.event("exit")
+        g3_exit = await terminate(g3)
     assert clients.failures == []
     assert_no_fd_leak(g1_exit)
     assert_no_fd_leak(g3_exit)

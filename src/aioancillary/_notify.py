@@ -21,6 +21,7 @@ import re
 import socket
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
 
 from ._blocking import send_fds
 from ._errors import AncillaryError, InvalidFdError, TooManyFdsError
@@ -127,6 +128,14 @@ def _build(
     if not lines:
         raise ValueError("nothing to notify: pass ready=True, status=..., fdstore=... or extra=")
     return "\n".join(lines).encode(), fds
+
+
+def _prepare(
+    environ: Mapping[str, str] | None, **fields: Any
+) -> tuple[bytes, list[int], str | None]:
+    """The datagram, its fds and the manager's address (None: not under a manager)."""
+    data, fds = _build(**fields)
+    return data, fds, _address(os.environ if environ is None else environ)
 
 
 def _address(env: Mapping[str, str]) -> str | None:
@@ -237,20 +246,8 @@ def notify(
         TooManyFdsError: more than 253 fds.
         MessageTooLargeError: the datagram is over the socket's size limit.
     """
-    data, fds = _build(
-        ready=ready,
-        reloading=reloading,
-        stopping=stopping,
-        status=status,
-        watchdog=watchdog,
-        mainpid=mainpid,
-        fdstore=fdstore,
-        fdname=fdname,
-        fdstore_remove=fdstore_remove,
-        fdpoll=fdpoll,
-        extra=extra,
-    )
-    address = _address(os.environ if environ is None else environ)
+    # Every parameter goes to _build, which validates all of them before anything is sent.
+    data, fds, address = _prepare(**locals())
     if address is None:
         return False
     with _connect(address, blocking=True) as sock:
@@ -286,20 +283,8 @@ async def notify_async(
 
     Returns and raises as :func:`notify`.
     """
-    data, fds = _build(
-        ready=ready,
-        reloading=reloading,
-        stopping=stopping,
-        status=status,
-        watchdog=watchdog,
-        mainpid=mainpid,
-        fdstore=fdstore,
-        fdname=fdname,
-        fdstore_remove=fdstore_remove,
-        fdpoll=fdpoll,
-        extra=extra,
-    )
-    address = _address(os.environ if environ is None else environ)
+    # Every parameter goes to _build, which validates all of them before anything is sent.
+    data, fds, address = _prepare(**locals())
     if address is None:
         return False
     loop = asyncio.get_running_loop()
