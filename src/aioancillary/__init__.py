@@ -7,7 +7,10 @@ Layers, bottom up (each uses only the ones below it):
 * blocking helpers: :func:`send_fds`, :func:`recv_fds`, :func:`recv_fds_into`;
 * asyncio: :class:`AncillaryTransport` / :class:`AncillaryProtocol`,
   :class:`AncillaryConnection`, :func:`open_unix_connection`, :func:`start_unix_server`,
-  :func:`connection_pair`.
+  :func:`connection_pair`;
+* daemon lifecycle: :func:`listen_fds` (systemd socket activation, by name, as
+  :class:`NamedFds`), :func:`notify` / :func:`notify_async` (``sd_notify``, the fd store),
+  :func:`start_generation` / :class:`Generation` (zero-downtime reload by fd handoff).
 """
 
 from __future__ import annotations
@@ -31,9 +34,17 @@ from ._errors import (
 from ._fd import FdLike, HasFileno, OwnedFd
 from ._framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, frame_header
 from ._message import AncillaryMessage
+from ._notify import NotifyError, notify, notify_async, watchdog_interval
 from ._peercred import peer_credentials
 from ._platform import SCM_MAX_FD, Platform, buffer_size_for_rights, current_platform
 from ._protocol import AncillaryProtocol
+from ._reload import (
+    Generation,
+    HandoffBusyError,
+    HandoffError,
+    HandoffTimeoutError,
+    start_generation,
+)
 from ._server import (
     AncillaryServer,
     Authorize,
@@ -42,6 +53,7 @@ from ._server import (
     open_unix_connection,
     start_unix_server,
 )
+from ._systemd import ActivationError, FdNameError, FdTypeError, NamedFds, listen_fds
 from ._transport import AncillaryTransport
 
 __version__ = "0.1.0"
@@ -52,6 +64,7 @@ __all__ = [
     "DEFAULT_MAX_QUEUED_FDS",
     "FRAME_HEADER_SIZE",
     "SCM_MAX_FD",
+    "ActivationError",
     "AncillaryConnection",
     "AncillaryError",
     "AncillaryMessage",
@@ -64,13 +77,21 @@ __all__ = [
     "Credentials",
     "DataTruncatedError",
     "FdLike",
+    "FdNameError",
     "FdTruncatedError",
+    "FdTypeError",
     "FdsInFlightError",
     "FrameDecoder",
+    "Generation",
     "Handler",
+    "HandoffBusyError",
+    "HandoffError",
+    "HandoffTimeoutError",
     "HasFileno",
     "InvalidFdError",
     "MessageTooLargeError",
+    "NamedFds",
+    "NotifyError",
     "OwnedFd",
     "PeerRejectedError",
     "Platform",
@@ -82,10 +103,15 @@ __all__ = [
     "connection_pair",
     "current_platform",
     "frame_header",
+    "listen_fds",
+    "notify",
+    "notify_async",
     "open_unix_connection",
     "peer_credentials",
     "recv_fds",
     "recv_fds_into",
     "send_fds",
+    "start_generation",
     "start_unix_server",
+    "watchdog_interval",
 ]
