@@ -43,14 +43,16 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
+from ._client import open_unix_connection
 from ._cmsg import Credentials
 from ._connection import AncillaryConnection
 from ._errors import AncillaryError, ConnectionClosedError
 from ._fd import FdLike, OwnedFd, close_all
 from ._message import AncillaryMessage
 from ._platform import SCM_MAX_FD
-from ._server import AncillaryServer, Authorize, open_unix_connection, start_unix_server
+from ._server import AncillaryServer, start_unix_server
 from ._systemd import NamedFds, check_fdname, listen_fds
+from ._unix import Authorize
 
 __all__ = [
     "Generation",
