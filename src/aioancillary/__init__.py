@@ -21,14 +21,21 @@ from ._client import connection_pair, create_unix_connection, open_unix_connecti
 from ._cmsg import Credentials, SocketAncillary
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_FDS, AncillaryConnection
 from ._errors import (
+    ActivationError,
     AncillaryError,
     CloexecError,
     ConnectionClosedError,
     DataTruncatedError,
+    FdNameError,
     FdsInFlightError,
     FdTruncatedError,
+    FdTypeError,
+    HandoffBusyError,
+    HandoffError,
+    HandoffTimeoutError,
     InvalidFdError,
     MessageTooLargeError,
+    NotifyError,
     PeerRejectedError,
     ProtocolError,
     TooManyFdsError,
@@ -36,17 +43,11 @@ from ._errors import (
 from ._fd import FdLike, HasFileno, OwnedFd
 from ._framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, frame_header
 from ._message import AncillaryMessage
-from ._notify import NotifyError, notify, notify_async, watchdog_interval
+from ._notify import notify, notify_async, watchdog_interval
 from ._peercred import peer_credentials
 from ._platform import SCM_MAX_FD, Platform, buffer_size_for_rights, current_platform
 from ._protocol import AncillaryProtocol
-from ._reload import (
-    Generation,
-    HandoffBusyError,
-    HandoffError,
-    HandoffTimeoutError,
-    start_generation,
-)
+from ._reload import Generation, start_generation
 from ._server import (
     AncillaryServer,
     Handler,
@@ -54,7 +55,7 @@ from ._server import (
     create_unix_server,
     start_unix_server,
 )
-from ._systemd import ActivationError, FdNameError, FdTypeError, NamedFds, listen_fds
+from ._systemd import NamedFds, listen_fds
 from ._transport import AncillaryTransport
 from ._unix import Authorize
 

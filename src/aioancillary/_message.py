@@ -118,15 +118,16 @@ class AncillaryMessage:
             return
         raw = self._raw
         if raw:
-            # Unlike an OwnedFd, a raw number has no finaliser of its own.
+            # Unlike an OwnedFd, a raw number has no finaliser of its own. Closed before
+            # warning: with warnings turned into errors, warn() raises.
             self._raw = None
+            close_raw(raw)
             _warn(
                 f"unclosed AncillaryMessage holding {len(raw)} fd(s): close it, use 'with', "
                 "or take its fds",
                 ResourceWarning,
                 source=self,
             )
-            close_raw(raw)
 
 
 def new_message(data: bytes, raw: list[int] | None) -> AncillaryMessage:

@@ -24,7 +24,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 from ._blocking import send_fds
-from ._errors import AncillaryError, InvalidFdError, TooManyFdsError
+from ._errors import AncillaryError, InvalidFdError, NotifyError, TooManyFdsError
 from ._fd import FdLike, fd_number
 from ._platform import SCM_MAX_FD
 from ._systemd import check_fdname
@@ -32,14 +32,6 @@ from ._systemd import check_fdname
 __all__ = ["NotifyError", "notify", "notify_async", "watchdog_interval"]
 
 _VARIABLE = re.compile(r"[A-Z][A-Z0-9_]*\Z")
-
-
-class NotifyError(AncillaryError, OSError):
-    """``$NOTIFY_SOCKET`` is set but no notification can be delivered there.
-
-    The address is malformed, nothing listens at it, or the send failed; ``errno`` is the
-    system's reason where there is one.
-    """
 
 
 def _value(name: str, value: object) -> str:

@@ -46,7 +46,13 @@ from typing import Any, Self
 from ._client import open_unix_connection
 from ._cmsg import Credentials
 from ._connection import AncillaryConnection
-from ._errors import AncillaryError, ConnectionClosedError
+from ._errors import (
+    AncillaryError,
+    ConnectionClosedError,
+    HandoffBusyError,
+    HandoffError,
+    HandoffTimeoutError,
+)
 from ._fd import FdLike, OwnedFd, close_all
 from ._message import AncillaryMessage
 from ._platform import SCM_MAX_FD
@@ -67,19 +73,6 @@ logger = logging.getLogger("aioancillary")
 PROTOCOL_VERSION = 1
 #: Largest handoff message: 253 names of at most 255 characters fit many times over.
 _MAX_MESSAGE = 1 << 20
-
-
-class HandoffError(AncillaryError, ConnectionError):
-    """A reload handoff failed. The running generation keeps serving; retry, or exit."""
-
-
-class HandoffTimeoutError(HandoffError, TimeoutError):
-    """A handoff step did not complete in time (the peer is stuck or too slow)."""
-
-
-class HandoffBusyError(HandoffError):
-    """The running generation refused the upgrade for now: another successor is taking over,
-    or its own predecessor is still draining. Nothing was taken; retry a little later."""
 
 
 class _PeerGone(HandoffError):

@@ -29,7 +29,7 @@ import stat
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Self
 
-from ._errors import AncillaryError
+from ._errors import ActivationError, FdNameError, FdTypeError
 from ._fd import OwnedFd, close_all
 
 __all__ = [
@@ -50,25 +50,6 @@ SD_LISTEN_FDS_START = 3
 FDNAME_MAX = 255
 # LISTEN_PIDFDID (systemd 257+) pins the pidfd of the target process; sd_listen_fds unsets it too.
 _LISTEN_VARS = ("LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDS", "LISTEN_FDNAMES")
-
-
-class ActivationError(AncillaryError, RuntimeError):
-    """The ``LISTEN_*`` variables cannot be used: meant for another process, or malformed.
-
-    No fd was taken or closed: the process's fds 3 and up are left as they were.
-    """
-
-
-class FdNameError(AncillaryError, LookupError):
-    """No fd has the name asked for, or several do where exactly one was asked for."""
-
-
-class FdTypeError(AncillaryError, TypeError):
-    """The fd is not what was asked for: not a socket, or a socket of another family/type.
-
-    The fd stays in its :class:`NamedFds` (closed with it) and can still be taken as an
-    :class:`OwnedFd`.
-    """
 
 
 def check_fdname(name: str) -> str:

@@ -373,12 +373,12 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
     def __del__(self, _warn: Any = warnings.warn) -> None:
         sock = getattr(self, "_sock", None)
         if sock is not None:
-            _warn(f"unclosed AncillaryTransport {self!r}", ResourceWarning, source=self)
             self._sock = None
             with contextlib.suppress(AttributeError):  # __init__ may have failed half-way
                 close_raw(self._outbox.drop())
                 self._decoder.close()
-            sock.close()
+            sock.close()  # before warning: with warnings turned into errors, warn() raises
+            _warn(f"unclosed AncillaryTransport {self!r}", ResourceWarning, source=self)
 
     def __repr__(self) -> str:
         return f"<AncillaryTransport fd={self._fileno} {self._mode.value} {self._state.value}>"
