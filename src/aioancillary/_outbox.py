@@ -324,34 +324,42 @@ class Outbox:
 
     # -- queueing ---------------------------------------------------------------------------------
 
-    def queue(self, payload: Payload, fds: list[int]) -> None:
-        """Queue one message; the outbox owns ``fds`` (raw numbers) from now on."""
+    def queue(self, payload: Payload, fds: list[int]) -> bool:
+        """Queue one message; the outbox owns ``fds`` (raw numbers) from now on.
+
+        Returns True when the batch it joined carries as many fds as one ``sendmsg`` may (it
+        gains nothing from waiting for more).
+        """
         batches = self._batches
         last = batches[-1] if batches else None
-        if fds:
+        nfds = len(fds)
+        if nfds:
             # Only a framed stream merges fd-carrying messages: a raw stream's reader would
             # get the fds with the wrong message's bytes, a datagram keeps its own.
             if (
                 self._framed
                 and last is not None
                 and not last.sealed
-                and len(last.fds) + len(fds) <= self._cap
+                and len(last.fds) + nfds <= self._cap
             ):
                 last.fds += fds
             else:
                 last = _Batch(fds)
                 batches.append(last)
-            self.nfds += len(fds)
+            self.nfds += nfds
         elif last is None or self._mode is Mode.DATAGRAM:
             last = _Batch([])
             batches.append(last)
         data = last.data
+        size = len(payload)
         if self._framed:
-            data += encode_header(len(fds), len(payload))
-            self.nbytes += FRAME_HEADER_SIZE
+            data += encode_header(nfds, size)
+            self.nbytes += FRAME_HEADER_SIZE + size
+        else:
+            self.nbytes += size
         data += payload
-        self.nbytes += len(payload)
         self.direct = False
+        return len(last.fds) >= self._cap
 
     def queue_rest(self, rest: Payload) -> None:
         """Queue what a direct ``sendmsg`` left unsent; its fds went with its first byte."""
@@ -361,10 +369,6 @@ class Outbox:
         self._batches.append(batch)
         self.nbytes += len(rest)
         self.direct = False
-
-    def last_batch_full(self) -> bool:
-        """True when the last batch carries as many fds as one ``sendmsg`` may."""
-        return bool(self._batches) and len(self._batches[-1].fds) >= self._cap
 
     # -- sending the queue ------------------------------------------------------------------------
 

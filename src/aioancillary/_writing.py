@@ -329,11 +329,10 @@ class WriteSide:
                 fds = _duplicates(nums)  # raises the precise error
         else:
             fds = _duplicates(nums)
-        outbox = self._outbox
-        outbox.queue(payload, fds)
+        full = self._outbox.queue(payload, fds)
         if self._writer_added:
             return  # the socket is full: the writer callback sends when it can
-        if outbox.last_batch_full():
+        if full:
             self._send_queued()  # a full batch gains nothing from waiting for the flush
         elif not self._flush_scheduled:
             self._flush_scheduled = True
