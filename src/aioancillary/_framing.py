@@ -316,7 +316,7 @@ class FrameDecoder(Decoder):
         messages = messages_of(pairs)  # every claimed fd is owned by its message from here
         if fault is not None:
             self._fail(fault)
-        else:
+        elif len(fifo) > self._max_pending:
             self._check_pending()
         return messages
 

@@ -82,15 +82,12 @@ class AncillaryMessage:
         (fd,) = self.take_fds()
         return fd
 
-    def close(self) -> None:
-        """Close every fd still held by the message."""
-        self.__exit__(None, None, None)
-
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        # Also close(): this runs once per received message on the hot path.
+    def close(self, *_exc_info: object) -> None:
+        """Close every fd still held by the message (also what leaving ``with`` does)."""
+        # One body for both: this runs once per received message on the hot path.
         if not self.fd_count:
             return
         self.fd_count = 0
@@ -108,6 +105,8 @@ class AncillaryMessage:
         if owned:
             self._owned = _NO_FDS
             close_all(owned)
+
+    __exit__ = close
 
     def __repr__(self) -> str:
         shown = self.data if len(self.data) <= 32 else self.data[:32] + b"..."

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 from ._framing import Decoder
 from ._message import AncillaryMessage
-from ._platform import Platform
+from ._outbox import Outbox
 from ._protocol import AncillaryProtocol
-from ._syscalls import AGAIN, END, receive_many
+from ._syscalls import AGAIN, END, Receiver
 
 __all__ = ["ReadSide"]
 
@@ -28,22 +28,21 @@ class ReadSide:
     _loop: asyncio.AbstractEventLoop
     _sock: socket.socket | None
     _protocol: AncillaryProtocol
-    _platform: Platform
     _decoder: Decoder
     _rview: memoryview
-    _ancbufsize: int
+    _receiver: Receiver
     _fd_cap: int
-    _eof_rule: int
     _reading: bool
     _read_paused: bool
     _write_failure: Exception | None
+
+    _outbox: Outbox
 
     if TYPE_CHECKING:
 
         def _add_reader(self) -> None: ...
         def _remove_reader(self) -> None: ...
         def _fatal_error(self, exc: Exception) -> None: ...
-        def _end_burst(self) -> None: ...
         def _is_open(self) -> bool: ...
         def close(self) -> None: ...
 
@@ -75,12 +74,8 @@ class ReadSide:
         return self._decoder.buffered_bytes
 
     def _on_readable(self) -> None:
-        self._end_burst()  # new input: a reply to it may go out at once
+        self._outbox.end_burst()  # new input: a reply to it may go out at once
         self._read(1)
-
-    def _read_on(self) -> None:
-        if self._reading:
-            self._read(_MAX_READS_PER_CALLBACK)
 
     def _read(self, limit: int) -> None:
         """Read until the socket would block, handing messages over; at most ``limit`` reads.
@@ -91,20 +86,11 @@ class ReadSide:
         socket that reported an error after one callback, so a read left for later may never
         come.
         """
-        sock = self._sock
-        if sock is None:
+        if self._sock is None or not self._reading:
             return
         decoder = self._decoder
         while True:
-            reads, how, error = receive_many(
-                sock,
-                self._rview,
-                self._platform,
-                ancbufsize=self._ancbufsize,
-                limit=limit,
-                max_fds=self._fd_cap,
-                eof=self._eof_rule,
-            )
+            reads, how, error = self._receiver.read(limit, self._fd_cap)
             # The decoder owns every fd of these reads from here, whatever happens.
             messages = decoder.feed_reads(reads) if reads else _NONE
             if messages:
@@ -124,7 +110,7 @@ class ReadSide:
             if messages or limit > 1:
                 # A wake-up's first messages are out: read on after whatever they trigger;
                 # or the bound was reached: let other callbacks run, then go on.
-                self._loop.call_soon(self._read_on)
+                self._loop.call_soon(self._read, _MAX_READS_PER_CALLBACK)
                 return
             limit = _MAX_READS_PER_CALLBACK  # the first read completed no message: go on
 

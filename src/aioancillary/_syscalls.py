@@ -36,9 +36,9 @@ __all__ = [
     "FAILED",
     "LIMIT",
     "AncData",
+    "Receiver",
     "peek_is_eof",
     "receive_into",
-    "receive_many",
     "rights",
     "send_all",
     "send_message",
@@ -179,76 +179,121 @@ def receive_into(
     return nbytes, fds, True
 
 
-def receive_many(
-    sock: socket.socket,
-    buffer: memoryview,
-    platform: Platform,
-    *,
-    ancbufsize: int,
-    limit: int,
-    max_fds: int,
-    eof: int,
-) -> tuple[list[tuple[bytes, list[int] | None]], int, Exception | None]:
-    """Up to ``limit`` reads from a non-blocking socket in one call, for a read loop.
+class Receiver:
+    """Reads many messages per call from one non-blocking socket: a read loop's syscall layer.
 
-    Returns ``(reads, how, error)``: each read is ``(bytes, fds or None)`` with the fds owned
-    by the caller; ``how`` is :data:`AGAIN`, :data:`LIMIT`, :data:`END` (end of stream, told
-    from an empty message by the ``eof`` rule) or :data:`FAILED`, with ``error`` the
-    exception (the fds of the read that failed are closed; the reads before it are kept).
-    Reading also stops (:data:`LIMIT`) once the reads hold ``max_fds`` fds, so that the
-    caller checks its fd budget at least that often. One call per wake-up instead of one per
-    message: this is the receive hot path.
+    Everything that does not change between reads (the socket's ``recvmsg_into``, the buffer,
+    the flags, the control-buffer size, how end of stream is told from an empty message) is
+    worked out once here, because :meth:`read` is the receive hot path: one call per wake-up
+    instead of one per message.
+
+    Args:
+        sock: The non-blocking socket.
+        buffer: Where each read lands (its bytes are copied out per read).
+        platform: Kernel facts.
+        eof: How a 0-byte read is told from end of stream (``EOF_*``).
     """
-    recv = sock.recvmsg_into
-    buffers = [buffer]
-    recv_flags = platform.cmsg_cloexec
-    ancbufsize = ancbufsize or platform.receive_ancbufsize()
-    reads: list[tuple[bytes, list[int] | None]] = []
-    append = reads.append
-    nfds = 0
-    for _ in range(limit):
-        try:
-            nbytes, ancdata, msg_flags, _addr = recv(buffers, ancbufsize, recv_flags)
-        except (BlockingIOError, InterruptedError):
-            return reads, AGAIN, None
-        except OSError as exc:
-            return reads, FAILED, _recv_error(exc)
-        if ancdata or msg_flags & _TRUNCATED:
-            # _fds_of's common case inline (one record, whole ints, close-on-exec): this
-            # runs for every fd-carrying message.
-            if (
-                len(ancdata) == 1
-                and not msg_flags & _TRUNCATED
-                and ancdata[0][1] == _SCM_RIGHTS
-                and ancdata[0][0] == _SOL_SOCKET
-                and not len(ancdata[0][2]) % 4
-                and recv_flags
-            ):
-                ints = array.array("i")
-                ints.frombytes(ancdata[0][2])
-                fds = ints.tolist()
-            else:
-                try:
-                    fds = _fds_of(
-                        ancdata, msg_flags, recv_flags, platform, buffer=buffer, nbytes=nbytes
-                    )
-                except (AncillaryError, OSError) as exc:
-                    return reads, FAILED, exc  # _fds_of closed the fds of this read
+
+    __slots__ = (
+        "_ancbufsize",
+        "_buffer",
+        "_buffers",
+        "_eof",
+        "_platform",
+        "_recv",
+        "_recv_flags",
+        "_sock",
+    )
+
+    def __init__(self, sock: socket.socket, buffer: memoryview, platform: Platform, eof: int):
+        self._sock = sock
+        self._recv = sock.recvmsg_into
+        self._buffer = buffer
+        self._buffers = [buffer]
+        self._platform = platform
+        self._recv_flags = platform.cmsg_cloexec
+        # Fixed where the kernel's cap is (Linux, BSD); 0: sized per read by RLIMIT (macOS).
+        self._ancbufsize = platform.receive_ancbufsize() if platform.scm_max_fd else 0
+        self._eof = eof
+
+    def read(
+        self, limit: int, max_fds: int
+    ) -> tuple[list[tuple[bytes, list[int] | None]], int, Exception | None]:
+        """Up to ``limit`` reads; stop early (:data:`LIMIT`) once they hold ``max_fds`` fds.
+
+        Returns ``(reads, how, error)``: each read is ``(bytes, fds or None)`` with the fds
+        owned by the caller; ``how`` is :data:`AGAIN`, :data:`LIMIT`, :data:`END` (end of
+        stream, told from an empty message by the ``eof`` rule) or :data:`FAILED`, with
+        ``error`` the exception (the fds of the read that failed are closed; the reads before
+        it are kept). The fd bound lets the caller check its fd budget at least that often.
+        """
+        recv = self._recv
+        buffers = self._buffers
+        buffer = self._buffer
+        recv_flags = self._recv_flags
+        ancbufsize = self._ancbufsize or self._platform.receive_ancbufsize()
+        reads: list[tuple[bytes, list[int] | None]] = []
+        append = reads.append
+        nfds = 0
+        for _ in range(limit):
+            try:
+                nbytes, ancdata, msg_flags, _addr = recv(buffers, ancbufsize, recv_flags)
+            except (BlockingIOError, InterruptedError):
+                return reads, AGAIN, None
+            except OSError as exc:
+                return reads, FAILED, _recv_error(exc)
+            if ancdata or msg_flags & _TRUNCATED:
+                # _fds_of's common case inline (one record, whole ints, close-on-exec): this
+                # runs for every fd-carrying message.
                 if (
-                    not nbytes
-                    and not fds
-                    and (eof == EOF_ON_EMPTY or (eof == EOF_PEEK and peek_is_eof(sock)))
+                    len(ancdata) == 1
+                    and not msg_flags & _TRUNCATED
+                    and ancdata[0][1] == _SCM_RIGHTS
+                    and ancdata[0][0] == _SOL_SOCKET
+                    and not len(ancdata[0][2]) % 4
+                    and recv_flags
                 ):
-                    return reads, END, None
-            append((buffer[:nbytes].tobytes(), fds or None))
-            nfds += len(fds)
-            if nfds >= max_fds:
-                return reads, LIMIT, None
-        elif nbytes or eof == EOF_NEVER or (eof == EOF_PEEK and not peek_is_eof(sock)):
-            append((buffer[:nbytes].tobytes(), None))
-        else:
-            return reads, END, None
-    return reads, LIMIT, None
+                    ints = array.array("i")
+                    ints.frombytes(ancdata[0][2])
+                    fds = ints.tolist()
+                else:
+                    try:
+                        fds = _fds_of(
+                            ancdata,
+                            msg_flags,
+                            recv_flags,
+                            self._platform,
+                            buffer=buffer,
+                            nbytes=nbytes,
+                        )
+                    except (AncillaryError, OSError) as exc:
+                        return reads, FAILED, exc  # _fds_of closed the fds of this read
+                    if not nbytes and not fds and self._at_eof(True):
+                        return reads, END, None
+                append((buffer[:nbytes].tobytes(), fds or None))
+                nfds += len(fds)
+                if nfds >= max_fds:
+                    return reads, LIMIT, None
+            elif nbytes or not self._at_eof(False):
+                append((buffer[:nbytes].tobytes(), None))
+            else:
+                return reads, END, None
+        return reads, LIMIT, None
+
+    def _at_eof(self, ancillary: bool) -> bool:
+        """After a read of 0 bytes and no fds: the end of the stream, or an empty message?
+
+        ``ancillary``: the read came with a control record (with SO_PASSCRED, every message
+        does and the end of the stream does not).
+        """
+        eof = self._eof
+        if eof == EOF_NEVER:
+            return False
+        if eof == EOF_NO_CREDENTIALS:
+            return not ancillary
+        if eof == EOF_PEEK:
+            return peek_is_eof(self._sock)
+        return True
 
 
 def peek_is_eof(sock: socket.socket) -> bool:

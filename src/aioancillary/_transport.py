@@ -32,7 +32,7 @@ from ._peercred import peer_credentials
 from ._platform import SCM_MAX_FD, Platform, current_platform
 from ._protocol import AncillaryProtocol
 from ._reading import ReadSide
-from ._syscalls import EOF_NEVER, EOF_NO_CREDENTIALS, EOF_ON_EMPTY, EOF_PEEK
+from ._syscalls import EOF_NEVER, EOF_NO_CREDENTIALS, EOF_ON_EMPTY, EOF_PEEK, Receiver
 from ._writing import FRAMED_HIGH_WATER, WriteSide
 
 if TYPE_CHECKING:
@@ -134,8 +134,6 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
         self._mode = mode = mode_of(sock.type, framed)
         self._max_message_size = max_message_size
         self._fd_cap = cap
-        # Fixed where the kernel cap is (Linux, BSD); 0 makes every read query RLIMIT (macOS).
-        self._ancbufsize = platform.receive_ancbufsize() if platform.scm_max_fd else 0
         self._decoder: Decoder = (
             FrameDecoder(
                 max_frame_size=max_message_size,
@@ -176,13 +174,14 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
                 self._passcred = True
-        # How a 0-byte read is told from the end of the stream (see receive_many).
+        # How a 0-byte read is told from the end of the stream.
         if sock.type == socket.SOCK_STREAM:
-            self._eof_rule = EOF_ON_EMPTY
+            eof = EOF_ON_EMPTY
         elif sock.type == socket.SOCK_DGRAM:
-            self._eof_rule = EOF_NEVER
+            eof = EOF_NEVER
         else:
-            self._eof_rule = EOF_NO_CREDENTIALS if self._passcred else EOF_PEEK
+            eof = EOF_NO_CREDENTIALS if self._passcred else EOF_PEEK
+        self._receiver = Receiver(sock, self._rview, platform, eof)
         # Taken now: the credentials are fixed at connect time, and unreadable once closed.
         self._extra["peercred"] = peer_credentials(sock)
         # Linux's unix_dgram_sendmsg refuses (EMSGSIZE) a message over sk_sndbuf - 32 bytes;

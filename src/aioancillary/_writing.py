@@ -376,9 +376,6 @@ class WriteSide:
         """
         self._outbox.end_burst()
 
-    def _end_burst(self) -> None:
-        self._outbox.end_burst()
-
     def _flush(self) -> None:
         self._flush_scheduled = False
         self._outbox.end_burst()
