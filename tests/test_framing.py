@@ -21,6 +21,7 @@ from aioancillary import (
     ProtocolError,
     frame_header,
 )
+from aioancillary._framing import ReadDecoder
 
 
 # The decoder takes raw fd numbers (it owns them from the feed on). Each test fd has an inode
@@ -428,3 +429,34 @@ def test_garbage_never_crashes_or_leaks(
         for fd in every:
             if alive(fd):
                 os.close(fd)
+
+
+# -- the decoder interface: ReadDecoder, feed_reads -------------------------------------------
+
+
+def test_read_decoder_makes_one_message_per_read() -> None:
+    fds = owned(3)
+    dec = ReadDecoder()
+    msgs = dec.feed_reads([(b"a", [fds[0]]), (b"", None), (b"bc", fds[1:])])
+    assert [(m.data, nums(m)) for m in msgs] == [(b"a", [fds[0]]), (b"", []), (b"bc", fds[1:])]
+    assert dec.pending_fds == dec.buffered_bytes == 0
+    dec.eof()
+    assert dec.failure is None
+    close_messages(msgs)
+    assert_all_closed(fds)
+    (single,) = dec.feed(b"x", None)
+    assert single.fd_count == 0
+
+
+def test_feed_reads_stops_at_a_failure_and_closes_what_follows() -> None:
+    fds = owned(3)
+    dec = FrameDecoder()
+    msgs = dec.feed_reads(
+        [(frame(b"ok", 1), [fds[0]]), (b"\x09garbage", [fds[1]]), (frame(b"late", 1), [fds[2]])]
+    )
+    assert [m.data for m in msgs] == [b"ok"]
+    assert dec.failure is not None
+    assert alive(fds[0])  # owned by the good message
+    assert not alive(fds[1])
+    assert not alive(fds[2])  # a read after the failure: closed, never decoded
+    close_messages(msgs)
