@@ -78,7 +78,11 @@ def close_raw(fds: Iterable[int]) -> None:
     numbers in ``fds`` are ever closed.
     """
     nums = fds if isinstance(fds, list) else list(fds)
-    if len(nums) < 8:
+    count = len(nums)
+    if 1 < count < 8 and nums == list(range(nums[0], nums[0] + count)):
+        os.closerange(nums[0], nums[0] + count)  # one run, as received fds usually are
+        return
+    if count < 8:
         close = os.close
         for fd in nums:
             try:  # noqa: SIM105 - contextlib.suppress costs more than the close itself

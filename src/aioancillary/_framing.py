@@ -20,7 +20,6 @@ from __future__ import annotations
 import enum
 import functools
 import struct
-from collections import deque
 from collections.abc import Callable, Sequence
 
 from ._errors import ProtocolError
@@ -224,7 +223,7 @@ class FrameDecoder(Decoder):
         self._buf = bytearray()
         # Raw fd numbers owned by the decoder, in arrival order; a frame takes its fds from
         # the front when its header is complete.
-        self._fifo: deque[int] = deque()
+        self._fifo: list[int] = []
         self._claimed: list[int] | None = None  # the fds of a frame whose payload is incomplete
         self._need = 0  # bytes the buffered partial frame needs before it can complete
 
@@ -275,7 +274,7 @@ class FrameDecoder(Decoder):
         fault: ProtocolError | None = None
         max_size = self._max_size
         max_fds = self._max_fds
-        pop = fifo.popleft
+        head = 0  # fds before it in the FIFO were claimed in this feed (removed at the end)
         unpack = _unpack_header
         pos = 0
         end = len(view)
@@ -288,13 +287,12 @@ class FrameDecoder(Decoder):
                     break
                 if not nfds:
                     claimed = _UNCLAIMED
-                elif nfds == 1 and fifo:
-                    claimed = [pop()]
-                elif len(fifo) >= nfds:
-                    claimed = [pop() for _ in range(nfds)]
+                elif len(fifo) - head >= nfds:
+                    claimed = fifo[head : head + nfds]
+                    head += nfds
                 else:
                     fault = ProtocolError(
-                        f"a frame declares {nfds} fd(s) but only {len(fifo)} arrived "
+                        f"a frame declares {nfds} fd(s) but only {len(fifo) - head} arrived "
                         "with or before its header; the peer is not following the "
                         "framing protocol (fds must ride with the frame's first byte)"
                     )
@@ -313,6 +311,8 @@ class FrameDecoder(Decoder):
         self._need = need
         if pos < end and fault is None:
             buf += memoryview(view)[pos:]
+        if head:
+            del fifo[:head]
         messages = messages_of(pairs)  # every claimed fd is owned by its message from here
         if fault is not None:
             self._fail(fault)
