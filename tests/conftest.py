@@ -1,4 +1,4 @@
-"""Shared test machinery: an open-fd check around every test; async tests on both loops."""
+"""Shared test machinery: an open-fd check around every test; async tests on every loop."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 
 import pytest
-import uvloop
+from helpers import LOOP_FACTORIES, NO_UVLOOP, new_uvloop, uvloop
 
-# The first uvloop loop of a process keeps libuv's internal fds open for good: create one now
-# so that the baseline taken before each test already includes them.
-uvloop.new_event_loop().close()
+if uvloop is not None:
+    # The first uvloop loop of a process keeps libuv's internal fds open for good: create one
+    # now so that the baseline taken before each test already includes them.
+    uvloop.new_event_loop().close()
 
 
 def open_fds() -> set[str]:
@@ -59,5 +60,21 @@ def no_fd_leak(request: pytest.FixtureRequest) -> Iterator[None]:
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """Every async test runs on the default loop and on uvloop."""
-    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    """Every async test runs on the default loop, on it in debug mode, and on uvloop.
+
+    Debug mode (``loop.set_debug(True)``, as anyio's test plugin offers) makes asyncio check
+    what it otherwise lets pass: calls from the wrong thread, coroutines never awaited, slow
+    callbacks, resources left open with the traceback of where they were made.
+    """
+    return LOOP_FACTORIES
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without uvloop, the async tests' uvloop variants are skipped (``-ra`` says why)."""
+    if uvloop is not None:
+        return
+    skip = pytest.mark.skip(reason=NO_UVLOOP)
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("_asyncio_loop_factory") is new_uvloop:
+            item.add_marker(skip)
