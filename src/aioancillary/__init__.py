@@ -7,11 +7,20 @@ Layers, bottom up (each uses only the ones below it):
 * blocking helpers: :func:`send_fds`, :func:`recv_fds`, :func:`recv_fds_into`;
 * asyncio: :class:`AncillaryTransport` / :class:`AncillaryProtocol`,
   :class:`AncillaryConnection`, :func:`open_unix_connection`, :func:`start_unix_server`,
-  :func:`connection_pair`.
+  :func:`connection_pair`;
+* ``authorize=`` policies: :func:`same_user`, :func:`root_or_same_user`, :func:`allow_uids`,
+  :func:`allow_gids`, :func:`allow_group_members`.
 """
 
 from __future__ import annotations
 
+from ._authorize import (
+    allow_gids,
+    allow_group_members,
+    allow_uids,
+    root_or_same_user,
+    same_user,
+)
 from ._blocking import ReceivedInto, recv_fds, recv_fds_into, send_fds
 from ._cmsg import Credentials, SocketAncillary
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_FDS, AncillaryConnection
@@ -78,6 +87,9 @@ __all__ = [
     "ReceivedInto",
     "SocketAncillary",
     "TooManyFdsError",
+    "allow_gids",
+    "allow_group_members",
+    "allow_uids",
     "buffer_size_for_rights",
     "connection_pair",
     "current_platform",
@@ -86,6 +98,8 @@ __all__ = [
     "peer_credentials",
     "recv_fds",
     "recv_fds_into",
+    "root_or_same_user",
+    "same_user",
     "send_fds",
     "start_unix_server",
 ]
