@@ -21,9 +21,9 @@ from aioancillary import (
     AncillaryConnection,
     connection_pair,
     open_unix_connection,
+    same_user,
     start_unix_server,
 )
-from aioancillary._authorize import same_user
 
 
 def run_on(loop_name: str, main: object) -> None:
