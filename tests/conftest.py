@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 import pytest
 from helpers import LOOP_FACTORIES, NO_UVLOOP, new_uvloop, uvloop
 
+
 @pytest.fixture
 def pipe_fds() -> Iterator[tuple[int, int]]:
     """A pipe ``(r, w)`` closed after the test."""

@@ -191,7 +191,8 @@ async def test_fds_no_frame_claims_are_bounded(pipe_fds: tuple[int, int]) -> Non
 
 async def test_most_fds_one_hostile_connection_can_pin(pipe_fds: tuple[int, int]) -> None:
     # The worst a peer can do to a receiver that does not read: fill the decoder's unclaimed
-    # FIFO to its limit, then the receive queue past its budget. docs/explanation/security.md quotes this.
+    # FIFO to its limit, then the receive queue past its budget.
+    # docs/explanation/security.md quotes this.
     r, _ = pipe_fds
     budget = 4 * SCM_MAX_FD
     loop = asyncio.get_running_loop()
