@@ -5,9 +5,10 @@ Layers, bottom up (each uses only the ones below it):
 * sans-I/O core: :class:`OwnedFd`, :class:`AncillaryMessage`, :class:`SocketAncillary`,
   :class:`FrameDecoder` (no sockets);
 * blocking helpers: :func:`send_fds`, :func:`recv_fds`, :func:`recv_fds_into`;
-* asyncio: :class:`AncillaryTransport` / :class:`AncillaryProtocol`,
-  :class:`AncillaryConnection`, :func:`open_unix_connection`, :func:`start_unix_server`,
-  :func:`connection_pair`;
+* asyncio: :class:`AncillaryConnection` with :func:`open_unix_connection`,
+  :func:`start_unix_server`, :func:`connection_pair`; and, for your own protocols,
+  :class:`AncillaryTransport` / :class:`AncillaryProtocol` with :func:`create_unix_connection`
+  and :func:`create_unix_server`;
 * ``authorize=`` policies: :func:`same_user`, :func:`root_or_same_user`, :func:`allow_uids`,
   :func:`allow_gids`, :func:`allow_group_members`.
 """
@@ -22,6 +23,7 @@ from ._authorize import (
     same_user,
 )
 from ._blocking import ReceivedInto, recv_fds, recv_fds_into, send_fds
+from ._client import connection_pair, create_unix_connection, open_unix_connection
 from ._cmsg import Credentials, SocketAncillary
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_FDS, AncillaryConnection
 from ._errors import (
@@ -45,13 +47,13 @@ from ._platform import SCM_MAX_FD, Platform, buffer_size_for_rights, current_pla
 from ._protocol import AncillaryProtocol
 from ._server import (
     AncillaryServer,
-    Authorize,
     Handler,
-    connection_pair,
-    open_unix_connection,
+    ServerStats,
+    create_unix_server,
     start_unix_server,
 )
 from ._transport import AncillaryTransport
+from ._unix import Authorize
 
 __version__ = "0.1.0"
 
@@ -85,6 +87,7 @@ __all__ = [
     "Platform",
     "ProtocolError",
     "ReceivedInto",
+    "ServerStats",
     "SocketAncillary",
     "TooManyFdsError",
     "allow_gids",
@@ -92,6 +95,8 @@ __all__ = [
     "allow_uids",
     "buffer_size_for_rights",
     "connection_pair",
+    "create_unix_connection",
+    "create_unix_server",
     "current_platform",
     "frame_header",
     "open_unix_connection",

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from ._cmsg import Credentials
 
 if TYPE_CHECKING:
-    from ._server import Authorize
+    from ._unix import Authorize
 
 __all__ = [
     "allow_gids",

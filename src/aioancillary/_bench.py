@@ -354,7 +354,7 @@ def _ping_report(start: float, latencies: list[int]) -> _Report:
 
 
 async def _async_side(role: str, sock: socket.socket, n: int, fd: int) -> _Report:
-    from ._server import open_unix_connection  # noqa: PLC0415 - a child imports what it runs
+    from ._client import open_unix_connection  # noqa: PLC0415 - a child imports what it runs
 
     conn = await open_unix_connection(sock=sock)
     _ready()
