@@ -10,7 +10,10 @@ Layers, bottom up (each uses only the ones below it):
   :class:`AncillaryTransport` / :class:`AncillaryProtocol` with :func:`create_unix_connection`
   and :func:`create_unix_server`;
 * ``authorize=`` policies: :func:`same_user`, :func:`root_or_same_user`, :func:`allow_uids`,
-  :func:`allow_gids`, :func:`allow_group_members`.
+  :func:`allow_gids`, :func:`allow_group_members`;
+* daemon lifecycle: :func:`listen_fds` (systemd socket activation, by name, as
+  :class:`NamedFds`), :func:`notify` / :func:`notify_async` (``sd_notify``, the fd store),
+  :func:`start_generation` / :class:`Generation` (zero-downtime reload by fd handoff).
 """
 
 from __future__ import annotations
@@ -42,9 +45,17 @@ from ._errors import (
 from ._fd import FdLike, HasFileno, OwnedFd
 from ._framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, frame_header
 from ._message import AncillaryMessage
+from ._notify import NotifyError, notify, notify_async, watchdog_interval
 from ._peercred import peer_credentials
 from ._platform import SCM_MAX_FD, Platform, buffer_size_for_rights, current_platform
 from ._protocol import AncillaryProtocol
+from ._reload import (
+    Generation,
+    HandoffBusyError,
+    HandoffError,
+    HandoffTimeoutError,
+    start_generation,
+)
 from ._server import (
     AncillaryServer,
     Handler,
@@ -52,6 +63,7 @@ from ._server import (
     create_unix_server,
     start_unix_server,
 )
+from ._systemd import ActivationError, FdNameError, FdTypeError, NamedFds, listen_fds
 from ._transport import AncillaryTransport
 from ._unix import Authorize
 
@@ -63,6 +75,7 @@ __all__ = [
     "DEFAULT_MAX_QUEUED_FDS",
     "FRAME_HEADER_SIZE",
     "SCM_MAX_FD",
+    "ActivationError",
     "AncillaryConnection",
     "AncillaryError",
     "AncillaryMessage",
@@ -75,13 +88,21 @@ __all__ = [
     "Credentials",
     "DataTruncatedError",
     "FdLike",
+    "FdNameError",
     "FdTruncatedError",
+    "FdTypeError",
     "FdsInFlightError",
     "FrameDecoder",
+    "Generation",
     "Handler",
+    "HandoffBusyError",
+    "HandoffError",
+    "HandoffTimeoutError",
     "HasFileno",
     "InvalidFdError",
     "MessageTooLargeError",
+    "NamedFds",
+    "NotifyError",
     "OwnedFd",
     "PeerRejectedError",
     "Platform",
@@ -99,6 +120,9 @@ __all__ = [
     "create_unix_server",
     "current_platform",
     "frame_header",
+    "listen_fds",
+    "notify",
+    "notify_async",
     "open_unix_connection",
     "peer_credentials",
     "recv_fds",
@@ -106,5 +130,7 @@ __all__ = [
     "root_or_same_user",
     "same_user",
     "send_fds",
+    "start_generation",
     "start_unix_server",
+    "watchdog_interval",
 ]

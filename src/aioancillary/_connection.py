@@ -45,7 +45,7 @@ def default_max_queued_fds() -> int:
 
 
 _DATA = operator.attrgetter("data")
-_FD_COUNT = operator.attrgetter("fd_count")
+_FD_COUNT = operator.attrgetter("fd_count")  # a slot: read in C
 
 # Connections a task is waiting on (in recv() or drain()). The loop reaches a connection only
 # through its protocol's weak reference, so that a connection the application dropped without

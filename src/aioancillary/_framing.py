@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from ._errors import ProtocolError
 from ._fd import OwnedFd, close_raw
-from ._message import AncillaryMessage, new_message
+from ._message import AncillaryMessage, messages_of, new_message
 from ._platform import SCM_MAX_FD
 
 __all__ = [
@@ -134,6 +134,21 @@ class Decoder:
     def feed(self, data: bytes, fds: list[int] | None) -> list[AncillaryMessage]:
         raise NotImplementedError
 
+    def feed_reads(self, reads: list[tuple[bytes, list[int] | None]]) -> list[AncillaryMessage]:
+        """:meth:`feed` every read in order; the decoder owns all their fds from the call on.
+
+        Stops at a protocol failure (the fds of the reads after it are closed too).
+        """
+        out: list[AncillaryMessage] = []
+        for index, (data, fds) in enumerate(reads):
+            out += self.feed(data, fds)
+            if self.failure is not None:
+                for _data, later in reads[index + 1 :]:
+                    if later:
+                        close_raw(later)  # after a failure nothing more is read from this
+                break
+        return out
+
     def eof(self) -> None:
         """Signal the end of the stream (nothing is pending in a read-per-message decoder)."""
 
@@ -152,7 +167,11 @@ class ReadDecoder(Decoder):
 
     def feed(self, data: bytes, fds: list[int] | None) -> list[AncillaryMessage]:
         """Return the read as one message owning ``fds``."""
-        return [new_message(data, fds)]
+        return [new_message(data, fds or None)]
+
+    def feed_reads(self, reads: list[tuple[bytes, list[int] | None]]) -> list[AncillaryMessage]:
+        """Every read as one message owning its fds (no failure is possible)."""
+        return messages_of(reads)
 
 
 class FrameDecoder(Decoder):
