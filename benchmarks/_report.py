@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _cells import IMPLS, SOAK, WORKLOADS, CellResult
+from _cells import IMPLS, SOAK, WORKLOADS, CellResult, Impl
 
 _RSS_FLAT_KIB = 1024  # "flat": the end of the soak is within 1 MiB of its 10 % mark
 
@@ -179,44 +179,67 @@ def soak_table(soak: dict[str, CellResult]) -> str:
     return "\n".join(lines)
 
 
-_COLORS = {
-    "c": "#444444",
-    "stdlib": "#8c8c8c",
-    "anyio": "#e6a23c",
-    "naive": "#c0504d",
-    "aioancillary": "#2e75b6",
+# Colours by loop and mode: one hue per event loop (grey for blocking and C), one shade per
+# mode (framed darkest, raw lighter, batch lightest), so that a panel reads at a glance.
+_LOOP_SHADES = {
+    "asyncio": {"framed": "#1f4e8c", "raw": "#4f86c6", "batch": "#9cc0e8"},
+    "uvloop": {"framed": "#2d7a3a", "raw": "#5fb06b", "batch": "#a7d8ae"},
 }
+# Other implementations on a loop: anyio in ambers, the hand-written loop in reds.
+_OTHER_SHADES = {
+    ("anyio", "asyncio"): "#f0b04a",
+    ("anyio", "uvloop"): "#b8741a",
+    ("naive", "asyncio"): "#d9645f",
+    ("naive", "uvloop"): "#9c2f2b",
+}
+_PLAIN = {"c": "#333333", "stdlib": "#9a9a9a"}
 
 
-_TARGET_LINES = {"stream-1fd": ((1.2, "framed target"), (2.0, "batch target"))}
+def colour(impl: Impl) -> str:
+    """The colour of an implementation: its loop's hue, its mode's shade."""
+    if impl.module in _PLAIN:
+        return _PLAIN[impl.module]
+    if impl.module == "aioancillary":
+        return _LOOP_SHADES.get(impl.loop, _LOOP_SHADES["asyncio"])[impl.variant or "framed"]
+    return _OTHER_SHADES.get((impl.module, impl.loop), "#7f7f7f")
 
 
-def _throughput_panel(ax: Any, rows: Sequence[Row], workload: str, title: str) -> None:
-    modules = {impl.name: impl.module for impl in IMPLS}
+#: Targets relative to C, drawn on every throughput panel (one x-scale for all of them).
+_TARGETS = ((1.0, "C"), (1.2, "framed target (stream-1fd)"), (2.0, "batch target (stream-1fd)"))
+
+
+def _throughput_panel(ax: Any, rows: Sequence[Row], workload: str, title: str, xmax: float) -> None:
+    impls = {impl.name: impl for impl in IMPLS}
     mine = [r for r in rows if r.workload == workload and r.ratio is not None][::-1]
     values = [r.ratio or 0.0 for r in mine]
-    bars = ax.barh([r.impl for r in mine], values, color=[_COLORS[modules[r.impl]] for r in mine])
+    ys = list(range(len(mine)))
+    bars = ax.barh(ys, values, color=[colour(impls[r.impl]) for r in mine])
+    # The spread: every repeat's rate against the best C rate, min to max, drawn over the bar.
+    for y, row in zip(ys, mine, strict=True):
+        scale = (row.ratio or 0.0) / row.rate if row.rate else 0.0
+        low, high = min(row.rates) * scale, max(row.rates) * scale
+        ax.plot([low, high], [y, y], color="black", linewidth=1.2, solid_capstyle="butt")
+        ax.plot([low, low], [y - 0.18, y + 0.18], color="black", linewidth=1.0)
     labels = [f"{r.ratio:.2f}x  {r.rate / 1000:.0f}k/s" for r in mine]
     ax.bar_label(bars, labels=labels, fontsize=8, padding=2)
-    ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
-    for x, text in _TARGET_LINES.get(workload, ()):
-        ax.axvline(x, color="#2e75b6", linewidth=0.8, linestyle=":")
-        ax.text(x, len(mine) - 0.4, f" {text}", fontsize=7, color="#2e75b6", va="bottom")
+    for x, text in _TARGETS:
+        ax.axvline(x, color="black" if x == 1.0 else "#7a3e9d", linewidth=0.8, linestyle="--")
+        ax.text(x, len(mine) - 0.4, f" {text}", fontsize=7, rotation=90, va="top", ha="left")
+    ax.set_yticks(ys, [r.impl for r in mine], fontsize=8)
     ax.set_title(title, fontsize=11)
-    ax.set_xlabel("throughput relative to C (C = 1, dashed line)", fontsize=9)
-    ax.set_xlim(0, max([*values, 2.0 if workload in _TARGET_LINES else 1.0]) * 1.4)
-    ax.tick_params(axis="y", labelsize=8)
+    ax.set_xlabel("throughput relative to C (best repeat; whisker: all repeats)", fontsize=9)
+    ax.set_xlim(0, xmax)
 
 
 def _latency_panel(ax: Any, rows: Sequence[Row]) -> None:
-    modules = {impl.name: impl.module for impl in IMPLS}
+    impls = {impl.name: impl for impl in IMPLS}
     ping = [r for r in rows if r.workload == "pingpong" and r.p50_us is not None][::-1]
     ys = list(range(len(ping)))
     p99 = [r.p99_us or 0.0 for r in ping]
     p50 = [r.p50_us or 0.0 for r in ping]
     bars99 = ax.barh([y + 0.2 for y in ys], p99, height=0.4, color="#c9d6e8")
     ax.bar_label(bars99, labels=[f"p99 {v:.0f}" for v in p99], fontsize=7, padding=2)
-    colors = [_COLORS[modules[r.impl]] for r in ping]
+    colors = [colour(impls[r.impl]) for r in ping]
     bars = ax.barh([y - 0.2 for y in ys], p50, height=0.4, color=colors)
     ax.bar_label(bars, labels=[f"p50 {v:.0f}" for v in p50], fontsize=8, padding=2)
     stdlib = next((r.p50_us for r in ping if r.impl == "stdlib"), None)
@@ -247,11 +270,15 @@ def plot(rows: Sequence[Row], path: Path, subtitle: str) -> None:
 
     panels = [w for w in WORKLOADS if w.kind != "pingpong"]
     fig, axes = plt.subplots(2, 3, figsize=(16, 10.5), layout="constrained")
+    names = {w.name for w in panels}
+    ratios = [r.ratio for r in rows if r.workload in names and r.ratio is not None]
+    xmax = max([*ratios, *(x for x, _ in _TARGETS)]) * 1.35  # one scale for every panel
     for ax, workload in zip(axes.flat, panels, strict=False):
-        _throughput_panel(ax, rows, workload.name, workload.title)
+        _throughput_panel(ax, rows, workload.name, workload.title, xmax)
     _latency_panel(axes.flat[len(panels)], rows)
-    handles = [Patch(color=color, label=name) for name, color in _COLORS.items()]
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
+    shown = {r.impl for r in rows}
+    handles = [Patch(color=colour(i), label=i.name) for i in IMPLS if i.name in shown]
+    fig.legend(handles=handles, loc="outside lower center", ncols=6, fontsize=8)
     fig.suptitle(f"aioancillary benchmarks: {subtitle}", fontsize=12)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

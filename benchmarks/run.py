@@ -2,8 +2,10 @@
 
 Every implementation runs in the same invocation, interleaved (repeat 1 of every cell, then
 repeat 2, ...), so that the ratios to the C program come from one run on one machine state.
-Prints the table; writes ``benchmarks/results/latest.md`` (+ ``latest.json``) and
-``docs/performance.png``. See ``benchmarks/README.md``.
+Prints the table and writes ``latest.md``, ``latest.json`` and ``performance.png`` into the
+ignored ``benchmarks/_out/``; with ``--publish``, into ``benchmarks/results/latest.md`` (+
+``latest.json``) and ``docs/performance.png``, the files the documentation shows. See
+``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -23,15 +25,31 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import _cells
 import _report
 from _cells import IMPLS, SOAK, WORKLOADS, CellError, CellResult, Impl, Workload
 
-RESULTS = _cells.HERE / "results"
-PLOT = _cells.HERE.parent / "docs" / "performance.png"
+OUT = _cells.HERE / "_out"  # gitignored: every run that is not published
+RESULTS = _cells.HERE / "results"  # --publish: the committed report ...
+PLOT = _cells.HERE.parent / "docs" / "performance.png"  # ... and the plot the docs show
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a run writes its report, raw results and plot."""
+
+    report: Path
+    raw: Path
+    plot: Path
+
+
+def outputs(publish: bool) -> Outputs:
+    if publish:
+        return Outputs(RESULTS / "latest.md", RESULTS / "latest.json", PLOT)
+    return Outputs(OUT / "latest.md", OUT / "latest.json", OUT / "performance.png")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -64,7 +82,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     parser.add_argument(
-        "--replot", action="store_true", help="rewrite latest.md and the PNG from latest.json"
+        "--publish",
+        action="store_true",
+        help="write benchmarks/results/latest.md and docs/performance.png (the published "
+        "report) instead of benchmarks/_out/",
+    )
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="rewrite latest.md and the PNG from latest.json (of _out/, or of results/ with "
+        "--publish)",
     )
     parser.add_argument("--cc", default="cc", help="C compiler (default: cc)")
     args = parser.parse_args(argv)
@@ -210,6 +237,7 @@ def _environment(argv: list[str]) -> dict[str, str]:
 
 
 def _write(
+    out: Outputs,
     *,
     rows: list[_report.Row],
     soak: dict[str, CellResult],
@@ -239,8 +267,8 @@ def _write(
     if notes:
         parts += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     text = "\n".join(parts)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latest.md").write_text(text)
+    out.report.parent.mkdir(parents=True, exist_ok=True)
+    out.report.write_text(text)
     return text
 
 
@@ -258,7 +286,6 @@ def _profile(args: argparse.Namespace, tmp: Path) -> None:
     if all(any(fnmatch.fnmatch(n, p) for n in names) for p in only):
         only.append("aioancillary-*-framed")
     workloads, impls = _select(only)
-    RESULTS.mkdir(exist_ok=True)
     for workload in workloads:
         for impl in impls:
             if impl.module != "aioancillary" or not impl.applies(workload):
@@ -285,15 +312,16 @@ def _profile(args: argparse.Namespace, tmp: Path) -> None:
             print(f"{workload.name} {impl.name}: {res.rate:,.0f}/s under cProfile -> {report}")
 
 
-def _replot() -> int:
+def _replot(out: Outputs) -> int:
     """Rewrite latest.md and the PNG from latest.json (after changing the report code)."""
-    raw = json.loads((RESULTS / "latest.json").read_text())
+    raw = json.loads(out.raw.read_text())
     results = {
         tuple(key.split("/")): [CellResult(**r) for r in runs] for key, runs in raw["cells"].items()
     }
     soak = {k: CellResult(**v) for k, v in raw["soak"].items()}
     errors = {tuple(k.split("/")): v for k, v in raw["errors"].items()}
     _finish(
+        out,
         raw["environment"],
         raw["settings"],
         results=results,
@@ -306,6 +334,7 @@ def _replot() -> int:
 
 
 def _finish(
+    out: Outputs,
     env: dict[str, str],
     settings: dict[str, float],
     *,
@@ -316,7 +345,7 @@ def _finish(
     plot: bool,
 ) -> None:
     rows = _report.aggregate(results, errors)
-    text = _write(rows=rows, soak=soak, env=env, settings=settings, notes=notes)
+    text = _write(out, rows=rows, soak=soak, env=env, settings=settings, notes=notes)
     raw = {
         "environment": env,
         "settings": settings,
@@ -325,17 +354,20 @@ def _finish(
         "errors": {f"{w}/{i}": e for (w, i), e in errors.items()},
         "notes": notes,
     }
-    (RESULTS / "latest.json").write_text(json.dumps(raw, indent=1))
+    out.raw.write_text(json.dumps(raw, indent=1))
     print(text)
+    written = [out.report, out.raw]
     if plot and rows:
-        _report.plot(rows, PLOT, f"{env['date']}, {env['machine']}")
-        print(f"\nwrote {RESULTS / 'latest.md'} and {PLOT}")
+        _report.plot(rows, out.plot, f"{env['date']}, {env['machine']}")
+        written.append(out.plot)
+    print(f"\nwrote {', '.join(str(p) for p in written)}")
 
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
+    out = outputs(args.publish)
     if args.replot:
-        return _replot()
+        return _replot(out)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # fds in flight count against it
     _cells.build_c(args.cc)
@@ -355,6 +387,7 @@ def main(argv: list[str]) -> int:
     env["load average"] += " at start, " + _loadavg() + " at end"
     settings = {"repeat": args.repeat, "seconds": args.seconds, "pin": args.pin}
     _finish(
+        out,
         env,
         settings,
         results=results,

@@ -19,6 +19,11 @@ from typing import Any, TypeVar
 
 import pytest
 
+try:
+    import uvloop
+except ImportError:  # the suite also runs without it: the uvloop half is skipped
+    uvloop = None  # type: ignore[assignment]
+
 from aioancillary import (
     AncillaryConnection,
     AncillaryMessage,
@@ -35,6 +40,49 @@ TIMEOUT = 5.0
 #: Payload bigger than a socketpair's kernel buffer (about 208 KiB on Linux by default), so one
 #: write cannot be taken by the kernel at once and one message spans many ``recvmsg`` calls.
 BIG = 1024 * 1024 - 1024
+
+
+# -- event loops ------------------------------------------------------------------------------
+
+#: Why the uvloop half of the suite is skipped when uvloop is absent (shown by ``pytest -ra``).
+NO_UVLOOP = "uvloop is not installed: the uvloop half of the suite is skipped (pip install uvloop)"
+
+
+class DebugEventLoop(asyncio.SelectorEventLoop):
+    """asyncio's default loop with debug mode pinned on (``asyncio.new_event_loop`` + debug).
+
+    pytest-asyncio's runner calls ``set_debug(asyncio_debug)`` on the loop right after the
+    factory made it, which would switch debug mode off again; this loop keeps it on.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        super().set_debug(True)
+
+    def set_debug(self, enabled: bool) -> None:
+        super().set_debug(True)
+
+
+def new_uvloop() -> asyncio.AbstractEventLoop:
+    """``uvloop.new_event_loop()``; tests on it are skipped at collection when uvloop is absent."""
+    if uvloop is None:
+        raise RuntimeError(NO_UVLOOP)
+    return uvloop.new_event_loop()
+
+
+#: The loops every async test runs on (ids ``[asyncio]``, ``[asyncio-debug]``, ``[uvloop]``).
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "asyncio-debug": DebugEventLoop,
+    "uvloop": new_uvloop,
+}
+
+#: ``@pytest.mark.parametrize("loop_name", LOOP_NAMES)`` for sync tests that start their own
+#: loop or a child on a named loop: asyncio, and uvloop (skipped, saying so, when absent).
+LOOP_NAMES = [
+    pytest.param("asyncio"),
+    pytest.param("uvloop", marks=pytest.mark.skipif(uvloop is None, reason=NO_UVLOOP)),
+]
 
 
 def open_fd_count() -> int:

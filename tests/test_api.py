@@ -5,6 +5,7 @@ Written to keep passing as names are added: every check runs over whatever ``__a
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import tomllib
 from pathlib import Path
@@ -104,9 +105,13 @@ def test_every_exported_exception_is_an_ancillary_error() -> None:
             assert issubclass(obj, aioancillary.AncillaryError), name
 
 
-def test_version_matches_pyproject() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert aioancillary.__version__ == project["version"]
+def test_version_is_written_once() -> None:
+    """pyproject.toml takes the version from ``__init__.py``; the installed metadata agrees."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"]
+    assert "version" in project["project"]["dynamic"]
+    assert project["tool"]["hatch"]["version"]["path"] == "src/aioancillary/__init__.py"
+    assert importlib.metadata.version("aioancillary") == aioancillary.__version__
 
 
 def test_core_names_are_exported() -> None:

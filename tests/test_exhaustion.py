@@ -15,17 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-LOOP_NAMES = ["asyncio", "uvloop"]
+from helpers import LOOP_NAMES
 
 PRELUDE = textwrap.dedent(
     """
     import array, asyncio, json, os, resource, socket, struct, sys
-    import uvloop
     import aioancillary as aa
 
-    LOOP = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}[sys.argv[1]]
-    uvloop.new_event_loop().close()  # libuv's 2 process-lifetime fds: part of every baseline
+    if sys.argv[1] == "uvloop":
+        import uvloop
+        LOOP = uvloop.new_event_loop
+        uvloop.new_event_loop().close()  # libuv's 2 process-lifetime fds: part of the baseline
+    else:
+        LOOP = asyncio.new_event_loop
     SOFT, HARD = resource.getrlimit(resource.RLIMIT_NOFILE)
 
     def count():

@@ -16,16 +16,20 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import LOOP_NAMES
 
 SCRIPT = textwrap.dedent(
     """
     import asyncio, json, os, sys
-    import uvloop
     import aioancillary as aa
 
     LOOP, CHILD, PATH = sys.argv[1], sys.argv[2], sys.argv[3]
-    FACTORY = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}[LOOP]
-    uvloop.new_event_loop().close()  # libuv's own fds, before the baseline
+    if LOOP == "uvloop":
+        import uvloop
+        FACTORY = uvloop.new_event_loop
+        uvloop.new_event_loop().close()  # libuv's own fds, before the baseline
+    else:
+        FACTORY = asyncio.new_event_loop
 
     async def echo(conn):
         async for msg in conn:
@@ -79,7 +83,7 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize("child", ["close", "runner", "exit"])
-@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("loop_name", LOOP_NAMES)
 def test_a_forked_child_never_disturbs_the_parent(
     tmp_path: Path, loop_name: str, child: str
 ) -> None:

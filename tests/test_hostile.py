@@ -16,12 +16,11 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-import uvloop
-from helpers import open_fd_count, rights, wait_until, within
+from helpers import LOOP_FACTORIES, LOOP_NAMES, open_fd_count, rights, wait_until, within
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -192,7 +191,8 @@ async def test_fds_no_frame_claims_are_bounded(pipe_fds: tuple[int, int]) -> Non
 
 async def test_most_fds_one_hostile_connection_can_pin(pipe_fds: tuple[int, int]) -> None:
     # The worst a peer can do to a receiver that does not read: fill the decoder's unclaimed
-    # FIFO to its limit, then the receive queue past its budget. docs/security.md quotes this.
+    # FIFO to its limit, then the receive queue past its budget.
+    # docs/explanation/security.md quotes this.
     r, _ = pipe_fds
     budget = 4 * SCM_MAX_FD
     loop = asyncio.get_running_loop()
@@ -436,10 +436,6 @@ async def test_peer_sends_sockets_holding_fds_in_flight(pipe_fds: tuple[int, int
 
 # -- random garbage through a real socket -------------------------------------------------------
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
 
 _valid = st.tuples(st.just("frame"), st.binary(max_size=40), st.integers(0, 4))
 _garbage = st.tuples(st.just("raw"), st.binary(min_size=1, max_size=40), st.integers(0, 4))
@@ -460,7 +456,7 @@ async def _garbage_session(chunks: list[tuple[str, bytes, int]], framed: bool, f
             assert sum(n for _, n in got) == sum(n for _, _, n in chunks)
 
 
-@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+@pytest.mark.parametrize("loop_name", LOOP_NAMES)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chunks=st.lists(st.one_of(_valid, _garbage), max_size=10), framed=st.booleans())
 def test_random_garbage_from_the_peer(
@@ -469,7 +465,7 @@ def test_random_garbage_from_the_peer(
     r, w = os.pipe()
     try:
         before = open_fd_count()
-        with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        with asyncio.Runner(loop_factory=LOOP_FACTORIES[loop_name]) as runner:
             runner.run(_garbage_session(chunks, framed, r))
         assert open_fd_count() == before
     finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import TIMEOUT, within
+from helpers import LOOP_NAMES, TIMEOUT, within
 
 from aioancillary import AncillaryMessage, InvalidFdError, TooManyFdsError, recv_fds
 from aioancillary._notify import NotifyError, notify, notify_async, watchdog_interval
@@ -316,7 +316,7 @@ async def test_async_cancelled_while_waiting_sends_nothing(supervisor: Superviso
 # -- across processes -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["blocking", "asyncio", "uvloop"])
+@pytest.mark.parametrize("mode", ["blocking", *LOOP_NAMES])
 def test_child_parks_its_state_and_leaks_nothing(mode: str, supervisor: Supervisor) -> None:
     env = {**os.environ, "NOTIFY_SOCKET": supervisor.env_value}
     proc = subprocess.run(

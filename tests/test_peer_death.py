@@ -22,8 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-import uvloop
-from helpers import open_fd_count, rights
+from helpers import LOOP_FACTORIES, LOOP_NAMES, open_fd_count, rights
 
 from aioancillary import (
     AncillaryConnection,
@@ -528,22 +527,17 @@ async def test_task_group_cancelled_while_sending_to_a_peer_that_does_not_read(
 
 # -- a loop closed under an open connection -----------------------------------------------------
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
-
 
 def _drop(objects: list[object]) -> None:
     objects.clear()
     gc.collect()  # the connections sit in reference cycles: only the collector finds them
 
 
-@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+@pytest.mark.parametrize("loop_name", LOOP_NAMES)
 def test_loop_closed_with_a_connection_open(loop_name: str) -> None:
     base = open_fd_count()
     r, w = os.pipe()
-    loop = LOOPS[loop_name]()
+    loop = LOOP_FACTORIES[loop_name]()
 
     async def leave_open() -> tuple[list[object], socket.socket]:
         a, b = await connection_pair()

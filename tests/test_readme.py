@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -20,6 +22,8 @@ def test_readme_has_demo_and_test_commands() -> None:
 
 
 def test_ci_runs_the_readme_test_command() -> None:
+    if not (ROOT / ".ci" / "run").exists():
+        pytest.skip("no .ci/run here: an sdist carries no CI script")
     tests = _readme_commands()[1]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in ci

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from helpers import LOOP_NAMES
 
 from aioancillary import (
     SCM_MAX_FD,
@@ -29,7 +30,6 @@ from aioancillary import (
 )
 
 TIMEOUT = 5.0
-LOOP_NAMES = ["asyncio", "uvloop"]
 
 
 @pytest.fixture
@@ -191,11 +191,14 @@ async def test_empty_framed_message_carries_fds(
 PRELUDE = textwrap.dedent(
     """
     import asyncio, errno, json, os, resource, socket, sys
-    import uvloop
     import aioancillary as aa
 
-    LOOP = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}[sys.argv[1]]
-    uvloop.new_event_loop().close()
+    if sys.argv[1] == "uvloop":
+        import uvloop
+        LOOP = uvloop.new_event_loop
+        uvloop.new_event_loop().close()  # libuv's 2 process-lifetime fds: part of the baseline
+    else:
+        LOOP = asyncio.new_event_loop
     SOFT, HARD = resource.getrlimit(resource.RLIMIT_NOFILE)
     CAP_SYS_ADMIN, CAP_SYS_RESOURCE = 21, 24
 

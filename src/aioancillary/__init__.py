@@ -9,6 +9,8 @@ Layers, bottom up (each uses only the ones below it):
   :func:`start_unix_server`, :func:`connection_pair`; and, for your own protocols,
   :class:`AncillaryTransport` / :class:`AncillaryProtocol` with :func:`create_unix_connection`
   and :func:`create_unix_server`;
+* ``authorize=`` policies: :func:`same_user`, :func:`root_or_same_user`, :func:`allow_uids`,
+  :func:`allow_gids`, :func:`allow_group_members`;
 * daemon lifecycle: :func:`listen_fds` (systemd socket activation, by name, as
   :class:`NamedFds`), :func:`notify` / :func:`notify_async` (``sd_notify``, the fd store),
   :func:`start_generation` / :class:`Generation` (zero-downtime reload by fd handoff).
@@ -16,6 +18,13 @@ Layers, bottom up (each uses only the ones below it):
 
 from __future__ import annotations
 
+from ._authorize import (
+    allow_gids,
+    allow_group_members,
+    allow_uids,
+    root_or_same_user,
+    same_user,
+)
 from ._blocking import ReceivedInto, recv_fds, recv_fds_into, send_fds
 from ._client import connection_pair, create_unix_connection, open_unix_connection
 from ._cmsg import Credentials, SocketAncillary
@@ -103,6 +112,9 @@ __all__ = [
     "ServerStats",
     "SocketAncillary",
     "TooManyFdsError",
+    "allow_gids",
+    "allow_group_members",
+    "allow_uids",
     "buffer_size_for_rights",
     "connection_pair",
     "create_unix_connection",
@@ -116,6 +128,8 @@ __all__ = [
     "peer_credentials",
     "recv_fds",
     "recv_fds_into",
+    "root_or_same_user",
+    "same_user",
     "send_fds",
     "start_generation",
     "start_unix_server",

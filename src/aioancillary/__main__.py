@@ -1,10 +1,10 @@
-"""Command line: ``python -m aioancillary demo``."""
+"""``python -m aioancillary``: the command line (see :mod:`aioancillary._cli`)."""
 
 from __future__ import annotations
 
 import sys
 
-from ._demo import main
+from ._cli import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

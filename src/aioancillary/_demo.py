@@ -6,7 +6,8 @@ B answers the client through the socket it received. Every step is narrated with
 numbers, and both processes finish by counting their open fds to show that nothing leaked.
 
 B is a fresh interpreter started with :mod:`subprocess` (``python -m aioancillary demo-worker
-FD``), so it provably never had the client's socket until A sent it.
+FD LOOP``), so it provably never had the client's socket until A sent it. Both run on the loop
+chosen with ``--loop`` (see :mod:`aioancillary._cli`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from ._connection import AncillaryConnection
 _LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
-def _loop_factory() -> tuple[_LoopFactory, str]:
-    try:
-        import uvloop  # noqa: PLC0415 - optional dependency
-    except ImportError:
-        return asyncio.new_event_loop, "the default asyncio loop (uvloop is not installed)"
+def _loop_factory(loop: str) -> tuple[_LoopFactory, str]:
+    """The factory and a description of ``loop`` (``"asyncio"`` or ``"uvloop"``)."""
+    if loop != "uvloop":
+        return asyncio.new_event_loop, "the default asyncio loop"
+    import uvloop  # noqa: PLC0415 - optional dependency, checked by the command line
+
     version = getattr(uvloop, "__version__", "")
     return uvloop.new_event_loop, f"uvloop {version}".strip()
 
@@ -142,9 +144,10 @@ async def _acceptor(conn: AncillaryConnection, worker_pid: int, worker_fd: int) 
     return worker_clean and "LEAKED" not in verdict
 
 
-def _demo() -> int:
+def demo(loop: str) -> int:
+    """``python -m aioancillary demo``: run A here and B in a child, both on ``loop``."""
     started = time.perf_counter()
-    factory, loop_name = _loop_factory()
+    factory, loop_name = _loop_factory(loop)
     print(
         "aioancillary demo: process A accepts a TCP client and hands the live connection to "
         "process B,\nwhich answers it. Both processes run on " + loop_name + ".\n",
@@ -153,7 +156,7 @@ def _demo() -> int:
     mine, theirs = socket.socketpair()
     try:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "aioancillary", "demo-worker", str(theirs.fileno())],
+            [sys.executable, "-m", "aioancillary", "demo-worker", str(theirs.fileno()), loop],
             pass_fds=[theirs.fileno()],
         )
     except BaseException:
@@ -190,14 +193,11 @@ def _demo() -> int:
     return 1
 
 
-def main(argv: list[str]) -> int:
-    """Entry point of ``python -m aioancillary``."""
-    if argv[:1] == ["demo"] and len(argv) == 1:
-        return _demo()
-    if argv[:1] == ["demo-worker"] and len(argv) == 2 and argv[1].isdigit():
-        # Internal: process B of the demo, started by the demo itself.
-        factory, _name = _loop_factory()
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(_worker(int(argv[1])))
-    print("usage: python -m aioancillary demo", file=sys.stderr)
-    return 2
+def worker_main(argv: list[str]) -> int:
+    """Process B: ``demo-worker FD LOOP``, started by :func:`demo` with the socket at ``FD``."""
+    if len(argv) != 2 or not argv[0].isdigit() or argv[1] not in ("asyncio", "uvloop"):
+        print("demo-worker is started by the demo itself", file=sys.stderr)
+        return 2
+    factory, _name = _loop_factory(argv[1])
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(_worker(int(argv[0])))

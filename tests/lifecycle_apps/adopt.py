@@ -18,8 +18,6 @@ import stat
 import sys
 from typing import Any
 
-import uvloop
-
 from aioancillary import AncillaryError
 from aioancillary._systemd import NamedFds, listen_fds
 
@@ -157,7 +155,11 @@ def main() -> None:
         result["open_3_4"] = [os.path.exists(f"/proc/self/fd/{fd}") for fd in (3, 4)]
     elif mode == "serve":
         loop_name, names = sys.argv[2], sys.argv[3:]
-        factory = uvloop.new_event_loop if loop_name == "uvloop" else asyncio.new_event_loop
+        factory = asyncio.new_event_loop
+        if loop_name == "uvloop":
+            import uvloop  # noqa: PLC0415 - only when asked for: the suite also runs without it
+
+            factory = uvloop.new_event_loop
         with asyncio.Runner(loop_factory=factory) as runner:
             result = runner.run(serve(names))
     else:

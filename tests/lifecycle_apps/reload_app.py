@@ -28,8 +28,6 @@ import signal
 import socket
 from typing import Any
 
-import uvloop
-
 from aioancillary import AncillaryError, OwnedFd
 from aioancillary._reload import start_generation
 
@@ -179,7 +177,11 @@ def cli() -> None:
     log = logging.getLogger("aioancillary")
     log.addHandler(EmitWarnings(logging.WARNING))
     log.propagate = False
-    factory = uvloop.new_event_loop if args.loop == "uvloop" else asyncio.new_event_loop
+    factory = asyncio.new_event_loop
+    if args.loop == "uvloop":
+        import uvloop  # noqa: PLC0415 - only when asked for: the suite also runs without it
+
+        factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         code = runner.run(main(args))
     raise SystemExit(code)
