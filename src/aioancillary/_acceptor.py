@@ -472,6 +472,9 @@ class Acceptor:
                 dirty.append(worker)
             worker.pending.append(item)
             worker.in_flight += 1
+            if worker.in_flight >= worker.cap and not self._has_room():
+                self._pause_accepting()  # the kernel's backlog holds the next ones
+                break
         self._accepted += accepted
         if dirty:
             self._flush()
@@ -583,11 +586,14 @@ class Acceptor:
         self._resume_scheduled = False
         if self._accepting or self._stopped or self._held or not self._listeners:
             return
-        if not any(link.in_flight < link.cap for link in self._workers):
+        if not self._has_room():
             return
         self._accepting = True
         for listener in self._listeners:
             self._loop.add_reader(listener.fd, self._on_acceptable, listener)
+
+    def _has_room(self) -> bool:
+        return any(link.in_flight < link.cap for link in self._workers)
 
     def _pause_accepting(self) -> None:
         if self._accepting:

@@ -320,6 +320,11 @@ class Worker(AncillaryProtocol):
                     raise exc
                 raise ConnectionClosedError(f"the link to the acceptor failed: {exc}") from exc
             if self._eof or self._lost.done():
+                if not self._welcomed:
+                    raise ConnectionClosedError(
+                        "the acceptor closed the link before welcoming this worker (did its "
+                        "authorize= refuse this process?)"
+                    )
                 raise StopAsyncIteration
             if self._waiter is not None:
                 raise RuntimeError("another task is already iterating over this worker")
