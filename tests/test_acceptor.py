@@ -156,9 +156,7 @@ async def test_accepting_stops_at_the_limit_and_resumes_when_a_worker_frees_up()
         worker.hold = False
         await worker.release()
         answers = [await within(reader.readline()) for reader, _writer in clients]
-        assert [json.loads(a)["request"] for a in answers] == [
-            f"client {n}" for n in range(5)
-        ]
+        assert [json.loads(a)["request"] for a in answers] == [f"client {n}" for n in range(5)]
         await wait_until(lambda: acceptor.stats().accepting)
         for _reader, writer in clients:
             writer.close()
@@ -278,7 +276,10 @@ async def test_stop_accepting_drain_and_close() -> None:
         assert b"in flight" in await within(reader.readline())
         writer.close()
         await writer.wait_closed()
-        with socket.create_server(("127.0.0.1", 0)) as late, pytest.raises(ValueError):
+        with (
+            socket.create_server(("127.0.0.1", 0)) as late,
+            pytest.raises(ValueError, match="stop"),
+        ):
             acceptor.add_listener(late)
 
 
