@@ -39,6 +39,7 @@ class Workload:
     sock_type: int
     nfds: int
     title: str
+    pinned: bool = True  # ping-pong: both sides on one CPU (see run_cell)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,14 @@ WORKLOADS = [
     Workload("seqpacket-1fd", "oneway", socket.SOCK_SEQPACKET, 1, "SOCK_SEQPACKET, 1 fd/msg"),
     Workload("seqpacket-4fd", "oneway", socket.SOCK_SEQPACKET, 4, "SOCK_SEQPACKET, 4 fds/msg"),
     Workload("pingpong", "pingpong", socket.SOCK_STREAM, 1, "ping-pong, 1 fd each way"),
+    Workload(
+        "pingpong-unpinned",
+        "pingpong",
+        socket.SOCK_STREAM,
+        1,
+        "ping-pong, 1 fd each way, not pinned",
+        pinned=False,
+    ),
     Workload("handoff", "handoff", socket.SOCK_STREAM, 1, "TCP accept handoff"),
 ]
 SOAK = Workload("soak", "oneway", socket.SOCK_STREAM, 1, "1M messages, 1 fd/msg")
@@ -73,6 +82,7 @@ IMPLS = [
     Impl("anyio-asyncio", "anyio", "asyncio", label="anyio, asyncio"),
     Impl("anyio-uvloop", "anyio", "uvloop", label="anyio, uvloop"),
     Impl("naive-asyncio", "naive", "asyncio", label="naive add_reader+recvmsg"),
+    Impl("naive-uvloop", "naive", "uvloop", label="naive add_reader+recvmsg, uvloop"),
     Impl("aioancillary-asyncio-framed", "aioancillary", "asyncio", "framed", "aioancillary"),
     Impl("aioancillary-asyncio-raw", "aioancillary", "asyncio", "raw", "aioancillary"),
     Impl("aioancillary-asyncio-batch", "aioancillary", "asyncio", "batch", "aioancillary"),
@@ -305,7 +315,7 @@ def run_cell(
     ok = False
     affinity = os.sched_getaffinity(0)
     try:
-        if pin and workload.kind == "pingpong":
+        if pin and workload.pinned and workload.kind == "pingpong":
             os.sched_setaffinity(0, {min(affinity)})  # inherited by the children
         for child in children:
             _start(

@@ -96,6 +96,24 @@ def nofile_at_least(n: int) -> Iterator[None]:
 
 # -- fds that identify messages ---------------------------------------------------------------
 
+_inodes: dict[int, int] = {}
+
+
+def unique_fd() -> int:
+    """A new fd (a pipe's read end) with an inode of its own, for :func:`alive` to recognise."""
+    r, w = os.pipe()
+    os.close(w)
+    _inodes[r] = os.fstat(r).st_ino
+    return r
+
+
+def alive(fd: int) -> bool:
+    """True while ``fd`` (from :func:`unique_fd`) is still the file it was, not a reused number."""
+    try:
+        return os.fstat(fd).st_ino == _inodes.get(fd)
+    except OSError:
+        return False
+
 
 def tagged_pipe(tag: bytes | str | int) -> int:
     """Return the read end of a pipe holding ``tag`` (write end already closed)."""

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import aioancillary._blocking
+import aioancillary._syscalls
 from aioancillary import (
     SCM_MAX_FD,
     Credentials,
@@ -26,7 +27,7 @@ from aioancillary import (
     recv_fds_into,
     send_fds,
 )
-from aioancillary._blocking import send_message, translate_send_error
+from aioancillary._syscalls import send_message, translate_send_error
 
 KINDS = [socket.SOCK_STREAM, socket.SOCK_SEQPACKET, socket.SOCK_DGRAM]
 KIND_IDS = ["stream", "seqpacket", "dgram"]
@@ -448,11 +449,11 @@ def test_partial_stream_write_sends_fds_once(
     a.settimeout(10)
     calls: list[int] = []  # how many fds each sendmsg carried
 
-    def spy(sock: socket.socket, data: memoryview, ancdata: list[tuple[int, int, bytes]]) -> int:
-        calls.append(sum(len(rec[2]) // 4 for rec in ancdata))
-        return send_message(sock, data, ancdata)
+    def spy(sock: socket.socket, buffers: list[memoryview], fds: list[int]) -> int:
+        calls.append(len(fds))
+        return send_message(sock, buffers, fds)
 
-    monkeypatch.setattr(aioancillary._blocking, "send_message", spy)
+    monkeypatch.setattr(aioancillary._syscalls, "send_message", spy)
     payload = bytes(range(256)) * 8192  # 2 MiB: far more than the socket buffer
     received = bytearray()
     fds: list[OwnedFd] = []

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from helpers import is_open
+from helpers import alive, unique_fd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,14 +18,19 @@ from aioancillary import (
     FRAME_HEADER_SIZE,
     AncillaryMessage,
     FrameDecoder,
-    OwnedFd,
     ProtocolError,
     frame_header,
 )
 
 
-def owned(n: int) -> list[OwnedFd]:
-    return [OwnedFd(os.open(os.devnull, os.O_RDONLY)) for _ in range(n)]
+# The decoder takes raw fd numbers (it owns them from the feed on). Each test fd has an inode
+# of its own, so that "still open" means "still the same file", never a reused number.
+def owned(n: int) -> list[int]:
+    return [unique_fd() for _ in range(n)]
+
+
+def nums(msg: AncillaryMessage) -> list[int]:
+    return [fd.fileno() for fd in msg.fds]
 
 
 def frame(data: bytes, nfds: int = 0) -> bytes:
@@ -38,18 +43,19 @@ def close_messages(msgs: list[AncillaryMessage]) -> None:
 
 
 @contextlib.contextmanager
-def tracked(n: int) -> Iterator[list[OwnedFd]]:
-    """``n`` OwnedFds; any the test (or decoder) did not close are closed afterwards."""
+def tracked(n: int) -> Iterator[list[int]]:
+    """``n`` fds; any the test (or decoder) did not close are closed afterwards."""
     fds = owned(n)
     try:
         yield fds
     finally:
         for fd in fds:
-            fd.close()
+            if alive(fd):
+                os.close(fd)
 
 
-def assert_all_closed(fds: list[OwnedFd]) -> None:
-    assert all(fd.closed for fd in fds)
+def assert_all_closed(fds: list[int]) -> None:
+    assert not any(alive(fd) for fd in fds)
 
 
 # -- frame_header -------------------------------------------------------------------------
@@ -76,7 +82,7 @@ def test_decode_one_frame_with_fds() -> None:
         dec = FrameDecoder()
         (msg,) = dec.feed(frame(b"hello", 2), list(fds))
         assert msg.data == b"hello"
-        assert msg.fds == tuple(fds)
+        assert nums(msg) == fds
         assert dec.pending_fds == 0
         assert dec.buffered_bytes == 0
         dec.eof()
@@ -89,7 +95,7 @@ def test_decode_empty_and_many_frames_in_one_chunk() -> None:
         dec = FrameDecoder()
         msgs = dec.feed(frame(b"", 1) + frame(b"a") + frame(b"bc", 2) + frame(b""), list(fds))
         assert [m.data for m in msgs] == [b"", b"a", b"bc", b""]
-        assert [m.fds for m in msgs] == [(fds[0],), (), (fds[1], fds[2]), ()]
+        assert [nums(m) for m in msgs] == [[fds[0]], [], [fds[1], fds[2]], []]
         close_messages(msgs)
 
 
@@ -108,7 +114,7 @@ def test_partial_frames_are_kept_and_data_is_copied() -> None:
         assert dec.pending_fds == 1  # claimed by the header, not yet delivered
         (msg,) = dec.feed(stream[12:], [])
         assert msg.data == b"0123456789"
-        assert msg.fds == (fds[0],)
+        assert nums(msg) == [fds[0]]
         msg.close()
 
 
@@ -119,7 +125,7 @@ def test_fds_may_arrive_before_their_frame() -> None:
         (m1,) = dec.feed(frame(b"first")[3:], [])
         assert m1.fds == ()
         (m2,) = dec.feed(frame(b"second", 2), [])
-        assert m2.fds == tuple(fds)
+        assert nums(m2) == fds
         m2.close()
 
 
@@ -157,12 +163,12 @@ def test_bad_frame_fails_and_closes_every_fd(bad: bytes, match: str) -> None:
         # fds[2] rides with a frame that comes after the fault.
         msgs = dec.feed(good + bad + b"\x00" * 4, [fds[0], fds[1]])
         assert [m.data for m in msgs] == [b"good"]
-        assert msgs[0].fds == (fds[0],)
-        assert not fds[0].closed  # the good message still owns it
+        assert nums(msgs[0]) == [fds[0]]
+        assert alive(fds[0])  # the good message still owns it
         _expect_failure(dec, match)
-        assert fds[1].closed
+        assert not alive(fds[1])
         assert dec.feed(frame(b"after", 1), [fds[2]]) == []
-        assert fds[2].closed
+        assert not alive(fds[2])
         _refuses_later_input(dec)
         dec.eof()  # does not replace the first failure
         _expect_failure(dec, match)
@@ -256,8 +262,8 @@ def test_eof_with_unclaimed_fds() -> None:
         assert dec.pending_fds == 1
         dec.eof()
         _expect_failure(dec, "1 fd")
-        assert not fds[0].closed
-        assert fds[1].closed
+        assert alive(fds[0])
+        assert not alive(fds[1])
         msg.close()
 
 
@@ -325,8 +331,8 @@ def test_decode_property(data: st.DataObject) -> None:
         completes.append(chunk_of(pos - 1))
     as_view = data.draw(st.lists(st.booleans(), min_size=len(starts), max_size=len(starts)))
 
-    sent: list[list[OwnedFd]] = []
-    per_chunk: list[list[OwnedFd]] = [[] for _ in starts]
+    sent: list[list[int]] = []
+    per_chunk: list[list[int]] = [[] for _ in starts]
     received: list[AncillaryMessage] = []
     try:
         for (_d, n), chunk in zip(messages, attach, strict=True):
@@ -353,15 +359,14 @@ def test_decode_property(data: st.DataObject) -> None:
         assert dec.pending_fds == 0
         assert dec.buffered_bytes == 0
         assert [m.data for m in received] == [d for d, _n in messages]
-        assert [[fd.fileno() for fd in m.fds] for m in received] == [
-            [fd.fileno() for fd in fds] for fds in sent
-        ]
-        assert all(is_open(fd.fileno()) for m in received for fd in m.fds)
+        assert [nums(m) for m in received] == sent
+        assert all(alive(fd) for fds in sent for fd in fds)
     finally:
         close_messages(received)
         for fds in sent:
             for fd in fds:
-                fd.close()
+                if alive(fd):
+                    os.close(fd)
 
 
 def _mutated_stream() -> st.SearchStrategy[bytes]:
@@ -393,7 +398,7 @@ def test_garbage_never_crashes_or_leaks(
 ) -> None:
     bounds = [0, *sorted(c for c in cuts if c < len(stream)), len(stream)]
     chunks = [stream[lo:hi] for lo, hi in itertools.pairwise(bounds)]
-    every: list[OwnedFd] = []
+    every: list[int] = []
     received: list[AncillaryMessage] = []
     dec = FrameDecoder(max_frame_size=32, max_fds_per_frame=3, max_pending_fds=4)
     try:
@@ -407,10 +412,10 @@ def test_garbage_never_crashes_or_leaks(
             assert isinstance(dec.failure, ProtocolError)
             assert dec.pending_fds == 0
         # Every fd is in exactly one message, held by the decoder, or closed.
-        in_messages = [fd for m in received for fd in m.fds]
-        assert len({id(fd) for fd in in_messages}) == len(in_messages)
-        assert all(not fd.closed for fd in in_messages)
-        held = sum(1 for fd in every if not fd.closed) - len(in_messages)
+        in_messages = [fd for m in received for fd in nums(m)]
+        assert len(set(in_messages)) == len(in_messages)
+        assert all(alive(fd) for fd in in_messages)
+        held = sum(1 for fd in every if alive(fd)) - len(in_messages)
         assert held == dec.pending_fds
         if end_with_eof:
             assert held == 0
@@ -421,4 +426,5 @@ def test_garbage_never_crashes_or_leaks(
         dec.close()
         close_messages(received)
         for fd in every:
-            fd.close()
+            if alive(fd):
+                os.close(fd)

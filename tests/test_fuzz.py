@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from helpers import is_open
+from helpers import alive, is_open, unique_fd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -86,14 +86,14 @@ def test_decoder_gives_every_message_exactly_its_fds(
     stream: tuple[list[tuple[bytes, int]], list[int], list[int]], sentinel: int
 ) -> None:
     messages, batch_ends, cuts = stream
-    fds = [[OwnedFd(new_fd()) for _ in range(n)] for _, n in messages]
+    fds = [[new_fd() for _ in range(n)] for _, n in messages]
     # Lay the batches out: each batch's fds ride with its first byte (one sendmsg).
     wire = bytearray()
-    batch_fds: dict[int, list[OwnedFd]] = {}  # stream offset of a batch -> its fds
+    batch_fds: dict[int, list[int]] = {}  # stream offset of a batch -> its fds
     start = 0
     for end in batch_ends:
         offset = len(wire)
-        carried: list[OwnedFd] = []
+        carried: list[int] = []
         for (data, nfds), own in zip(messages[start:end], fds[start:end], strict=True):
             wire += frame_header(nfds, len(data)) + data
             carried += own
@@ -120,9 +120,9 @@ def test_decoder_gives_every_message_exactly_its_fds(
     assert decoder.pending_fds == 0
     assert [m.data for m in out] == [data for data, _ in messages]
     for msg, own in zip(out, fds, strict=True):
-        assert list(msg.fds) == own  # the very objects: each message got its own fds
+        assert [f.fileno() for f in msg.fds] == own  # each message got its own fds
         msg.close()
-    assert all(f.closed for own in fds for f in own)
+    assert not any(is_open(f) for own in fds for f in own)
 
 
 # -- FrameDecoder: a hostile peer ------------------------------------------------------------
@@ -162,11 +162,11 @@ def test_decoder_never_raises_leaks_or_overholds(
     decoder = FrameDecoder(
         max_frame_size=max_frame_size, max_fds_per_frame=max_fds, max_pending_fds=max_pending
     )
-    given_fds: list[OwnedFd] = []
+    given_fds: list[int] = []
     delivered: list[OwnedFd] = []
     failed = False
     for data, nfds in feeds:
-        fds = [OwnedFd(new_fd()) for _ in range(nfds)]
+        fds = [unique_fd() for _ in range(nfds)]
         given_fds += fds
         messages = decoder.feed(data, fds)
         if failed:
@@ -174,7 +174,7 @@ def test_decoder_never_raises_leaks_or_overholds(
         for msg in messages:
             assert len(msg.data) <= max_frame_size
             assert len(msg.fds) <= max_fds
-            delivered += msg.fds
+            delivered += msg.take_fds()
         if decoder.failure is not None:
             failed = True
             assert decoder.pending_fds == 0
@@ -187,20 +187,20 @@ def test_decoder_never_raises_leaks_or_overholds(
         decoder.eof()
     decoder.close()
     assert decoder.pending_fds == 0
-    held = {id(f) for f in delivered}
+    held = {f.fileno() for f in delivered}
     assert len(held) == len(delivered)  # no fd handed out twice
     for f in given_fds:
-        assert f.closed != (id(f) in held)  # delivered ones open, every other one closed
+        assert alive(f) == (f in held)  # delivered ones open, every other one closed
     for f in delivered:
         f.close()
 
 
 def test_decoder_oversized_length_fails_before_buffering() -> None:
     decoder = FrameDecoder(max_frame_size=16)
-    fd = OwnedFd(new_fd())
+    fd = unique_fd()
     assert decoder.feed(struct.pack(">BBHI", 1, 0, 1, 0xFFFFFFFF) + b"x" * 4, [fd]) == []
     assert decoder.failure is not None
-    assert fd.closed
+    assert not alive(fd)
     assert decoder.buffered_bytes == 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import uvloop
-from helpers import open_fd_count, rights, wait_until
+from helpers import open_fd_count, rights, wait_until, within
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -214,6 +214,30 @@ async def test_most_fds_one_hostile_connection_can_pin(pipe_fds: tuple[int, int]
         assert conn.transport.is_closing() is False
         # budget (which counts the decoder's unclaimed fds), plus one read past it
         assert pinned <= budget + SCM_MAX_FD, pinned
+
+
+async def test_a_peer_stalled_in_a_maximum_frame_holds_one_frame(
+    pipe_fds: tuple[int, int],
+) -> None:
+    # docs/security.md quotes this: a peer that stops one byte short of a maximum-size frame
+    # makes the receiver hold that frame (and its fds), nothing more.
+    r, _ = pipe_fds
+    size = 1 << 20
+    loop = asyncio.get_running_loop()
+    async with hostile(max_message_size=size) as (conn, peer):
+        base = open_fd_count()
+        blob = frame(3, b"\xab" * (size - 1), length=size)
+        await loop.run_in_executor(None, peer.sendmsg, [blob[:65536]], rights([r] * 3))
+        await loop.run_in_executor(None, peer.sendall, blob[65536:])
+        await wait_until(lambda: conn.transport.get_read_buffer_size() == len(blob))
+        assert conn.transport.get_read_buffer_size() == 8 + size - 1
+        assert conn.transport.get_read_pending_fds() == 3
+        assert open_fd_count() - base == 3
+        peer.sendall(b"\xab")  # the last byte: the frame completes and the buffer empties
+        with await within(conn.recv()) as msg:
+            assert len(msg.data) == size
+            assert msg.fd_count == 3
+        assert conn.transport.get_read_buffer_size() == 0
 
 
 # -- fds with no data, data without its fds ------------------------------------------------------

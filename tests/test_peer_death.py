@@ -545,7 +545,7 @@ def test_loop_closed_with_a_connection_open(loop_name: str) -> None:
     r, w = os.pipe()
     loop = LOOPS[loop_name]()
 
-    async def leave_open() -> tuple[AncillaryConnection, AncillaryConnection, socket.socket]:
+    async def leave_open() -> tuple[list[object], socket.socket]:
         a, b = await connection_pair()
         b.transport.pause_reading()
         for _ in range(5):
@@ -556,13 +556,11 @@ def test_loop_closed_with_a_connection_open(loop_name: str) -> None:
         c = await open_unix_connection(sock=ours)
         theirs.sendmsg([frame(2, b"part", length=100)], rights([r, w]))  # held by the decoder
         await asyncio.sleep(0.01)
-        return a, c, theirs
+        return [a, b, c], theirs
 
-    a, c, theirs = loop.run_until_complete(leave_open())
+    left_open, theirs = loop.run_until_complete(leave_open())
     loop.close()  # with every connection still open
     theirs.close()
-    left_open: list[object] = [a, c]
-    del a, c
     with pytest.warns(ResourceWarning) as record:
         _drop(left_open)
     assert any("AncillaryTransport" in str(w.message) for w in record)

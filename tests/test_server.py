@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import socket
 import stat
@@ -610,3 +611,105 @@ async def test_start_unix_server_argument_errors(tmp_path: Path) -> None:
         await start_unix_server(echo_fds, sock=tcp)
     with pytest.raises(FileNotFoundError):
         await start_unix_server(echo_fds, tmp_path / "no-such-dir" / "s.sock")
+
+
+async def test_start_unix_server_refuses_sockets_that_cannot_accept(tmp_path: Path) -> None:
+    unbound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connected, peer = socket.socketpair()
+    dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with unbound, connected, peer, dgram:
+        for sock, match in [
+            (unbound, "not listening"),
+            (connected, "not listening"),
+            (dgram, "SOCK_STREAM or SOCK_SEQPACKET"),
+        ]:
+            with pytest.raises(ValueError, match=match):
+                await start_unix_server(echo_fds, sock=sock)
+            assert sock.fileno() >= 0  # refused, not taken: still the caller's
+
+
+async def test_errors_at_connect_and_bind_name_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "s.sock"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        await open_unix_connection(missing)
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        await start_unix_server(echo_fds, missing)
+    refused = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(refused))  # a socket file nobody listens on
+    with pytest.raises(ConnectionRefusedError, match=str(refused)):
+        await open_unix_connection(refused)
+
+
+async def test_hostile_clients_are_logged_once_each_not_reported_as_server_errors(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+    path = tmp_path / "h.sock"
+    clients = 12
+
+    async def reader(conn: AncillaryConnection) -> None:
+        async for msg in conn:
+            msg.close()
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="aioancillary"):
+            server = await start_unix_server(reader, path, peer_error_level=logging.WARNING)
+            async with server:
+                for i in range(clients):
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(str(path))
+                        s.sendall(b"garbage that is not a frame %d" % i)
+                await wait_until(lambda: server.stats.peer_errors == clients)
+                await wait_until(lambda: server.stats.active == 0)
+                stats = server.stats
+        assert reported == []  # a peer's fault is not the server's error
+        assert stats.accepted == clients
+        assert stats.handler_errors == 0
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == clients  # once per connection
+        assert all("wire-format version" in r.getMessage() for r in warnings)
+    finally:
+        loop.set_exception_handler(None)
+
+
+async def test_refused_peers_are_logged_at_the_chosen_level_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "r.sock"
+    with caplog.at_level(logging.DEBUG, logger="aioancillary"):
+        server = await start_unix_server(
+            echo_fds, path, authorize=lambda _creds: False, peer_error_level=logging.DEBUG
+        )
+        async with server:
+            for _ in range(3):
+                conn = await within(open_unix_connection(path))
+                with pytest.raises(ConnectionClosedError):
+                    await within(conn.recv())
+                await close_all(conn)
+            assert server.stats.rejected == 3
+    refused = [r for r in caplog.records if "refused by the authorize" in r.getMessage()]
+    assert [r.levelno for r in refused] == [logging.DEBUG] * 3
+
+
+async def test_handler_failures_are_counted(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+    path = tmp_path / "f.sock"
+
+    async def failing(conn: AncillaryConnection) -> None:
+        raise RuntimeError("handler bug")
+
+    try:
+        async with await start_unix_server(failing, path) as server:
+            conn = await within(open_unix_connection(path))
+            with pytest.raises(ConnectionClosedError):
+                await within(conn.recv())
+            await close_all(conn)
+            await wait_until(lambda: server.stats.handler_errors == 1)
+        assert [type(ctx["exception"]) for ctx in reported] == [RuntimeError]
+    finally:
+        loop.set_exception_handler(None)

@@ -10,6 +10,7 @@ import pytest
 from helpers import (
     BIG,
     RecordingProtocol,
+    is_open,
     nofile_at_least,
     read_all,
     tagged_pipe,
@@ -525,15 +526,16 @@ async def test_repr_tells_the_state() -> None:
         assert "closed" in repr(ta)
 
 
-async def test_close_fds_refuses_the_same_fd_twice_and_takes_nothing() -> None:
+async def test_close_fds_refuses_the_same_fd_twice_and_closes_it() -> None:
     a, b = await connection_pair()
     r, w = os.pipe()
     try:
         owned = OwnedFd(os.dup(w))
+        num = owned.fileno()
         with pytest.raises(ValueError, match="twice"):
-            await a.send_fds(b"x", [owned, owned.fileno()], close_fds=True)
-        assert not owned.closed  # nothing was taken: the caller still owns it
-        owned.close()
+            await a.send_fds(b"x", [owned, num], close_fds=True)
+        assert owned.closed  # handed over: closed on refusal, like every other refusal
+        assert not is_open(num)
     finally:
         os.close(r)
         os.close(w)

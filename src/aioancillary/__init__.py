@@ -5,14 +5,16 @@ Layers, bottom up (each uses only the ones below it):
 * sans-I/O core: :class:`OwnedFd`, :class:`AncillaryMessage`, :class:`SocketAncillary`,
   :class:`FrameDecoder` (no sockets);
 * blocking helpers: :func:`send_fds`, :func:`recv_fds`, :func:`recv_fds_into`;
-* asyncio: :class:`AncillaryTransport` / :class:`AncillaryProtocol`,
-  :class:`AncillaryConnection`, :func:`open_unix_connection`, :func:`start_unix_server`,
-  :func:`connection_pair`.
+* asyncio: :class:`AncillaryConnection` with :func:`open_unix_connection`,
+  :func:`start_unix_server`, :func:`connection_pair`; and, for your own protocols,
+  :class:`AncillaryTransport` / :class:`AncillaryProtocol` with :func:`create_unix_connection`
+  and :func:`create_unix_server`.
 """
 
 from __future__ import annotations
 
 from ._blocking import ReceivedInto, recv_fds, recv_fds_into, send_fds
+from ._client import connection_pair, create_unix_connection, open_unix_connection
 from ._cmsg import Credentials, SocketAncillary
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_FDS, AncillaryConnection
 from ._errors import (
@@ -36,13 +38,13 @@ from ._platform import SCM_MAX_FD, Platform, buffer_size_for_rights, current_pla
 from ._protocol import AncillaryProtocol
 from ._server import (
     AncillaryServer,
-    Authorize,
     Handler,
-    connection_pair,
-    open_unix_connection,
+    ServerStats,
+    create_unix_server,
     start_unix_server,
 )
 from ._transport import AncillaryTransport
+from ._unix import Authorize
 
 __version__ = "0.1.0"
 
@@ -76,10 +78,13 @@ __all__ = [
     "Platform",
     "ProtocolError",
     "ReceivedInto",
+    "ServerStats",
     "SocketAncillary",
     "TooManyFdsError",
     "buffer_size_for_rights",
     "connection_pair",
+    "create_unix_connection",
+    "create_unix_server",
     "current_platform",
     "frame_header",
     "open_unix_connection",

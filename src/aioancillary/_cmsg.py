@@ -125,42 +125,39 @@ def extract_fds(
     msg_flags: int,
     recv_flags: int,
     platform: Platform,
-) -> list[OwnedFd]:
-    """Return every fd the peer sent in ``ancdata``, owned, or close them all and raise.
+) -> list[int]:
+    """Return every fd the peer sent in ``ancdata`` as raw numbers, or close them all and raise.
 
-    The lean internal form of :meth:`SocketAncillary.parse` used by the I/O layers. Kernel-added
-    pidfds are closed.
+    The lean internal form of :meth:`SocketAncillary.parse` used by the I/O layers: the caller
+    owns the returned numbers (and must close them); kernel-added pidfds are closed here. On
+    every error path, every fd found in ``ancdata`` has been closed before the error is raised.
 
     Raises:
         FdTruncatedError: ``MSG_CTRUNC`` is set in ``msg_flags``.
         CloexecError: ``FD_CLOEXEC`` could not be set where ``MSG_CMSG_CLOEXEC`` was not used.
     """
-    if not ancdata and not msg_flags & _CTRUNC:
-        return []
     if not msg_flags & _CTRUNC and recv_flags & platform.cmsg_cloexec:
-        # Fast path, the common case: only SCM_RIGHTS (and, on Linux, SO_PASSCRED's
-        # credentials) and the fds already close-on-exec. Every record is checked before
-        # any fd is wrapped, so the general path below never sees a half-wrapped list.
+        # The common case: only SCM_RIGHTS (and, on Linux, SO_PASSCRED's credentials), the
+        # fds already close-on-exec. Every record is checked before any number is returned,
+        # so the general path below never sees a half-taken list.
+        fds: list[int] = []
         linux = platform.name == "linux"
-        for level, kind, _payload in ancdata:
-            if level != _SOL_SOCKET or (
-                kind != _SCM_RIGHTS and not (linux and kind == _SCM_CREDENTIALS)
-            ):
+        for level, kind, payload in ancdata:
+            if level != _SOL_SOCKET:
+                break
+            if kind == _SCM_RIGHTS:
+                ints = _fd_ints(payload)
+                if ints and min(ints) < 0:
+                    break
+                fds += ints
+            elif not (linux and kind == _SCM_CREDENTIALS):
                 break
         else:
-            owned: list[OwnedFd] = []
-            for _level, kind, payload in ancdata:
-                if kind == _SCM_RIGHTS:
-                    ints = _fd_ints(payload)
-                    if ints and min(ints) >= 0:
-                        owned += map(OwnedFd, ints)
-                    else:
-                        owned += [OwnedFd(fd) for fd in ints if fd >= 0]
-            return owned
+            return fds
     parsed = _wrap(ancdata, platform)
     _check(parsed, msg_flags, recv_flags, platform)
     close_all(parsed.pidfds)
-    return parsed.rights
+    return [fd.detach() for fd in parsed.rights]
 
 
 class SocketAncillary:

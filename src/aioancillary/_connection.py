@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import operator
 import resource
 import socket
+import warnings
+import weakref
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from ._cmsg import Credentials
 from ._errors import AncillaryError, ConnectionClosedError
@@ -19,6 +22,9 @@ from ._message import AncillaryMessage
 from ._platform import SCM_MAX_FD, Platform
 from ._protocol import AncillaryProtocol
 from ._transport import AncillaryTransport
+
+if TYPE_CHECKING:
+    from ._server import AncillaryServer
 
 __all__ = ["DEFAULT_MAX_QUEUED_BYTES", "DEFAULT_MAX_QUEUED_FDS", "AncillaryConnection"]
 
@@ -39,30 +45,49 @@ def default_max_queued_fds() -> int:
 
 
 _DATA = operator.attrgetter("data")
-_FDS = operator.attrgetter("fds")
+_FD_COUNT = operator.attrgetter("fd_count")
+
+# Connections a task is waiting on (in recv() or drain()). The loop reaches a connection only
+# through its protocol's weak reference, so that a connection the application dropped without
+# close() is collected (with a ResourceWarning) instead of living as long as its reader
+# registration; a waiting task keeps its connection alive through this set.
+_waited_on: set[AncillaryConnection] = set()
 
 
 class _ConnectionProtocol(AncillaryProtocol):
     __slots__ = ("_conn",)
 
     def __init__(self, conn: AncillaryConnection) -> None:
-        self._conn = conn
+        self._conn = weakref.ref(conn)
 
     def messages_received(self, messages: list[AncillaryMessage]) -> None:
-        self._conn._on_messages(messages)
+        conn = self._conn()
+        if conn is None:
+            for msg in messages:
+                msg.close()  # nobody can ever read them
+            return
+        conn._on_messages(messages)
 
     def eof_received(self) -> bool:
-        self._conn._on_eof()
+        conn = self._conn()
+        if conn is not None:
+            conn._on_eof()
         return True  # the application may still send; it closes the connection itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._conn._on_connection_lost(exc)
+        conn = self._conn()
+        if conn is not None:
+            conn._on_connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self._conn._write_paused = True
+        conn = self._conn()
+        if conn is not None:
+            conn._write_paused = True
 
     def resume_writing(self) -> None:
-        self._conn._on_resume_writing()
+        conn = self._conn()
+        if conn is not None:
+            conn._on_resume_writing()
 
 
 class AncillaryConnection:
@@ -93,12 +118,15 @@ class AncillaryConnection:
         max_message_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         max_queued_fds: int | None = None,
+        max_fds_per_send: int | None = None,
         platform: Platform | None = None,
+        server: AncillaryServer | None = None,
     ) -> None:
         """Wrap a connected AF_UNIX socket; call from a coroutine (the running loop is used).
 
         The connection owns ``sock``. Prefer :func:`open_unix_connection` with ``sock=``.
         """
+        self._closed = True  # until the transport exists: __del__ has nothing to close
         self._loop = asyncio.get_running_loop()
         self._queue: collections.deque[AncillaryMessage] = collections.deque()
         self._qbytes = 0
@@ -109,7 +137,6 @@ class AncillaryConnection:
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
         self._exc: BaseException | None = None
-        self._closed = False
         self._lost = self._loop.create_future()
         self._write_paused = False
         self._drain_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -119,8 +146,11 @@ class AncillaryConnection:
             _ConnectionProtocol(self),
             framed=framed,
             max_message_size=max_message_size,
+            max_fds_per_send=max_fds_per_send,
             platform=platform,
+            server=server,
         )
+        self._closed = False
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -133,11 +163,11 @@ class AncillaryConnection:
         if len(messages) == 1:
             msg = messages[0]
             self._qbytes += len(msg.data)
-            self._qfds += len(msg.fds)
+            self._qfds += msg.fd_count
         else:
             # map/attrgetter iterate in C: cheaper per message than a comprehension.
             self._qbytes += sum(map(len, map(_DATA, messages)))
-            self._qfds += sum(map(len, map(_FDS, messages)))
+            self._qfds += sum(map(_FD_COUNT, messages))
         self._wake_reader()
         if not self._read_paused and (
             self._qbytes > self._max_qbytes
@@ -185,10 +215,13 @@ class AncillaryConnection:
                 )
             self._waiter = self._loop.create_future()
             self._transport.end_burst()
+            _waited_on.add(self)
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+                if not self._drain_waiters:
+                    _waited_on.discard(self)
 
     async def recv(self) -> AncillaryMessage:
         """Return the next message; the caller owns it (close it, or take its fds).
@@ -204,7 +237,7 @@ class AncillaryConnection:
             await self._wait_for_messages()
         msg = self._queue.popleft()
         self._qbytes -= len(msg.data)
-        self._qfds -= len(msg.fds)
+        self._qfds -= msg.fd_count
         if self._read_paused:
             self._consumed()
         return msg
@@ -240,7 +273,7 @@ class AncillaryConnection:
         # recv() inlined: one coroutine frame less per message.
         msg = self._queue.popleft()
         self._qbytes -= len(msg.data)
-        self._qfds -= len(msg.fds)
+        self._qfds -= msg.fd_count
         if self._read_paused:
             self._consumed()
         return msg
@@ -248,37 +281,63 @@ class AncillaryConnection:
     # -- sending --------------------------------------------------------------------------
 
     async def send_fds(
-        self, data: bytes, fds: Iterable[FdLike] = (), *, close_fds: bool = False
+        self,
+        data: bytes | bytearray | memoryview,
+        fds: Iterable[FdLike] = (),
+        *,
+        close_fds: bool = False,
     ) -> None:
         """Send ``data`` with ``fds``; the peer receives them as one message.
 
-        The fds are borrowed: they stay open, and the caller may close them as soon as this
-        returns (queued fds are held as duplicates). Below the write buffer's high watermark
-        this returns without suspending, so a tight loop of sends is batched. With
-        ``close_fds=True`` the connection takes ownership of ``OwnedFd``/socket/int items and
-        closes them once sent (no duplicate is made).
+        ``data`` may be any bytes-like object; its size in bytes is what is sent. The fds are
+        borrowed: they stay open, and the caller may close them as soon as this returns
+        (queued fds are held as duplicates). With ``close_fds=True`` the connection takes
+        ownership of ``OwnedFd``/socket/int items and closes them once sent, or on any
+        refusal (no duplicate is made).
 
-        Once ``send_fds`` is called the message is queued: cancelling it while it waits for
-        the buffer to drain does not withdraw the message.
+        Everything is checked before anything is queued: a refused call leaves the
+        connection usable and sends nothing. On a framed stream, below the write buffer's high
+        watermark this returns without suspending, so a tight loop of sends is batched; on an
+        unframed socket it suspends only while the kernel pushes back. Once ``send_fds`` has
+        queued the message, cancelling it while it waits does not withdraw the message.
 
         Raises:
-            ConnectionClosedError: the connection is closed or failed.
-            TooManyFdsError: more fds than one message may carry (253 on Linux/BSD).
+            ConnectionClosedError: the connection is closed or failed (chained from the cause).
+            TypeError: ``data`` is not bytes-like, or an fd item is of the wrong type.
+            TooManyFdsError: more fds than one message may carry (253 on Linux/BSD, or
+                ``max_fds_per_send``).
             InvalidFdError: an fd is not open; nothing was sent.
             MessageTooLargeError: the message is over ``max_message_size`` (framed) or over
                 what the kernel takes in one datagram (seqpacket/dgram); nothing was sent.
             FdsInFlightError: the kernel refused more fds in flight (ETOOMANYREFS).
         """
-        try:
-            self._transport.write_fds(data, fds, close_fds=close_fds)
-        except ConnectionClosedError as exc:
-            if self._exc is not None and exc.__cause__ is None:
-                raise ConnectionClosedError(f"the connection failed: {self._exc}") from self._exc
-            raise
+        self._transport.write_fds(data, fds, close_fds=close_fds)
         if self._write_paused:
             await self.drain()
 
-    async def send(self, data: bytes) -> None:
+    async def send_batch(
+        self,
+        messages: Iterable[tuple[bytes | bytearray | memoryview, Iterable[FdLike]]],
+        *,
+        close_fds: bool = False,
+    ) -> None:
+        """Send several messages, each with its own fds, in as few ``sendmsg`` as possible.
+
+        All messages are checked before any is sent; the peer receives each as its own
+        message, in order. See :meth:`AncillaryTransport.write_batch`.
+
+        Example::
+
+            await conn.send_batch([(b"client", [sock1]), (b"client", [sock2])], close_fds=True)
+
+        Raises:
+            The same errors as :meth:`send_fds`, for any of the messages.
+        """
+        self._transport.write_batch(messages, close_fds=close_fds)
+        if self._write_paused:
+            await self.drain()
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` as one message without fds (see :meth:`send_fds`)."""
         await self.send_fds(data, ())
 
@@ -286,23 +345,28 @@ class AncillaryConnection:
         """Wait until the write buffer is below its low watermark.
 
         Raises:
-            ConnectionClosedError: the connection failed while data was queued.
+            ConnectionClosedError: the connection failed while data was queued (chained from
+                the cause).
         """
-        failure = self._exc or self._transport.write_error
-        if failure is not None:
-            raise ConnectionClosedError(f"the connection failed: {failure}") from failure
+        self._raise_if_failed()
         if not self._write_paused:
             return
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._drain_waiters.append(waiter)
+        _waited_on.add(self)
         try:
             await waiter
         finally:
             if waiter in self._drain_waiters:
                 self._drain_waiters.remove(waiter)
-        failure = self._transport.write_error
+            if not self._drain_waiters and self._waiter is None:
+                _waited_on.discard(self)
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        failure = self._exc or self._transport.write_error
         if failure is not None:
-            raise ConnectionClosedError(f"the peer is gone: {failure}") from failure
+            raise ConnectionClosedError(f"the connection failed: {failure}") from failure
 
     def _on_resume_writing(self) -> None:
         self._write_paused = False
@@ -324,10 +388,7 @@ class AncillaryConnection:
         self._wake_reader()
         for waiter in self._drain_waiters:
             if not waiter.done():
-                if exc is None:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(ConnectionClosedError(f"the connection failed: {exc}"))
+                waiter.set_result(None)  # drain() then raises, chained from the cause
         self._write_paused = False
 
     def close(self) -> None:
@@ -353,6 +414,20 @@ class AncillaryConnection:
             queue.popleft().close()  # the application gave up on them: close their fds
         self._qbytes = 0
         self._qfds = 0
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if not self._closed and not self._lost.done():
+            self._closed = True
+            _warn(
+                f"unclosed AncillaryConnection {self!r}: close it (or use 'async with')",
+                ResourceWarning,
+                source=self,
+            )
+            # Its reader registration is all that is left of it: close the socket and every
+            # fd it holds. The loop may be closed or gone by now; nothing more can be done.
+            with contextlib.suppress(Exception):
+                self._transport.abort()
+            self._close_queue()
 
     async def wait_closed(self) -> None:
         """Wait until the socket is closed (after :meth:`close`, or when the peer vanished)."""

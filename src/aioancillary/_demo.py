@@ -19,8 +19,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from ._client import open_unix_connection
 from ._connection import AncillaryConnection
-from ._server import open_unix_connection
 
 _LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 

@@ -17,20 +17,39 @@ count, and fds that no frame claims.
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections import deque
+from collections.abc import Sequence
 
 from ._errors import ProtocolError
-from ._fd import OwnedFd, close_all
-from ._message import AncillaryMessage
+from ._fd import OwnedFd, close_raw
+from ._message import AncillaryMessage, new_message
 from ._platform import SCM_MAX_FD
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "FRAME_HEADER_SIZE",
+    "Decoder",
     "FrameDecoder",
+    "Mode",
+    "ReadDecoder",
+    "encode_header",
     "frame_header",
+    "frames_of",
 ]
+
+
+class Mode(enum.Enum):
+    """How messages map onto a socket: the choice every layer above the core makes once."""
+
+    #: SOCK_STREAM with aioancillary's framing: one frame per message, fds with its first byte.
+    FRAMED = "framed"
+    #: SOCK_STREAM without framing: a read is whatever the kernel returns (foreign peers).
+    RAW = "raw"
+    #: SOCK_SEQPACKET / SOCK_DGRAM: the kernel keeps the boundaries; one read is one message.
+    DATAGRAM = "datagram"
+
 
 _HEADER = struct.Struct(">HHI")
 #: Bytes of framing in front of every message.
@@ -43,7 +62,8 @@ _MAX_LENGTH = 0xFFFFFFFF
 _MAX_FDS_FIELD = 0xFFFF
 
 _pack_header = _HEADER.pack
-_new = object.__new__
+_unpack_header = _HEADER.unpack_from
+_UNCLAIMED: list[int] = []  # the claim of a frame without fds (never mutated)
 
 
 def frame_header(nfds: int, length: int) -> bytes:
@@ -57,7 +77,85 @@ def frame_header(nfds: int, length: int) -> bytes:
     return _pack_header(_VERSION_WORD, nfds, length)
 
 
-class FrameDecoder:
+def encode_header(nfds: int, length: int) -> bytes:
+    """:func:`frame_header` without the range checks, for senders that checked already."""
+    return _pack_header(_VERSION_WORD, nfds, length)
+
+
+def frames_of(data: bytes | bytearray, fds: list[int]) -> list[tuple[bytes, list[int]]]:
+    """Split well-formed frames (as this side encoded them) back into ``(payload, fds)``.
+
+    For a sender taking back messages it queued and never sent; ``fds`` are the frames' fds in
+    order. Anything after the last whole frame, and fds no frame claims, are returned as a last
+    pair with the unframed remainder.
+    """
+    out: list[tuple[bytes, list[int]]] = []
+    pos = 0
+    taken = 0
+    end = len(data)
+    while end - pos >= FRAME_HEADER_SIZE:
+        _word, nfds, length = _unpack_header(data, pos)
+        start = pos + FRAME_HEADER_SIZE
+        if start + length > end or taken + nfds > len(fds):
+            break
+        out.append((bytes(data[start : start + length]), fds[taken : taken + nfds]))
+        taken += nfds
+        pos = start + length
+    if pos < end or taken < len(fds):
+        out.append((bytes(data[pos:]), fds[taken:]))
+    return out
+
+
+class Decoder:
+    """The interface of the per-mode decoders the transport feeds every read to.
+
+    ``feed(data, fds)`` takes one read's bytes and the raw fds that came with it (owned by the
+    decoder from the call on, whatever happens) and returns the completed messages;
+    ``eof()`` reports the end of the stream; ``close()`` closes every fd still held;
+    ``failure`` is the :class:`ProtocolError` once the peer broke the protocol.
+    """
+
+    __slots__ = ("failure",)
+
+    def __init__(self) -> None:
+        #: The :class:`ProtocolError` once the peer has broken the protocol, else ``None``.
+        self.failure: ProtocolError | None = None
+
+    @property
+    def pending_fds(self) -> int:
+        """Fds held by the decoder that belong to no completed message yet."""
+        return 0
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of an incomplete message held by the decoder."""
+        return 0
+
+    def feed(self, data: bytes, fds: list[int] | None) -> list[AncillaryMessage]:
+        raise NotImplementedError
+
+    def eof(self) -> None:
+        """Signal the end of the stream (nothing is pending in a read-per-message decoder)."""
+
+    def close(self) -> None:
+        """Close every fd the decoder still holds."""
+
+
+class ReadDecoder(Decoder):
+    """One read is one message: SOCK_SEQPACKET, SOCK_DGRAM, and unframed streams.
+
+    The unframed counterpart of :class:`FrameDecoder`, with the same interface, so that the
+    transport has one read path whatever the mode.
+    """
+
+    __slots__ = ()
+
+    def feed(self, data: bytes, fds: list[int] | None) -> list[AncillaryMessage]:
+        """Return the read as one message owning ``fds``."""
+        return [new_message(data, fds)]
+
+
+class FrameDecoder(Decoder):
     """Turns ``(bytes, fds)`` chunks read from a stream into whole messages with their fds.
 
     Feed it what each ``recvmsg`` returned, in order; it returns the messages completed so
@@ -90,7 +188,6 @@ class FrameDecoder:
         "_max_pending",
         "_max_size",
         "_need",
-        "failure",
     )
 
     def __init__(
@@ -100,15 +197,16 @@ class FrameDecoder:
         max_fds_per_frame: int = SCM_MAX_FD,
         max_pending_fds: int = SCM_MAX_FD,
     ) -> None:
+        super().__init__()
         self._max_size = max_frame_size
         self._max_fds = max_fds_per_frame
         self._max_pending = max_pending_fds
         self._buf = bytearray()
-        self._fifo: deque[OwnedFd] = deque()
-        self._claimed: tuple[OwnedFd, ...] | None = None
+        # Raw fd numbers owned by the decoder, in arrival order; a frame takes its fds from
+        # the front when its header is complete.
+        self._fifo: deque[int] = deque()
+        self._claimed: list[int] | None = None  # the fds of a frame whose payload is incomplete
         self._need = 0  # bytes the buffered partial frame needs before it can complete
-        #: The :class:`ProtocolError` once the peer has broken the protocol, else ``None``.
-        self.failure: ProtocolError | None = None
 
     @property
     def buffered_bytes(self) -> int:
@@ -121,16 +219,20 @@ class FrameDecoder:
         return len(self._fifo) + len(self._claimed or ())
 
     def feed(
-        self, data: bytes | bytearray | memoryview, fds: list[OwnedFd]
+        self, data: bytes | bytearray | memoryview, fds: Sequence[int | OwnedFd] | None
     ) -> list[AncillaryMessage]:
         """Take one chunk read from the stream and its fds; return the completed messages.
 
-        The decoder owns ``fds`` from this call on. ``data`` is not kept (it may be a view of a
-        buffer the caller reuses).
+        The decoder owns ``fds`` (raw numbers, or :class:`OwnedFd` objects, which it detaches)
+        from this call on. ``data`` is not kept (it may be a view of a buffer the caller
+        reuses).
         """
         fifo = self._fifo
         if fds:
-            fifo.extend(fds)
+            if type(fds[0]) is int:
+                fifo.extend(fds)  # type: ignore[arg-type]
+            else:
+                fifo.extend(fd if isinstance(fd, int) else fd.detach() for fd in fds)
         if self.failure is not None:
             self._discard()  # a broken stream cannot be resynchronised: refuse what follows
             return []
@@ -154,8 +256,8 @@ class FrameDecoder:
         max_size = self._max_size
         max_fds = self._max_fds
         pop = fifo.popleft
-        unpack = _HEADER.unpack_from
-        new = _new
+        unpack = _unpack_header
+        new = new_message
         pos = 0
         end = len(view)
         need = 8
@@ -165,12 +267,12 @@ class FrameDecoder:
                 if word != _VERSION_WORD or length > max_size or nfds > max_fds:
                     fault = self._bad_header(word, nfds, length)
                     break
-                if nfds == 1 and fifo:
-                    claimed = (pop(),)
-                elif not nfds:
-                    claimed = ()
+                if not nfds:
+                    claimed = _UNCLAIMED
+                elif nfds == 1 and fifo:
+                    claimed = [pop()]
                 elif len(fifo) >= nfds:
-                    claimed = tuple([pop() for _ in range(nfds)])
+                    claimed = [pop() for _ in range(nfds)]
                 else:
                     fault = ProtocolError(
                         f"a frame declares {nfds} fd(s) but only {len(fifo)} arrived "
@@ -185,12 +287,7 @@ class FrameDecoder:
             if stop > end:
                 need = stop - pos
                 break
-            # AncillaryMessage built without __init__: this runs once per message.
-            msg = new(AncillaryMessage)
-            msg.data = view[start:stop]
-            msg.fds = claimed
-            msg.discarded_fds = 0
-            append(msg)
+            append(new(view[start:stop], claimed or None))
             claimed = None
             pos = stop
         self._claimed = claimed
@@ -250,9 +347,10 @@ class FrameDecoder:
         self._discard()
 
     def _discard(self) -> None:
-        fds = list(self._fifo) + list(self._claimed or ())
+        fds = list(self._fifo)
+        fds += self._claimed or ()
         self._fifo.clear()
         self._claimed = None
         self._buf.clear()
         self._need = 0
-        close_all(fds)  # no message will ever own these: close them rather than leak them
+        close_raw(fds)  # no message will ever own these: close them rather than leak them

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Self
+import warnings
+from typing import Any, Self
 
-from ._fd import OwnedFd, close_all
+from ._fd import OwnedFd, close_all, close_raw
 
-__all__ = ["AncillaryMessage"]
+__all__ = ["AncillaryMessage", "new_message"]
+
+_new = object.__new__
+_NO_FDS: tuple[OwnedFd, ...] = ()
 
 
 class AncillaryMessage:
@@ -14,7 +18,8 @@ class AncillaryMessage:
 
     The message owns its fds until they are taken out with :meth:`take_fds`. Leaving a ``with``
     block or calling :meth:`close` closes every fd not taken, so a handler that raises or simply
-    ignores the fds cannot leak them::
+    ignores the fds cannot leak them; a message dropped without either closes them when it is
+    garbage collected, with a :class:`ResourceWarning`::
 
         async for msg in conn:
             with msg:
@@ -24,22 +29,41 @@ class AncillaryMessage:
 
     Attributes:
         data: The message's bytes.
-        fds: The owned fds still held by the message (empty once taken or closed).
         discarded_fds: How many fds of the message the receiver closed on arrival because they
             exceeded the ``maxfds`` asked for (0 normally).
     """
 
-    __slots__ = ("data", "discarded_fds", "fds")
+    # The fds are held as raw numbers until the application looks at them (``fds``,
+    # ``take_fds``): a receiver that only closes them (``with msg:``) never pays for an
+    # OwnedFd per fd, and closes them in bulk. ``_raw`` and ``_owned`` are never both set.
+    __slots__ = ("_owned", "_raw", "data", "discarded_fds")
 
     def __init__(self, data: bytes, fds: tuple[OwnedFd, ...] = (), discarded_fds: int = 0) -> None:
+        """Build a message owning ``fds`` (tests and custom decoders; receivers make them)."""
         self.data = data
-        self.fds = fds
+        self._raw: list[int] | None = None
+        self._owned = fds
         self.discarded_fds = discarded_fds
+
+    @property
+    def fds(self) -> tuple[OwnedFd, ...]:
+        """The owned fds still held by the message (empty once taken or closed)."""
+        raw = self._raw
+        if raw:
+            self._raw = None
+            self._owned = tuple(map(OwnedFd, raw))
+        return self._owned
+
+    @property
+    def fd_count(self) -> int:
+        """How many fds the message still holds (without building :class:`OwnedFd` objects)."""
+        raw = self._raw
+        return len(raw) if raw else len(self._owned)
 
     def take_fds(self) -> tuple[OwnedFd, ...]:
         """Take every fd out of the message; the caller now owns (and must close) them."""
         fds = self.fds
-        self.fds = ()
+        self._owned = _NO_FDS
         return fds
 
     def take_fd(self) -> OwnedFd:
@@ -48,9 +72,10 @@ class AncillaryMessage:
         Raises:
             ValueError: the message holds no fd or more than one (nothing is taken then).
         """
-        if len(self.fds) != 1:
+        count = self.fd_count
+        if count != 1:
             raise ValueError(
-                f"take_fd() expects exactly 1 fd but the message holds {len(self.fds)}; "
+                f"take_fd() expects exactly 1 fd but the message holds {count}; "
                 "use take_fds() for several"
             )
         (fd,) = self.take_fds()
@@ -58,20 +83,47 @@ class AncillaryMessage:
 
     def close(self) -> None:
         """Close every fd still held by the message."""
-        fds = self.fds
-        if fds:
-            self.fds = ()
-            close_all(fds)
+        raw = self._raw
+        if raw:
+            self._raw = None
+            close_raw(raw)
+        owned = self._owned
+        if owned:
+            self._owned = _NO_FDS
+            close_all(owned)
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        fds = self.fds  # close() inlined: this runs once per message on the receive hot path
-        if fds:
-            self.fds = ()
-            close_all(fds)
+        self.close()
 
     def __repr__(self) -> str:
         shown = self.data if len(self.data) <= 32 else self.data[:32] + b"..."
-        return f"<AncillaryMessage data={shown!r} ({len(self.data)} bytes) fds={len(self.fds)}>"
+        return f"<AncillaryMessage data={shown!r} ({len(self.data)} bytes) fds={self.fd_count}>"
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        raw = self._raw
+        if raw:
+            # Unlike an OwnedFd, a raw number has no finaliser of its own.
+            self._raw = None
+            _warn(
+                f"unclosed AncillaryMessage holding {len(raw)} fd(s): close it, use 'with', "
+                "or take its fds",
+                ResourceWarning,
+                source=self,
+            )
+            close_raw(raw)
+
+
+def new_message(data: bytes, raw: list[int] | None) -> AncillaryMessage:
+    """A message owning the raw fds ``raw`` (or none), built without ``__init__``.
+
+    For receivers: this runs once per message on the receive path.
+    """
+    msg = _new(AncillaryMessage)
+    msg.data = data
+    msg._raw = raw
+    msg._owned = _NO_FDS
+    msg.discarded_fds = 0
+    return msg

@@ -43,6 +43,18 @@ class AncillaryProtocol(asyncio.BaseProtocol):
         """Called for every received message. The default closes it (its fds are closed)."""
         message.close()
 
+    def messages_unsent(self, messages: list[AncillaryMessage]) -> None:
+        """Called with queued messages that never reached the kernel, when the transport drops
+        its queue (:meth:`~AncillaryTransport.abort`, a fatal error, a peer that went away).
+
+        None of their bytes, and so none of their fds, left this process: each message owns
+        its fds again (``data`` is the payload as written) and can be sent elsewhere. The
+        default closes them. Messages the kernel already took are not among them: if the peer
+        never reads them, they are lost with its socket.
+        """
+        for msg in messages:
+            msg.close()
+
     def eof_received(self) -> bool | None:
         """The peer closed its sending side. Return true to keep the transport open."""
         return None
