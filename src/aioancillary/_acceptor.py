@@ -35,9 +35,11 @@ from . import _handoff_wire as wire
 from ._dispatch import DispatchPolicy, Picker, WorkerInfo, make_policy
 from ._errors import AncillaryError, ConnectionClosedError, ProtocolError
 from ._message import AncillaryMessage
+from ._platform import SCM_MAX_FD
 from ._protocol import AncillaryProtocol
-from ._server import AncillaryServer, Authorize, start_unix_server
+from ._server import AncillaryServer, create_unix_server
 from ._transport import AncillaryTransport
+from ._unix import Authorize
 
 __all__ = ["Acceptor", "AcceptorStats"]
 
@@ -140,9 +142,9 @@ class _WorkerLink(AncillaryProtocol):
         for msg in messages:
             with msg:
                 try:
-                    if msg.fds:
+                    if msg.fd_count:
                         raise ProtocolError(
-                            f"a worker sent {len(msg.fds)} fd(s); workers send none (closed)"
+                            f"a worker sent {msg.fd_count} fd(s); workers send none (closed)"
                         )
                     total += wire.parse_done(msg.data)
                 except ProtocolError as exc:
@@ -182,15 +184,16 @@ def _send_clients(transport: AncillaryTransport, items: list[_Item]) -> int:
     """Hand ``items`` to the worker's transport; return how many it took (a prefix).
 
     The fds are borrowed: the caller closes its copies of those taken (the kernel, or the
-    transport's queued duplicates, hold the client now) and keeps the rest.
+    transport's queued duplicates, hold the clients now) and keeps the rest, to hand them to
+    another worker. Chunks of at most one ``sendmsg``'s fds: a failed ``sendmsg`` sent
+    nothing, so what a chunk's failure leaves is exactly what was not taken.
     """
-    # Until write_batch lands: one write per client, each sent at once.
     taken = 0
     try:
-        for data, fds in items:
-            transport.end_burst()
-            transport.write_fds(data, fds)
-            taken += 1
+        while taken < len(items):
+            chunk = items[taken : taken + SCM_MAX_FD] if taken or len(items) > SCM_MAX_FD else items
+            transport.write_batch(chunk)
+            taken += len(chunk)
     except (AncillaryError, OSError) as exc:
         logger.debug("hand-off to %r stopped after %d of %d: %s", transport, taken, len(items), exc)
     return taken
@@ -423,7 +426,7 @@ class Acceptor:
         items: list[_Item] = []
         for msg in messages:
             with msg:
-                if len(msg.fds) != 1 or msg.data[:1] != b"C":
+                if msg.fd_count != 1 or msg.data[:1] != b"C":
                     continue  # a welcome or listener announcement: nothing to re-dispatch
                 items.append((msg.data, (msg.take_fd().detach(),)))
         if not items:
@@ -742,18 +745,4 @@ async def _registration_server(
     mode: int,
 ) -> AncillaryServer:
     """Listen for workers on ``path``; each one that connects becomes a :class:`_WorkerLink`."""
-
-    # Until create_unix_server(protocol_factory) lands: bridge each connection to its link.
-    async def bridge(conn: Any) -> None:
-        link = acceptor._new_link()
-        link.connection_made(conn.transport)
-        exc: Exception | None = None
-        try:
-            while True:
-                link.messages_received(await conn.recv_batch())
-        except ConnectionClosedError as err:
-            exc = err if err.__cause__ is not None else None
-        finally:
-            link.connection_lost(exc)
-
-    return await start_unix_server(bridge, path, authorize=authorize, mode=mode)
+    return await create_unix_server(acceptor._new_link, path, authorize=authorize, mode=mode)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import logging
 import os
 import socket
@@ -23,12 +22,12 @@ from types import TracebackType
 from typing import Any, Self
 
 from . import _handoff_wire as wire
-from ._errors import ConnectionClosedError, PeerRejectedError, ProtocolError
+from ._client import create_unix_connection
+from ._errors import ConnectionClosedError, ProtocolError
 from ._message import AncillaryMessage
-from ._peercred import peer_credentials
 from ._protocol import AncillaryProtocol
-from ._server import Authorize
 from ._transport import AncillaryTransport
+from ._unix import Authorize
 
 __all__ = ["ClientHandler", "HandedClient", "Worker"]
 
@@ -215,8 +214,7 @@ class Worker(AncillaryProtocol):
                 info = listeners[(data[1] << 8) | data[2]] if data[0] == _CLIENT else None
             except (IndexError, KeyError):
                 info = None
-            fds = msg.fds
-            if info is None or len(fds) != 1:
+            if info is None or msg.fd_count != 1:
                 try:
                     self._control(msg)
                 except ProtocolError as exc:
@@ -225,8 +223,7 @@ class Worker(AncillaryProtocol):
                     self._fail(exc)
                     return
                 continue
-            msg.fds = ()
-            fd = fds[0].detach()
+            fd = msg.take_fd().detach()
             try:
                 sock = socket.socket(info.family, info.type, info.proto, fd)
             except OSError as exc:
@@ -249,9 +246,9 @@ class Worker(AncillaryProtocol):
         with msg:  # closes any fd such a message carries
             data = msg.data
             kind = data[0] if data else -1
-            if msg.fds:
+            if msg.fd_count:
                 raise ProtocolError(
-                    f"the acceptor sent {len(msg.fds)} fd(s) with a message of kind "
+                    f"the acceptor sent {msg.fd_count} fd(s) with a message of kind "
                     f"{data[:1]!r} (unknown listener, or not a client); they were closed"
                 )
             if kind == wire.WELCOME:
@@ -429,43 +426,5 @@ async def _open_link(
     sock: socket.socket | None,
     authorize: Authorize | None,
 ) -> None:
-    """Connect ``worker`` to its acceptor (until create_unix_connection(protocol_factory))."""
-    if (path is None) == (sock is None):
-        raise ValueError("give exactly one of path= or sock=")
-    if sock is None:
-        assert path is not None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await _connect(sock, os.fspath(path))
-        except BaseException:
-            sock.close()
-            raise
-    try:
-        if authorize is not None and not authorize(creds := peer_credentials(sock)):
-            raise PeerRejectedError(
-                f"acceptor {creds} was refused by the authorize callback; the connection was "
-                "closed before any fd was exchanged"
-            )
-        AncillaryTransport(worker._loop, sock, worker)
-    except BaseException:
-        sock.close()
-        raise
-
-
-async def _connect(sock: socket.socket, path: str) -> None:
-    # A non-blocking AF_UNIX connect() fails with EAGAIN while the listener's backlog is full
-    # (unix(7)); nothing signals room, so retry with a capped backoff.
-    sock.setblocking(False)
-    delay = 0.001
-    while True:
-        try:
-            sock.connect(path)
-        except (BlockingIOError, InterruptedError):
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
-        except OSError as exc:
-            if exc.errno != errno.EISCONN:
-                raise
-            return
-        else:
-            return
+    """Connect ``worker`` (the link's protocol) to its acceptor."""
+    await create_unix_connection(lambda: worker, path, sock=sock, authorize=authorize)
