@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import pytest
 from acceptor_helpers import acceptor_with_workers, fake_worker, linked_worker, request
 from helpers import open_fd_count, wait_until, within
 
-from aioancillary import ConnectionClosedError, Credentials
+from aioancillary import AncillaryConnection, ConnectionClosedError, Credentials
 from aioancillary._acceptor import Acceptor
 from aioancillary._dispatch import WorkerInfo
 from aioancillary._worker import Worker
@@ -302,3 +303,57 @@ async def test_many_clients_in_one_wake_are_batched_per_worker() -> None:
         stats = acceptor.stats()
         assert (stats.accepted, stats.handed, stats.completed, stats.lost) == (201, 201, 201, 0)
         await wait_until(lambda: open_fd_count() == base, timeout=2)
+
+
+@pytest.mark.parametrize("how", ["exits", "garbage"])
+async def test_clients_queued_for_a_leaving_worker_go_to_another(how: str) -> None:
+    acceptor = Acceptor()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=512)
+    acceptor.add_listener(listener)
+    addr = listener.getsockname()
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's minimum: fills fast
+    link = acceptor.add_worker(ours)
+    transport = link.transport  # type: ignore[attr-defined]
+    clients = []
+    while transport.get_write_buffer_fds() == 0:  # until clients queue on this side
+        assert len(clients) < 500
+        clients.append(await asyncio.open_connection(*addr))
+        clients[-1][1].write(f"client {len(clients) - 1}".encode())
+        await wait_until(lambda: acceptor.stats().handed == len(clients))
+    for _ in range(3):  # and a few more behind it, queued on this side
+        clients.append(await asyncio.open_connection(*addr))
+        clients[-1][1].write(f"client {len(clients) - 1}".encode())
+    await wait_until(lambda: acceptor.stats().handed == len(clients))
+    queued = transport.get_write_buffer_fds()
+    assert queued >= 4
+    good = await linked_worker(acceptor, "good")
+    if how == "exits":
+        theirs.close()  # the worker dies: what its socket held dies with it
+    else:
+        fake = AncillaryConnection(theirs)
+        await fake.send(b"nonsense")
+    await wait_until(lambda: acceptor.stats().requeued == queued)
+    if how == "garbage":  # the dropped worker goes away with what it had read
+        fake.abort()
+        await within(fake.wait_closed())
+    answered = lost = 0
+    for reader, writer in clients:
+        try:
+            line = await within(reader.readline())
+        except ConnectionResetError:  # closed with unread bytes: a reset
+            line = b""
+        if line:
+            assert json.loads(line)["worker"] == "good"
+            answered += 1
+        else:
+            lost += 1
+        writer.close()
+        with contextlib.suppress(ConnectionResetError):
+            await writer.wait_closed()
+    stats = acceptor.stats()
+    assert (answered, lost) == (queued, len(clients) - queued)
+    assert (stats.requeued, stats.lost, stats.completed) == (answered, lost, answered)
+    acceptor.close()
+    await good.close()
+    await within(acceptor.wait_closed())

@@ -159,3 +159,47 @@ def test_handlers_must_be_importable() -> None:
         WorkerPool("no_such_module_here:handle")
     with pytest.raises(ValueError, match="loop"):
         WorkerPool(HANDLER, loop="trio")  # type: ignore[arg-type]
+
+
+async def test_clients_queued_for_a_killed_worker_are_served_by_another() -> None:
+    pool = WorkerPool(HANDLER, processes=2, loop=_loop_name(), dispatch="round-robin")  # type: ignore[arg-type]
+    async with pool:
+        listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        pool.acceptor.add_listener(listener)
+        port = listener.getsockname()[1]
+        await ask(port, "warm up")  # both workers are up and reading
+        await ask(port, "warm up")
+        victim = pool.acceptor.workers[0]
+        link = victim.transport  # type: ignore[attr-defined]
+        link.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGSTOP)  # it stops reading its socket
+        clients = []
+        while link.get_write_buffer_fds() < 4:  # until clients queue on the acceptor's side
+            assert len(clients) < 1000
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"client {len(clients)}".encode())
+            clients.append((reader, writer))
+            await wait_until(lambda: pool.acceptor.stats().accepted == len(clients) + 2)
+        queued = link.get_write_buffer_fds()
+        os.kill(victim.pid, signal.SIGKILL)
+        await wait_until(lambda: pool.acceptor.stats().requeued == queued, timeout=10)
+        answered = lost = 0
+        for n, (reader, writer) in enumerate(clients):
+            try:
+                line = (await within(reader.readline(), 20)).decode()
+            except ConnectionResetError:
+                line = ""
+            if line:
+                assert line.split(" ", 1)[1].strip() == f"client {n}"
+                answered += 1
+            else:
+                lost += 1
+            writer.close()
+        stats = pool.acceptor.stats()
+        assert stats.lost == lost
+        assert stats.completed == answered + 2
+        # Lost: exactly what had reached the victim's socket (handed minus what it finished).
+        assert lost == victim.handed - victim.completed
+        assert stats.requeued == queued
+        await wait_until(lambda: pool.restarts == 1)
