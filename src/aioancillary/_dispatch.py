@@ -24,30 +24,43 @@ __all__ = [
 class WorkerInfo(Protocol):
     """What the acceptor knows of one registered worker (read-only).
 
-    Attributes:
-        index: Registration order (0 for the first worker ever registered, never reused).
-        pid: The worker's process id, or ``None`` where unknown.
-        in_flight: Clients handed to it and not yet reported finished.
-        limit: The most clients it may hold at once.
-        cap: ``limit`` while it can take more; 0 while its socket is full or it is leaving.
-        handed: Clients handed to it so far.
-        completed: Clients it reported finished so far.
+    :attr:`Acceptor.workers` lists them, and a :data:`Picker` chooses among them.
     """
 
     @property
-    def index(self) -> int: ...
+    def index(self) -> int:
+        """Registration order (0 for the first worker ever registered, never reused)."""
+        ...
+
     @property
-    def pid(self) -> int | None: ...
+    def pid(self) -> int | None:
+        """The worker's process id, or ``None`` where unknown."""
+        ...
+
     @property
-    def in_flight(self) -> int: ...
+    def in_flight(self) -> int:
+        """Clients handed to it and not yet reported finished."""
+        ...
+
     @property
-    def limit(self) -> int: ...
+    def limit(self) -> int:
+        """The most clients it may hold at once."""
+        ...
+
     @property
-    def cap(self) -> int: ...
+    def cap(self) -> int:
+        """``limit`` while it can take more; 0 while its socket is full or it is leaving."""
+        ...
+
     @property
-    def handed(self) -> int: ...
+    def handed(self) -> int:
+        """Clients handed to it so far (those taken back after it left are not counted)."""
+        ...
+
     @property
-    def completed(self) -> int: ...
+    def completed(self) -> int:
+        """Clients it reported finished so far."""
+        ...
 
 
 W = TypeVar("W", bound=WorkerInfo)
