@@ -458,12 +458,12 @@ def machine_notes() -> list[str]:
 
 def _fmt(values: list[float], unit: str = "", scale: float = 1.0, digits: int = 1) -> str:
     if not values:
-        return "–"
+        return "-"
     med = statistics.median(values) / scale
     if len(values) == 1:
         return f"{med:.{digits}f}{unit}"
     lo, hi = min(values) / scale, max(values) / scale
-    return f"{med:.{digits}f}{unit} ({lo:.{digits}f}–{hi:.{digits}f})"
+    return f"{med:.{digits}f}{unit} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
 def report(
@@ -477,7 +477,7 @@ def report(
         "",
         f"`benchmarks/handoff_bench.py{' --quick' if args.quick else ''}`: {args.n} connections"
         f" per run at concurrency {args.concurrency}, {WORKERS} workers, 127.0.0.1; "
-        f"{args.repeat} interleaved repeat(s); median (min–max) over repeats. Hand-off latency:"
+        f"{args.repeat} interleaved repeat(s); median (min-max) over repeats. Hand-off latency:"
         f" {args.lone} lone connections 2 ms apart on an idle server, accept() returning in the"
         " acceptor to the worker holding the socket.",
         "",
@@ -529,9 +529,9 @@ def targets(results: dict[str, list[dict[str, Any]]]) -> list[str]:
                 med("stdlib", "workers_us"),
                 lambda a, b: a <= b,
             ),
-            ("conn/s ≥ 1.0× stdlib", med(kind, "rate"), med("stdlib", "rate"), lambda a, b: a >= b),
+            ("conn/s ≥ 1.0x stdlib", med(kind, "rate"), med("stdlib", "rate"), lambda a, b: a >= b),
             (
-                "conn/s ≥ 0.9× shared listener",
+                "conn/s ≥ 0.9x shared listener",
                 med(kind, "rate"),
                 med("shared", "rate"),
                 lambda a, b: a >= 0.9 * b,
