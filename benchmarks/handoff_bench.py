@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -75,6 +76,22 @@ LABELS = {
 WORKERS = 2
 RESPONSE_SIZE = 64
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: With this set to a directory, acceptors and asyncio workers write cProfile stats there.
+PROFILE_ENV = "HANDOFF_PROFILE"
+
+
+def _profiled(role: str, func: Callable[[], None]) -> None:
+    directory = os.environ.get(PROFILE_ENV)
+    if not directory:
+        func()
+        return
+    import cProfile  # noqa: PLC0415
+
+    profile = cProfile.Profile()
+    try:
+        profile.runcall(func)
+    finally:
+        profile.dump_stats(os.path.join(directory, f"{role}-{os.getpid()}.pstats"))
 
 
 # -- what every worker does per client --------------------------------------------------------
@@ -130,8 +147,12 @@ def worker_main(kind: str, fd: int, loop_name: str) -> None:
 
         factory = uvloop.new_event_loop
     main = _docs_worker if kind == "docs" else _toolkit_worker
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main(sock))
+
+    def run() -> None:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main(sock))
+
+    _profiled(f"{kind}-{loop_name}-worker", run)
 
 
 async def _docs_worker(sock: socket.socket) -> None:
@@ -215,6 +236,10 @@ class Server:
         for link in self.links:
             link.close()
         for proc in self.procs:
+            if os.environ.get(PROFILE_ENV):
+                # asyncio workers end when their link closes: let them write a profile
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
             proc.kill()
             proc.wait()
 
@@ -231,8 +256,12 @@ def server_main(kind: str, stamps: bool) -> None:
                 import uvloop  # noqa: PLC0415
 
                 factory = uvloop.new_event_loop
-            with asyncio.Runner(loop_factory=factory) as runner:
-                runner.run(_async_server(server))
+
+            def run() -> None:
+                with asyncio.Runner(loop_factory=factory) as runner:
+                    runner.run(_async_server(server))
+
+            _profiled(f"{kind}-acceptor", run)
     finally:
         server.stop()
 

@@ -189,6 +189,9 @@ def _send_clients(transport: AncillaryTransport, items: list[_Item]) -> int:
     nothing, so what a chunk's failure leaves is exactly what was not taken.
     """
     taken = 0
+    # This wake's clients are one batch already: send them now, not after the transport's
+    # end-of-iteration flush (which would also duplicate every fd to queue it).
+    transport.end_burst()
     try:
         while taken < len(items):
             chunk = items[taken : taken + SCM_MAX_FD] if taken or len(items) > SCM_MAX_FD else items
