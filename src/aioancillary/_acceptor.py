@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
+from . import _fork
 from . import _handoff_wire as wire
 from ._dispatch import DispatchPolicy, Picker, WorkerInfo, make_policy
 from ._errors import AncillaryError, ConnectionClosedError, ProtocolError
@@ -267,6 +268,18 @@ class Acceptor:
         self._all_gone: asyncio.Future[None] = self._loop.create_future()
         self._all_gone.set_result(None)
         self._accepted = self._handed = self._completed = self._lost = self._requeued = 0
+        self._pid = _fork.track(self)
+
+    def _forked(self) -> None:
+        # In a child process after fork(): drop this process's copies of the listeners and
+        # of the clients waiting here; the loop and its registrations are the parent's.
+        self._stopped = self._closed = True
+        self._accepting = False
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener.sock.close()
+        held, self._held = list(self._held), collections.deque()
+        _close_fds(held)
 
     # -- listeners --------------------------------------------------------------------------
 
@@ -592,6 +605,8 @@ class Acceptor:
         self._resume_scheduled = False
         if self._accepting or self._stopped or self._held or not self._listeners:
             return
+        if os.getpid() != self._pid:
+            return
         if not self._has_room():
             return
         self._accepting = True
@@ -602,7 +617,7 @@ class Acceptor:
         return any(link.in_flight < link.cap for link in self._workers)
 
     def _pause_accepting(self) -> None:
-        if self._accepting:
+        if self._accepting and os.getpid() == self._pid:
             self._accepting = False
             for listener in self._listeners:
                 self._loop.remove_reader(listener.fd)
