@@ -24,7 +24,7 @@ def test_handoff_benchmark_quick_mode_runs() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     table = (ROOT / "benchmarks" / "_out" / "handoff.md").read_text()
-    assert table == result.stdout
+    assert table.strip() == result.stdout.strip()
     for row in ("sharing one listener", "blocking stdlib", "docs idiom, uvloop", "toolkit, uvloop"):
         assert row in table
     assert "Client errors (refused, reset or cut short): 0." in table
