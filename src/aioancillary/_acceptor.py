@@ -35,6 +35,7 @@ from . import _fork
 from . import _handoff_wire as wire
 from ._dispatch import DispatchPolicy, Picker, WorkerInfo, make_policy
 from ._errors import AncillaryError, ConnectionClosedError, ProtocolError
+from ._fd import close_raw
 from ._message import AncillaryMessage
 from ._platform import SCM_MAX_FD
 from ._protocol import AncillaryProtocol
@@ -204,12 +205,9 @@ def _send_clients(transport: AncillaryTransport, items: list[_Item]) -> int:
 
 
 def _close_fds(items: list[_Item]) -> None:
-    close = os.close
-    for _data, (fd,) in items:
-        try:  # noqa: SIM105 - contextlib.suppress costs more than the close itself
-            close(fd)
-        except OSError:
-            pass
+    # The clients of one wake are mostly consecutive fd numbers (accept hands out the lowest
+    # free ones): close_raw closes such runs with one close_range(2) each.
+    close_raw([fds[0] for _data, fds in items])
 
 
 class Acceptor:
