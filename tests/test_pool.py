@@ -169,6 +169,9 @@ async def test_clients_queued_for_a_killed_worker_are_served_by_another() -> Non
         port = listener.getsockname()[1]
         await ask(port, "warm up")  # both workers are up and reading
         await ask(port, "warm up")
+        # Reports lag answers by a loop iteration: wait for them, or the victim could die
+        # still owing one (its client answered, yet counted lost).
+        assert await pool.acceptor.drain(timeout=10)
         victim = pool.acceptor.workers[0]
         link = victim.transport  # type: ignore[attr-defined]
         link.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
