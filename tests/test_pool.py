@@ -78,6 +78,7 @@ async def test_hundreds_of_concurrent_clients_each_served_by_a_worker(
         assert text == f"client {n}"
         assert int(pid) in pids
     assert {int(a.split()[0]) for a in answers} == pids  # both workers served
+    assert await workers.acceptor.drain(timeout=10)  # every completion reported
     stats = workers.acceptor.stats()
     assert (stats.lost, stats.in_flight) == (0, 0)
     assert stats.completed == stats.accepted == 400 + len(before)
@@ -108,6 +109,7 @@ async def test_a_worker_killed_mid_load_loses_only_its_clients_and_is_restarted(
         writer.close()
     answers = await within(asyncio.gather(*(ask(port, f"after {n}") for n in range(50))), 30)
     assert all(a.split(" ", 1)[1] == f"after {n}" for n, a in enumerate(answers))
+    assert await workers.acceptor.drain(timeout=10)
     stats = workers.acceptor.stats()
     assert stats.lost == len(theirs)
     assert stats.completed == stats.accepted - len(theirs)
