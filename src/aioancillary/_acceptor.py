@@ -50,6 +50,8 @@ logger = logging.getLogger("aioancillary")
 #: One accepted client on its way to a worker: the hand-off message and its fd (ours).
 _Item = tuple[bytes, tuple[int]]
 
+#: Seconds before a worker whose socket refused a hand-off (not because it left) gets more.
+_RETRY_DELAY = 0.1
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # accept(2): the client went away before we took it; nothing to hand over.
 _TRANSIENT_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
@@ -112,6 +114,7 @@ class _WorkerLink(AncillaryProtocol):
         "in_flight",
         "index",
         "limit",
+        "paused",
         "pending",
         "pid",
         "transport",
@@ -129,6 +132,7 @@ class _WorkerLink(AncillaryProtocol):
         self.pending: list[_Item] = []  # assigned in this wake, not yet sent
         self.transport: AncillaryTransport | None = None
         self.gone = False
+        self.paused = False  # its socket is full (pause_writing)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, AncillaryTransport)
@@ -165,9 +169,11 @@ class _WorkerLink(AncillaryProtocol):
         return False  # the worker stopped talking: it is leaving
 
     def pause_writing(self) -> None:
+        self.paused = True
         self.cap = 0  # its socket is full: send it nothing more until it reads
 
     def resume_writing(self) -> None:
+        self.paused = False
         if not self.gone:
             self.cap = self.limit
             self._acceptor._on_room()
@@ -200,7 +206,10 @@ def _send_clients(transport: AncillaryTransport, items: list[_Item]) -> int:
             transport.write_batch(chunk)
             taken += len(chunk)
     except (AncillaryError, OSError) as exc:
-        logger.debug("hand-off to %r stopped after %d of %d: %s", transport, taken, len(items), exc)
+        level = logging.DEBUG if transport.is_closing() else logging.WARNING
+        logger.log(
+            level, "hand-off to %r stopped after %d of %d: %s", transport, taken, len(items), exc
+        )
     return taken
 
 
@@ -532,6 +541,7 @@ class Acceptor:
 
     def _flush(self) -> None:
         dirty = self._dirty
+        sent: list[_Item] = []
         for link in dirty:
             items, link.pending = link.pending, []
             if link.gone or link.transport is None:
@@ -541,15 +551,28 @@ class Acceptor:
             if taken:
                 link.handed += taken
                 self._handed += taken
-                _close_fds(items[:taken])  # the worker's socket holds them now
+                sent += items if taken == len(items) else items[:taken]
             if taken < len(items):
                 rest = items[taken:]
                 link.in_flight -= len(rest)
-                link.cap = 0
                 self._hold(rest)
+                link.cap = 0  # the others take these; this one rests
+                if link.transport is not None and not link.transport.is_closing():
+                    # Refused but alive (e.g. ETOOMANYREFS: too many fds in flight for this
+                    # user, unix(7)): try it again a little later rather than spin.
+                    self._loop.call_later(_RETRY_DELAY, self._reopen, link)
         dirty.clear()
+        # The workers' sockets hold these clients now. Closed together: a wake's clients are
+        # consecutive fd numbers whichever worker they went to.
+        _close_fds(sent)
         if self._held:
             self._loop.call_soon(self._dispatch_held)
+
+    def _reopen(self, link: _WorkerLink) -> None:
+        transport = link.transport
+        if not link.gone and not link.paused and transport and not transport.is_closing():
+            link.cap = link.limit
+            self._dispatch_held()
 
     def _hold(self, items: list[_Item]) -> None:
         self._held.extend(items)

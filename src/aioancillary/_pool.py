@@ -214,7 +214,10 @@ class WorkerPool:
             if self._closing:
                 return
         self._restarts += 1
-        await self._spawn(child)
+        try:
+            await self._spawn(child)
+        except Exception:  # e.g. out of fds or processes: the pool goes on with one fewer
+            logger.exception("could not restart worker %d", child.index)
 
     async def shutdown(self, timeout: float | None = None) -> bool:
         """Stop gracefully: stop accepting, let in-flight clients finish, stop the workers.
