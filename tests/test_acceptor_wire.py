@@ -137,8 +137,40 @@ def test_welcome_checks_the_version() -> None:
             wire.parse_welcome(bad)
 
 
-def test_client_prefix() -> None:
-    assert wire.client_prefix(0x0102) == b"C\x01\x02"
+addresses = st.one_of(
+    st.tuples(st.just(socket.AF_INET), st.tuples(ipv4, ports)),
+    st.tuples(st.just(socket.AF_INET6), st.tuples(ipv6, ports, u32, u32)),
+    st.tuples(st.just(socket.AF_UNIX), unix_paths),
+)
+
+
+@given(st.lists(st.tuples(st.integers(0, wire.MAX_LISTENERS), addresses), min_size=1, max_size=40))
+def test_client_message_round_trip(clients: list[tuple[int, tuple[int, object]]]) -> None:
+    records = [wire.record_packer(index, family)(addr) for index, (family, addr) in clients]
+    parsed = wire.client_records(wire.client_message(records))
+    assert [index for index, _raw in parsed] == [index for index, _client in clients]
+    families = [family for _index, (family, _addr) in clients]
+    decoded = [wire.decode_address(f, raw) for f, (_i, raw) in zip(families, parsed, strict=True)]
+    assert decoded == [addr for _index, (_family, addr) in clients]
+
+
+@given(st.binary(max_size=40))
+def test_client_message_parsing_refuses_garbage_cleanly(tail: bytes) -> None:
+    try:
+        records = wire.client_records(b"C" + tail)
+    except ProtocolError:
+        return
+    rebuilt = [i.to_bytes(2, "big") + len(raw).to_bytes(1, "big") + raw for i, raw in records]
+    assert wire.client_message(rebuilt) == b"C" + tail
+
+
+def test_client_message_edge_cases() -> None:
+    for bad in (b"", b"C", b"X\x00\x00\x00", b"C\x00\x00", b"C\x00\x00\x02\x00"):
+        with pytest.raises(ProtocolError):
+            wire.client_records(bad)
+    assert wire.client_records(b"C\x00\x01\x00") == [(1, b"")]
+    with pytest.raises(ValueError, match="out of range"):
+        wire.record_packer(wire.MAX_LISTENERS + 1, socket.AF_INET)
 
 
 # -- dispatch policies ----------------------------------------------------------------------

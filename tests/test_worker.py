@@ -158,8 +158,10 @@ async def test_clients_queued_when_the_worker_closes_are_closed_and_reported(
 @pytest.mark.parametrize(
     "message",
     [
-        b"Cxx",  # a client of a listener never announced
-        b"C\x00\x00\x7f\x00\x00\x01\x00\x50",  # ...with an fd, before any announcement
+        b"Cxx",  # a record cut short
+        b"C\x00\x00\x7f\x00\x00\x01\x00\x50",  # an address cut short
+        b"C\x00\x05\x06\x7f\x00\x00\x01\x00\x50",  # a listener never announced
+        b"C\x00\x00\x06\x7f\x00\x00\x01\x00\x50" * 2,  # two clients, one fd
         b"Q",
         b'W{"v": 99}',
     ],

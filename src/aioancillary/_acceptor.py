@@ -47,8 +47,9 @@ __all__ = ["Acceptor", "AcceptorStats"]
 
 logger = logging.getLogger("aioancillary")
 
-#: One accepted client on its way to a worker: the hand-off message and its fd (ours).
-_Item = tuple[bytes, tuple[int]]
+#: One accepted client on its way to a worker: its record (see _handoff_wire) and its fd
+#: (ours until a worker's socket has it).
+_Item = tuple[bytes, int]
 
 #: Seconds before a worker whose socket refused a hand-off (not because it left) gets more.
 _RETRY_DELAY = 0.1
@@ -85,7 +86,7 @@ class AcceptorStats:
 
 
 class _Listener:
-    __slots__ = ("accept", "announcement", "fd", "index", "name", "pack", "prefix", "sock")
+    __slots__ = ("accept", "announcement", "fd", "index", "name", "record", "sock")
 
     def __init__(
         self, sock: socket.socket, index: int, name: str, metadata: Mapping[str, Any]
@@ -94,8 +95,7 @@ class _Listener:
         self.fd = sock.fileno()
         self.index = index
         self.name = name
-        self.pack = wire.packer_for(sock.family)
-        self.prefix = wire.client_prefix(index)
+        self.record = wire.record_packer(index, sock.family)
         self.announcement = wire.listener_message(index, sock, name, metadata)
         # socket._accept() returns (fd, address): no socket object is built for a client
         # that only passes through.
@@ -191,19 +191,22 @@ class _WorkerLink(AncillaryProtocol):
 def _send_clients(transport: AncillaryTransport, items: list[_Item]) -> int:
     """Hand ``items`` to the worker's transport; return how many it took (a prefix).
 
-    The fds are borrowed: the caller closes its copies of those taken (the kernel, or the
-    transport's queued duplicates, hold the clients now) and keeps the rest, to hand them to
-    another worker. Chunks of at most one ``sendmsg``'s fds: a failed ``sendmsg`` sent
-    nothing, so what a chunk's failure leaves is exactly what was not taken.
+    One ``C`` message carries the clients, with their fds, in one ``sendmsg`` (more than
+    ``SCM_MAX_FD`` clients take several). The fds are borrowed: the caller closes its copies
+    of those taken (the kernel, or the transport's queued duplicates, hold the clients now)
+    and keeps the rest, to hand them to another worker. A failed ``sendmsg`` sent nothing,
+    so what a failure leaves is exactly what was not taken.
     """
     taken = 0
-    # This wake's clients are one batch already: send them now, not after the transport's
-    # end-of-iteration flush (which would also duplicate every fd to queue it).
-    transport.end_burst()
     try:
         while taken < len(items):
             chunk = items[taken : taken + SCM_MAX_FD] if taken or len(items) > SCM_MAX_FD else items
-            transport.write_batch(chunk)
+            # This wake's clients are one message already: send it now, not after the
+            # transport's end-of-iteration flush (which would also duplicate every fd).
+            transport.end_burst()
+            transport.write_fds(
+                wire.client_message([record for record, _fd in chunk]), [fd for _r, fd in chunk]
+            )
             taken += len(chunk)
     except (AncillaryError, OSError) as exc:
         level = logging.DEBUG if transport.is_closing() else logging.WARNING
@@ -216,7 +219,7 @@ def _send_clients(transport: AncillaryTransport, items: list[_Item]) -> int:
 def _close_fds(items: list[_Item]) -> None:
     # The clients of one wake are mostly consecutive fd numbers (accept hands out the lowest
     # free ones): close_raw closes such runs with one close_range(2) each.
-    close_raw([fds[0] for _data, fds in items])
+    close_raw([fd for _record, fd in items])
 
 
 class Acceptor:
@@ -449,9 +452,14 @@ class Acceptor:
         items: list[_Item] = []
         for msg in messages:
             with msg:
-                if msg.fd_count != 1 or msg.data[:1] != b"C":
+                if not msg.fd_count or msg.data[:1] != b"C":
                     continue  # a welcome or listener announcement: nothing to re-dispatch
-                items.append((msg.data, (msg.take_fd().detach(),)))
+                records = wire.client_records(msg.data)  # we wrote it: well-formed
+                fds = [owned.detach() for owned in msg.take_fds()]
+                items += [
+                    (lid.to_bytes(2, "big") + len(addr).to_bytes(1, "big") + addr, fd)
+                    for (lid, addr), fd in zip(records, fds, strict=True)
+                ]
         if not items:
             return
         if link.gone:
@@ -471,8 +479,7 @@ class Acceptor:
         pick = self._policy.pick
         picker = self._picker
         accept = listener.accept
-        prefix = listener.prefix
-        pack = listener.pack
+        record = listener.record
         dirty = self._dirty
         accepted = 0
         for _ in range(self._burst):
@@ -486,7 +493,7 @@ class Acceptor:
                 self._accept_failed(exc)
                 break
             accepted += 1
-            item = (prefix + pack(addr), (fd,))
+            item = (record(addr), fd)
             worker = pick(workers) if picker is None else self._choose(picker, addr, listener)
             if worker is None:
                 # Every worker is at its limit: this one waits here, the next ones in the

@@ -6,7 +6,9 @@ says what it is. Acceptor to worker::
     b"W" + JSON {"v": 1}                      welcome: the first message, protocol version
     b"L" + JSON {"id", "family", "type",      a listener: sent once per worker, before any
                  "proto", "name", "metadata"}  client accepted on it
-    b"C" + uint16 listener id + address        one client, with exactly one fd (its socket)
+    b"C" + records                           clients, one fd each (their sockets), in order;
+                                              a record: uint16 listener id, uint8 address
+                                              length, the address
 
 Worker to acceptor::
 
@@ -18,8 +20,10 @@ worker learned from the ``L`` message: ``AF_INET`` 4 address bytes + port (uint1
 ``AF_UNIX`` a tag byte (``s`` for a path Python reports as ``str``, ``b`` for ``bytes``, e.g. a
 Linux abstract name) and the raw bytes of the path (empty for an unnamed client).
 
-Per-connection work on the acceptor is one bytes concatenation (the listener's precomputed
-``C`` prefix and the packed address); the worker decodes the address only when it is asked for.
+The acceptor sends each worker the clients of one wake-up as one ``C`` message (one frame,
+one ``sendmsg``, at most ``SCM_MAX_FD`` clients): per client it only builds a record (the
+listener's precomputed prefix and the packed address); the worker decodes an address only
+when it is asked for.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ __all__ = [
     "WELCOME",
     "AddressPacker",
     "ListenerInfo",
-    "client_prefix",
+    "client_message",
+    "client_records",
     "decode_address",
     "done_message",
     "listener_message",
@@ -49,6 +54,7 @@ __all__ = [
     "parse_done",
     "parse_listener",
     "parse_welcome",
+    "record_packer",
     "welcome_message",
 ]
 
@@ -196,9 +202,60 @@ def parse_listener(data: bytes) -> ListenerInfo:
     return ListenerInfo(index, family, kind, proto, name, metadata)
 
 
-def client_prefix(index: int) -> bytes:
-    """The bytes every ``C`` message of listener ``index`` starts with (computed once)."""
-    return b"C" + index.to_bytes(2, "big")
+def record_packer(index: int, family: int) -> Callable[[Any], bytes]:
+    """The function that turns an address ``accept()`` returned on listener ``index`` (of
+    ``family``) into that client's record.
+
+    Raises:
+        ValueError: ``index`` out of range, or another family.
+    """
+    if not 0 <= index <= MAX_LISTENERS:
+        raise ValueError(f"listener id {index} out of range 0..{MAX_LISTENERS}")
+    listener = index.to_bytes(2, "big")
+    pack = packer_for(family)
+    if family == socket.AF_INET:
+        prefix = listener + b"\x06"  # the length of every packed IPv4 address
+        aton = _inet_aton
+        return lambda addr: prefix + aton(addr[0]) + addr[1].to_bytes(2, "big")
+    if family == socket.AF_INET6:
+        prefix6 = listener + b"\x1a"
+        return lambda addr: prefix6 + pack(addr)
+
+    def unix_record(addr: Any) -> bytes:
+        packed = pack(addr)
+        return listener + len(packed).to_bytes(1, "big") + packed
+
+    return unix_record
+
+
+def client_message(records: list[bytes]) -> bytes:
+    """The ``C`` message carrying ``records`` (their fds go with it, in the same order)."""
+    return b"C" + b"".join(records)
+
+
+def client_records(data: bytes) -> list[tuple[int, bytes]]:
+    """The ``(listener id, packed address)`` of each client of a ``C`` message, in order.
+
+    Raises:
+        ProtocolError: not a well-formed ``C`` message.
+    """
+    if not data or data[0] != CLIENT:
+        raise ProtocolError(f"expected a client message (b'C'...), got {data[:64]!r}")
+    records = []
+    pos = 1
+    end = len(data)
+    while pos < end:
+        if pos + 3 > end:
+            raise ProtocolError(f"client message cut inside a record header: {data[:64]!r}")
+        size = data[pos + 2]
+        stop = pos + 3 + size
+        if stop > end:
+            raise ProtocolError(f"client message cut inside an address: {data[:64]!r}")
+        records.append(((data[pos] << 8) | data[pos + 1], data[pos + 3 : stop]))
+        pos = stop
+    if not records:
+        raise ProtocolError("a client message with no client")
+    return records
 
 
 def done_message(count: int) -> bytes:

@@ -33,7 +33,6 @@ __all__ = ["ClientHandler", "HandedClient", "Worker"]
 
 logger = logging.getLogger("aioancillary")
 
-_CLIENT = wire.CLIENT
 _EAGER = sys.version_info >= (3, 12)
 
 
@@ -52,21 +51,21 @@ class HandedClient:
         sock: The client's socket, non-blocking, owned by this object until :meth:`done`.
     """
 
-    __slots__ = ("_data", "_info", "_transport", "_worker", "sock")
+    __slots__ = ("_addr", "_info", "_transport", "_worker", "sock")
 
     def __init__(
-        self, sock: socket.socket, info: wire.ListenerInfo, data: bytes, worker: Worker
+        self, sock: socket.socket, info: wire.ListenerInfo, addr: bytes, worker: Worker
     ) -> None:
         self.sock = sock
         self._info = info
-        self._data = data
+        self._addr = addr
         self._worker: Worker | None = worker
         self._transport: asyncio.BaseTransport | None = None
 
     @property
     def peername(self) -> Any:
         """The client's address, as ``accept()`` returned it in the acceptor."""
-        return wire.decode_address(self._info.family, self._data[3:])
+        return wire.decode_address(self._info.family, self._addr)
 
     @property
     def listener(self) -> str:
@@ -206,24 +205,37 @@ class Worker(AncillaryProtocol):
         self._transport = transport
 
     def messages_received(self, messages: list[AncillaryMessage]) -> None:
-        listeners = self._listeners
-        handler = self._handler
         for i, msg in enumerate(messages):
-            data = msg.data
             try:
-                info = listeners[(data[1] << 8) | data[2]] if data[0] == _CLIENT else None
-            except (IndexError, KeyError):
-                info = None
-            if info is None or msg.fd_count != 1:
-                try:
+                if msg.data[:1] == b"C" and self._welcomed:
+                    self._clients(msg)
+                else:
                     self._control(msg)
-                except ProtocolError as exc:
-                    for rest in messages[i:]:
-                        rest.close()
-                    self._fail(exc)
-                    return
-                continue
-            fd = msg.take_fd().detach()
+            except ProtocolError as exc:
+                for rest in messages[i:]:
+                    rest.close()  # closes every fd the faulty message (and later ones) held
+                self._fail(exc)
+                return
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _clients(self, msg: AncillaryMessage) -> None:
+        """A ``C`` message: its clients, one fd each, become :class:`HandedClient` objects."""
+        records = wire.client_records(msg.data)
+        listeners = self._listeners
+        infos = [listeners.get(lid) for lid, _addr in records]
+        if None in infos or len(records) != msg.fd_count:
+            raise ProtocolError(
+                f"the acceptor sent {len(records)} client(s) with {msg.fd_count} fd(s), "
+                f"listener ids {sorted({lid for lid, _ in records})} (known: "
+                f"{sorted(listeners)}); the fds were closed"
+            )
+        handler = self._handler
+        queue = self._queue
+        for info, (_lid, addr), owned in zip(infos, records, msg.take_fds(), strict=True):
+            assert info is not None
+            fd = owned.detach()
             try:
                 sock = socket.socket(info.family, info.type, info.proto, fd)
             except OSError as exc:
@@ -232,14 +244,11 @@ class Worker(AncillaryProtocol):
                 self._complete()
                 continue
             sock.setblocking(False)
-            client = HandedClient(sock, info, data, self)
+            client = HandedClient(sock, info, addr, self)
             if handler is not None:
                 self._start(handler, client)
             else:
-                self._queue.append(client)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+                queue.append(client)
 
     def _control(self, msg: AncillaryMessage) -> None:
         """A message that is not a well-formed client: welcome, listener, or garbage."""
@@ -249,7 +258,8 @@ class Worker(AncillaryProtocol):
             if msg.fd_count:
                 raise ProtocolError(
                     f"the acceptor sent {msg.fd_count} fd(s) with a message of kind "
-                    f"{data[:1]!r} (unknown listener, or not a client); they were closed"
+                    f"{data[:1]!r} (not a client message, or before the welcome); they were "
+                    "closed"
                 )
             if kind == wire.WELCOME:
                 wire.parse_welcome(data)
