@@ -77,6 +77,8 @@ LABELS = {
 WORKERS = 2
 RESPONSE_SIZE = 64
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: Set by --defer-accept for the server processes.
+DEFER_ENV = "HANDOFF_DEFER_ACCEPT"
 #: With this set to a directory, acceptors and asyncio workers write cProfile stats there.
 PROFILE_ENV = "HANDOFF_PROFILE"
 
@@ -199,6 +201,9 @@ class Server:
         self.kind, _, self.loop_name = kind.partition("-")
         self.stamps: list[int] | None = [] if stamps else None
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        if os.environ.get(DEFER_ENV):
+            # accept() returns a client only once its first bytes are in (tcp(7)).
+            self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
         self.port = self.listener.getsockname()[1]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.links: list[socket.socket] = []
@@ -505,11 +510,12 @@ def report(
     lines = [
         "# TCP hand-off benchmark",
         "",
-        f"`benchmarks/handoff_bench.py{' --quick' if args.quick else ''}`: {args.n} connections"
+        f"`benchmarks/handoff_bench.py{''.join(' ' + a for a in sys.argv[1:])}`: {args.n} connections"
         f" per run at concurrency {args.concurrency}, {WORKERS} workers, 127.0.0.1; "
         f"{args.repeat} interleaved repeat(s); median (min-max) over repeats. Hand-off latency:"
         f" {args.lone} lone connections 2 ms apart on an idle server, accept() returning in the"
-        " acceptor to the worker holding the socket.",
+        " acceptor to the worker holding the socket."
+        + (" Every listener has TCP_DEFER_ACCEPT." if args.defer_accept else ""),
         "",
         *[f"- {note}" for note in notes],
         "",
@@ -591,10 +597,18 @@ def main() -> int:
     parser.add_argument("--lone", type=int, default=200, help="lone connections for hand-off")
     parser.add_argument("--only", action="append", help="servers to run (repeatable)")
     parser.add_argument("--cc", default="cc")
+    parser.add_argument(
+        "--defer-accept",
+        action="store_true",
+        help="TCP_DEFER_ACCEPT on every listener (Node has no such option: not run)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.repeat, args.n, args.lone = 1, 400, 20
     servers = [s for s in SERVERS if not args.only or s in args.only]
+    if args.defer_accept:
+        os.environ[DEFER_ENV] = "1"
+        servers = [s for s in servers if s != "node-cluster"]
     if shutil.which("node") is None and "node-cluster" in servers:
         servers.remove("node-cluster")
         print("node not found: skipping the Node cluster reference", file=sys.stderr)
@@ -621,10 +635,11 @@ def main() -> int:
     print(text)
     OUT.mkdir(exist_ok=True)
     (OUT / ".gitignore").write_text("*\n")
-    (OUT / "handoff.md").write_text(text)
-    (OUT / "handoff.json").write_text(json.dumps({"load": results, "lone": lone}, indent=1))
+    name = "handoff-defer-accept" if args.defer_accept else "handoff"
+    (OUT / f"{name}.md").write_text(text)
+    (OUT / f"{name}.json").write_text(json.dumps({"load": results, "lone": lone}, indent=1))
     if args.publish:
-        (HERE / "results" / "handoff.md").write_text(text)
+        (HERE / "results" / f"{name}.md").write_text(text)
     failed = any(r["errors"] for runs in results.values() for r in runs)
     return 1 if failed else 0
 
