@@ -510,7 +510,7 @@ def report(
     lines = [
         "# TCP hand-off benchmark",
         "",
-        f"`benchmarks/handoff_bench.py{''.join(' ' + a for a in sys.argv[1:])}`: {args.n} connections"
+        f"`{' '.join(['benchmarks/handoff_bench.py', *sys.argv[1:]])}`: {args.n} connections"
         f" per run at concurrency {args.concurrency}, {WORKERS} workers, 127.0.0.1; "
         f"{args.repeat} interleaved repeat(s); median (min-max) over repeats. Hand-off latency:"
         f" {args.lone} lone connections 2 ms apart on an idle server, accept() returning in the"
