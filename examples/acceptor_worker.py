@@ -27,6 +27,12 @@ WORKERS = 2
 CLIENTS = 6
 
 
+def say(text: str) -> None:
+    """One write per line, flushed: several processes share the terminal."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def same_user(creds: Credentials | None) -> bool:
     """``authorize`` callback: only processes of our own user may exchange fds with us."""
     return creds is not None and creds.uid == os.getuid()
@@ -38,7 +44,7 @@ def same_user(creds: Credentials | None) -> bool:
 async def serve(client: HandedClient) -> None:
     reader, writer = await client.open_streams()  # the client's own TCP connection
     line = (await reader.readline()).decode().strip()
-    print(f"[worker pid {os.getpid()}] client {client.peername[1]} says {line!r}", flush=True)
+    say(f"[worker pid {os.getpid()}] client {client.peername[1]} says {line!r}")
     writer.write(f"worker pid {os.getpid()} echoes {line!r}\n".encode())
     await writer.drain()
 
@@ -59,7 +65,7 @@ async def tcp_client(n: int, port: int) -> str:
     answer = (await reader.readline()).decode().strip()
     writer.close()
     await writer.wait_closed()
-    print(f"[client {n}] got: {answer}", flush=True)
+    say(f"[client {n}] got: {answer}")
     return answer
 
 
@@ -77,9 +83,9 @@ async def acceptor_main() -> int:
             ]
             while len(acceptor.workers) < WORKERS:  # clients could come earlier: they would wait
                 await asyncio.sleep(0.01)
-            print(f"[acceptor pid {os.getpid()}] workers: {[w.pid for w in acceptor.workers]}")
+            say(f"[acceptor pid {os.getpid()}] workers: {[w.pid for w in acceptor.workers]}")
             answers = await asyncio.gather(*(tcp_client(n, port) for n in range(CLIENTS)))
-            print(f"[acceptor pid {os.getpid()}] {acceptor.stats()}")
+            say(f"[acceptor pid {os.getpid()}] {acceptor.stats()}")
         # Leaving the block closed the acceptor: the workers' serve() returns and they exit.
         codes = [await p.wait() for p in procs]
 
