@@ -102,7 +102,8 @@ class _Child:
 class WorkerPool:
     """Start ``processes`` worker processes that serve clients with ``handler``.
 
-    The pool owns an :class:`Acceptor` (:attr:`acceptor`): add listeners to it. Each worker
+    Create it inside a coroutine. The pool owns an :class:`Acceptor` (:attr:`acceptor`): add
+    listeners to it. Each worker
     runs ``handler(client)`` for every :class:`HandedClient` it gets, in its own interpreter,
     on the event loop named by ``loop``. A worker that dies is restarted (what it was serving
     is lost with it and counted in the acceptor's stats).
