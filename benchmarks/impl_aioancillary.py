@@ -85,7 +85,7 @@ async def _recv_each(conn: AncillaryConnection, total: int) -> tuple[int, int]:
     async for msg in conn:
         with msg:
             got += len(msg.data)
-            nrecv += len(msg.fds)
+            nrecv += msg.fd_count
         if got >= total:
             break
     return got, nrecv
@@ -98,7 +98,7 @@ async def _recv_batches(conn: AncillaryConnection, total: int) -> tuple[int, int
         for msg in await recv_batch():
             with msg:
                 got += len(msg.data)
-                nrecv += len(msg.fds)
+                nrecv += msg.fd_count
     return got, nrecv
 
 
@@ -109,7 +109,7 @@ async def _recv_sampling(
     async for msg in conn:
         with msg:
             got += len(msg.data)
-            nrecv += len(msg.fds)
+            nrecv += msg.fd_count
         if count % every == 0:
             rss.append(rss_kib())
         count += 1
@@ -144,7 +144,7 @@ async def _recv_one(conn: AncillaryConnection) -> int:
     while got < MSG_SIZE:
         with await conn.recv() as msg:
             got += len(msg.data)
-            nrecv += len(msg.fds)
+            nrecv += msg.fd_count
     return nrecv
 
 

@@ -31,7 +31,10 @@ class Reader:
 
     def _ready(self) -> None:
         recvmsg = self.sock.recvmsg
-        while True:
+        # Bounded: each message's fds stay open until the coroutine takes it, and a flood read
+        # to EAGAIN in one go could run the process out of fds (the kernel then drops fds
+        # silently, MSG_CTRUNC). The loop calls back while data is left.
+        for _ in range(64):
             try:
                 data, anc, _flags, _addr = recvmsg(self.bufsize, self.ancbufsize)
             except BlockingIOError:

@@ -1,10 +1,11 @@
 """Zero-downtime reload: each server generation hands its listening TCP socket to the next.
 
-Generation 1 creates a listening socket on 127.0.0.1 (an ephemeral port) and serves clients.
-To upgrade, a new process (generation 2) is started; it connects to the running server's
-handoff socket (a Unix socket), receives the *listening* socket with ``send_fds``, starts
-accepting on it, and tells the old generation, which then stops accepting, finishes the
-connections it already has, and exits. Generation 3 takes over from generation 2 the same way.
+Every server process is a *generation* (``aioancillary.start_generation``). Generation 1 finds
+nobody on the handoff socket, so it creates its listening socket on 127.0.0.1 (an ephemeral
+port) and serves. Generation 2 starts while 1 serves: it connects to 1's handoff socket, takes
+the socket named "web" (the same open socket: same inode, same accept queue), starts accepting,
+and declares itself ready; generation 1 then stops accepting, finishes the connections it has,
+and exits. Generation 3 takes over from 2 the same way, once 2's predecessor has exited.
 
 The listening socket is never closed, so the port is never unbound: clients that connect during
 a handoff wait in the kernel's accept queue and are served by whichever generation accepts them.
@@ -24,30 +25,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import sys
 import tempfile
 import time
 
-from aioancillary import (
-    AncillaryConnection,
-    Credentials,
-    open_unix_connection,
-    start_unix_server,
-)
+from aioancillary import Generation, HandoffBusyError, start_generation
 
 GENERATIONS = 3
 CLIENT_LOOPS = 4  # clients connecting concurrently, each one connection after another
 SECONDS_PER_GENERATION = 0.3
+DRAIN_DEADLINE = 5.0  # seconds an old generation gives its in-flight connections
 
 
 def say(who: str, text: str) -> None:
     print(f"[{who}] {text}", flush=True)
-
-
-def same_user(creds: Credentials | None) -> bool:
-    """``authorize`` callback: only our own user may take the listening socket."""
-    return creds is not None and creds.uid == os.getuid()
 
 
 # -- a server generation --------------------------------------------------------------------
@@ -57,9 +50,9 @@ class Acceptor:
     """Accepts TCP connections on a listening socket and tracks each one from the start.
 
     Accepting by hand (``add_reader`` plus non-blocking ``accept``), rather than with
-    ``asyncio.start_server``, means a connection belongs to a tracked task from the instant it
-    leaves the kernel's queue: when this generation stops, it knows exactly which connections
-    it must finish before exiting, and none is dropped in between.
+    ``asyncio.start_server``, puts a connection in a tracked task the instant it leaves the
+    kernel's queue: when this generation stops, it knows exactly which connections it must
+    finish before exiting, and none is dropped in between.
     """
 
     def __init__(self, listener: socket.socket, gen: int) -> None:
@@ -99,61 +92,58 @@ class Acceptor:
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()  # the socket lives on in the successor: the port stays bound
 
-    async def finish(self) -> None:
-        while self.in_flight:
-            await asyncio.gather(*list(self.in_flight), return_exceptions=True)
+    async def finish(self, deadline: float) -> int:
+        """Wait for the connections in flight; cancel those past ``deadline`` (returned)."""
+        if not self.in_flight:
+            return 0
+        _done, late = await asyncio.wait(set(self.in_flight), timeout=deadline)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        return len(late)
 
 
-async def generation_main(gen: int, handoff_path: str) -> int:
-    me = f"gen {gen} pid {os.getpid()}"
-    if gen == 1:
-        listener = socket.create_server(("127.0.0.1", 0), backlog=512)
-        say(me, f"created the listening socket 127.0.0.1:{listener.getsockname()[1]}")
-        acceptor = Acceptor(listener, gen)
+async def start_generation_retrying(handoff_path: str) -> Generation:
+    """start_generation, retried while the running one is busy with the previous upgrade."""
+    for _ in range(50):
+        try:
+            return await start_generation(handoff_path)
+        except HandoffBusyError as exc:
+            say(f"pid {os.getpid()}", f"{exc}: retrying in 0.1 s")
+            await asyncio.sleep(0.1)
+    raise SystemExit("the running generation stayed busy")
+
+
+async def generation_main(number: int, handoff_path: str) -> int:
+    me = f"gen {number} pid {os.getpid()}"
+    gen = await start_generation_retrying(handoff_path)
+    if gen.predecessor_pid is None:
+        say(me, "nobody on the handoff socket: first generation")
     else:
-        say(me, f"started; asking generation {gen - 1} for the listening socket")
-        async with await open_unix_connection(handoff_path, authorize=same_user) as old:
-            await old.send(b"takeover")
-            with await old.recv() as msg:  # closes the fd if anything below fails
-                listener = msg.take_fd().into_socket()
-            say(
-                me,
-                f"received the listening socket as fd {listener.fileno()} "
-                f"(inode {os.fstat(listener.fileno()).st_ino}); accepting on it now",
-            )
-            acceptor = Acceptor(listener, gen)
-            await old.send(b"serving")
-            async for reply in old:  # the old generation hangs up once it stopped accepting
-                reply.close()
+        say(me, f"took {gen.inherited.names()} from generation pid {gen.predecessor_pid}")
+    # Inherit by name, or bind if absent: only generation 1 ever binds the port.
+    listener = gen.take_socket("web", create=lambda: socket.create_server(("127.0.0.1", 0)))
     port = listener.getsockname()[1]
-    done = asyncio.Event()
-
-    async def on_control(conn: AncillaryConnection) -> None:
-        with await conn.recv() as request:
-            command = request.data
-        if command == b"takeover":
-            creds = conn.peercred
-            fd = listener.fileno()
-            say(
-                me,
-                f"pid {creds.pid if creds else '?'} takes over: sending it the listening "
-                f"socket (fd {fd}, inode {os.fstat(fd).st_ino})",
-            )
-            await conn.send_fds(b"listener", [listener])
-            with await conn.recv():  # "serving": the successor accepts from the same queue
-                pass
-        acceptor.stop()
-        control.close()  # release the handoff path for the successor
-        say(me, f"stopped accepting; finishing {len(acceptor.in_flight)} connection(s) in flight")
-        done.set()
-
-    control = await start_unix_server(on_control, handoff_path, authorize=same_user)
+    inode = os.fstat(listener.fileno()).st_ino
+    acceptor = Acceptor(listener, number)
+    await gen.ready()  # the predecessor stops accepting; the handoff socket is ours now
+    say(me, f"accepting on 127.0.0.1:{port} (socket inode {inode})")
     print(f"READY {port}", flush=True)  # tells the driver this generation is up
-    await done.wait()
-    await control.wait_closed()  # the successor sees EOF once on_control has returned
-    await acceptor.finish()
-    say(me, f"served {acceptor.served} connections; exiting")
-    return 0
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    handed = asyncio.ensure_future(gen.handed_over())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([handed, stopped], return_when=asyncio.FIRST_COMPLETED)
+    handed.cancel()
+    stopped.cancel()
+    acceptor.stop()
+    why = "a successor took over" if gen.is_handed_over() else "asked to stop"
+    say(me, f"{why}: stopped accepting; finishing {len(acceptor.in_flight)} connection(s)")
+    late = await acceptor.finish(DRAIN_DEADLINE)
+    await gen.close()  # lets the successor accept the next upgrade
+    say(me, f"served {acceptor.served} connections ({late} past the deadline); exiting")
+    return 0 if late == 0 else 1
 
 
 # -- the driver: starts generations, runs clients, checks -------------------------------------
@@ -172,7 +162,7 @@ async def relay_output(proc: asyncio.subprocess.Process, ready: asyncio.Future[i
         ready.set_exception(RuntimeError("a generation exited before it was ready"))
 
 
-async def start_generation(
+async def spawn_generation(
     gen: int, handoff_path: str, relays: list[asyncio.Task[None]]
 ) -> tuple[asyncio.subprocess.Process, int]:
     proc = await asyncio.create_subprocess_exec(
@@ -232,7 +222,7 @@ async def driver_main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "handoff.sock")
         try:
-            proc, port = await start_generation(1, path, relays)
+            proc, port = await spawn_generation(1, path, relays)
             procs.append(proc)
             say("driver", f"{CLIENT_LOOPS} clients now connect to 127.0.0.1:{port} nonstop")
             stop = asyncio.Event()
@@ -243,16 +233,13 @@ async def driver_main() -> int:
             for gen in range(2, GENERATIONS + 1):
                 await asyncio.sleep(SECONDS_PER_GENERATION)
                 say("driver", f"starting generation {gen} ({len(log)} connections served so far)")
-                proc, _port = await start_generation(gen, path, relays)
+                proc, _port = await spawn_generation(gen, path, relays)
                 procs.append(proc)
             await asyncio.sleep(SECONDS_PER_GENERATION)
             stop.set()
             await asyncio.gather(*clients)
             say("driver", f"clients stopped; asking generation {GENERATIONS} to exit")
-            async with await open_unix_connection(path, authorize=same_user) as conn:
-                await conn.send(b"quit")
-                async for msg in conn:  # wait until it hangs up
-                    msg.close()
+            procs[-1].send_signal(signal.SIGTERM)
         finally:
             for proc in procs:
                 if proc.returncode is None:

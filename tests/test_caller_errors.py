@@ -14,12 +14,15 @@ import asyncio
 import gc
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import is_open, pair, within
+from helpers import is_open, pair, wait_until, within
 
 from aioancillary import (
     AncillaryConnection,
@@ -431,3 +434,67 @@ async def test_connection_awaited_by_a_task_is_not_collected() -> None:
     assert await within(task) == b"ping"
     b.close()
     await b.wait_closed()
+
+
+# -- finalisers close before they warn --------------------------------------------------------
+
+FINALISED = textwrap.dedent(
+    """
+    import asyncio, gc, os, sys
+    import aioancillary as aa
+    from aioancillary._message import new_message
+
+    kind = sys.argv[1]
+
+    def alive(fd):
+        try:
+            os.fstat(fd)
+            return True
+        except OSError:
+            return False
+
+    async def main():
+        if kind == "OwnedFd":
+            obj = aa.OwnedFd(os.open(os.devnull, os.O_RDONLY))
+            fd = obj.fileno()
+        elif kind == "AncillaryMessage":
+            fd = os.open(os.devnull, os.O_RDONLY)
+            obj = new_message(b"x", [fd])
+        else:
+            obj, peer = await aa.connection_pair()
+            fd = obj.transport.get_extra_info("socket").fileno()
+        del obj
+        gc.collect()  # the warning, an error here, is raised inside __del__: unraisable
+        await asyncio.sleep(0)  # a connection's socket closes in the loop's next iteration
+        print("closed" if not alive(fd) else "LEAKED")
+        if kind == "AncillaryConnection":
+            peer.close()
+            await peer.wait_closed()
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["OwnedFd", "AncillaryMessage", "AncillaryConnection"])
+def test_finalisers_close_even_when_warnings_are_errors(kind: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::ResourceWarning", "-c", FINALISED, kind],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.stdout.strip() == "closed", proc.stderr
+    assert "ResourceWarning" in proc.stderr  # still reported (as unraisable)
+
+
+async def test_at_eof() -> None:
+    async with pair() as (a, b):
+        await a.send(b"last")
+        a.write_eof()
+        await wait_until(lambda: not b.transport.is_reading())  # EOF read; "last" is queued
+        assert not b.at_eof()
+        with await within(b.recv()) as msg:
+            assert msg.data == b"last"
+        assert b.at_eof()

@@ -8,7 +8,10 @@ Layers, bottom up (each uses only the ones below it):
 * asyncio: :class:`AncillaryConnection` with :func:`open_unix_connection`,
   :func:`start_unix_server`, :func:`connection_pair`; and, for your own protocols,
   :class:`AncillaryTransport` / :class:`AncillaryProtocol` with :func:`create_unix_connection`
-  and :func:`create_unix_server`.
+  and :func:`create_unix_server`;
+* daemon lifecycle: :func:`listen_fds` (systemd socket activation, by name, as
+  :class:`NamedFds`), :func:`notify` / :func:`notify_async` (``sd_notify``, the fd store),
+  :func:`start_generation` / :class:`Generation` (zero-downtime reload by fd handoff).
 """
 
 from __future__ import annotations
@@ -18,14 +21,21 @@ from ._client import connection_pair, create_unix_connection, open_unix_connecti
 from ._cmsg import Credentials, SocketAncillary
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_FDS, AncillaryConnection
 from ._errors import (
+    ActivationError,
     AncillaryError,
     CloexecError,
     ConnectionClosedError,
     DataTruncatedError,
+    FdNameError,
     FdsInFlightError,
     FdTruncatedError,
+    FdTypeError,
+    HandoffBusyError,
+    HandoffError,
+    HandoffTimeoutError,
     InvalidFdError,
     MessageTooLargeError,
+    NotifyError,
     PeerRejectedError,
     ProtocolError,
     TooManyFdsError,
@@ -33,9 +43,11 @@ from ._errors import (
 from ._fd import FdLike, HasFileno, OwnedFd
 from ._framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, frame_header
 from ._message import AncillaryMessage
+from ._notify import notify, notify_async, watchdog_interval
 from ._peercred import peer_credentials
 from ._platform import SCM_MAX_FD, Platform, buffer_size_for_rights, current_platform
 from ._protocol import AncillaryProtocol
+from ._reload import Generation, start_generation
 from ._server import (
     AncillaryServer,
     Handler,
@@ -43,6 +55,7 @@ from ._server import (
     create_unix_server,
     start_unix_server,
 )
+from ._systemd import NamedFds, listen_fds
 from ._transport import AncillaryTransport
 from ._unix import Authorize
 
@@ -54,6 +67,7 @@ __all__ = [
     "DEFAULT_MAX_QUEUED_FDS",
     "FRAME_HEADER_SIZE",
     "SCM_MAX_FD",
+    "ActivationError",
     "AncillaryConnection",
     "AncillaryError",
     "AncillaryMessage",
@@ -66,13 +80,21 @@ __all__ = [
     "Credentials",
     "DataTruncatedError",
     "FdLike",
+    "FdNameError",
     "FdTruncatedError",
+    "FdTypeError",
     "FdsInFlightError",
     "FrameDecoder",
+    "Generation",
     "Handler",
+    "HandoffBusyError",
+    "HandoffError",
+    "HandoffTimeoutError",
     "HasFileno",
     "InvalidFdError",
     "MessageTooLargeError",
+    "NamedFds",
+    "NotifyError",
     "OwnedFd",
     "PeerRejectedError",
     "Platform",
@@ -87,10 +109,15 @@ __all__ = [
     "create_unix_server",
     "current_platform",
     "frame_header",
+    "listen_fds",
+    "notify",
+    "notify_async",
     "open_unix_connection",
     "peer_credentials",
     "recv_fds",
     "recv_fds_into",
     "send_fds",
+    "start_generation",
     "start_unix_server",
+    "watchdog_interval",
 ]

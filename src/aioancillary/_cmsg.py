@@ -238,7 +238,12 @@ class SocketAncillary:
 
     @staticmethod
     def receive_buffer_size(platform: Platform | None = None) -> int:
-        """The ``ancbufsize`` for ``recvmsg`` that no message can truncate (see NOTES)."""
+        """The ``ancbufsize`` for ``recvmsg`` that no message can truncate.
+
+        ``CMSG_SPACE(SCM_MAX_FD * sizeof(int))`` plus room for the records the kernel may add
+        beside the fds (``SCM_CREDENTIALS``, ``SCM_PIDFD``); where there is no fixed cap (macOS)
+        it is sized for ``RLIMIT_NOFILE``. See :meth:`Platform.receive_ancbufsize`.
+        """
         return (platform or current_platform()).receive_ancbufsize()
 
     @staticmethod

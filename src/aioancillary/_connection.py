@@ -45,7 +45,7 @@ def default_max_queued_fds() -> int:
 
 
 _DATA = operator.attrgetter("data")
-_FD_COUNT = operator.attrgetter("fd_count")
+_FD_COUNT = operator.attrgetter("fd_count")  # a slot: read in C
 
 # Connections a task is waiting on (in recv() or drain()). The loop reaches a connection only
 # through its protocol's weak reference, so that a connection the application dropped without
@@ -418,20 +418,28 @@ class AncillaryConnection:
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if not self._closed and not self._lost.done():
             self._closed = True
+            # Its reader registration is all that is left of it: close the socket and every
+            # fd it holds (before warning: with warnings turned into errors, warn() raises).
+            # The loop may be closed or gone by now; nothing more can be done.
+            with contextlib.suppress(Exception):
+                self._transport.abort()
+            self._close_queue()
             _warn(
                 f"unclosed AncillaryConnection {self!r}: close it (or use 'async with')",
                 ResourceWarning,
                 source=self,
             )
-            # Its reader registration is all that is left of it: close the socket and every
-            # fd it holds. The loop may be closed or gone by now; nothing more can be done.
-            with contextlib.suppress(Exception):
-                self._transport.abort()
-            self._close_queue()
 
     async def wait_closed(self) -> None:
         """Wait until the socket is closed (after :meth:`close`, or when the peer vanished)."""
         await asyncio.shield(self._lost)
+
+    def at_eof(self) -> bool:
+        """True once the peer has closed its sending side and every queued message was taken.
+
+        Like :meth:`asyncio.StreamReader.at_eof`: nothing more will ever be received.
+        """
+        return self._eof and not self._queue
 
     def is_closing(self) -> bool:
         """True once the connection is closing or closed."""

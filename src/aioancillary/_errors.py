@@ -12,7 +12,14 @@ Every error the library raises on purpose derives from :class:`AncillaryError`::
     ├── FdsInFlightError        the kernel refused more fds in flight (ETOOMANYREFS; OSError)
     ├── ProtocolError           the peer broke the framing protocol (bad frame, fd count)
     ├── ConnectionClosedError   the connection is closed (also ConnectionError)
-    └── PeerRejectedError       the peer's credentials failed authorization (PermissionError)
+    ├── PeerRejectedError       the peer's credentials failed authorization (PermissionError)
+    ├── ActivationError         LISTEN_FDS/LISTEN_PID unusable (another process's, malformed)
+    ├── FdNameError             no fd (or several) under the name asked for (LookupError)
+    ├── FdTypeError             the fd is not the socket asked for (TypeError)
+    ├── NotifyError             NOTIFY_SOCKET set but unreachable (OSError)
+    └── HandoffError            a reload handoff failed; the old generation serves on
+        ├── HandoffTimeoutError     a handoff step timed out (TimeoutError)
+        └── HandoffBusyError        another upgrade is in progress: retry later
 
 Whenever one of these is raised on the receive path, every fd that arrived with the faulty
 message has already been closed: catching the error never leaves an fd open in the process.
@@ -21,14 +28,21 @@ message has already been closed: catching the error never leaves an fd open in t
 from __future__ import annotations
 
 __all__ = [
+    "ActivationError",
     "AncillaryError",
     "CloexecError",
     "ConnectionClosedError",
     "DataTruncatedError",
+    "FdNameError",
     "FdTruncatedError",
+    "FdTypeError",
     "FdsInFlightError",
+    "HandoffBusyError",
+    "HandoffError",
+    "HandoffTimeoutError",
     "InvalidFdError",
     "MessageTooLargeError",
+    "NotifyError",
     "PeerRejectedError",
     "ProtocolError",
     "TooManyFdsError",
@@ -117,3 +131,43 @@ class ConnectionClosedError(AncillaryError, ConnectionError):
 
 class PeerRejectedError(AncillaryError, PermissionError):
     """The peer's credentials were refused by the ``authorize`` callback; no fd was exchanged."""
+
+
+class ActivationError(AncillaryError, RuntimeError):
+    """The ``LISTEN_*`` variables cannot be used: meant for another process, or malformed.
+
+    No fd was taken or closed: the process's fds 3 and up are left as they were.
+    """
+
+
+class FdNameError(AncillaryError, LookupError):
+    """No fd has the name asked for, or several do where exactly one was asked for."""
+
+
+class FdTypeError(AncillaryError, TypeError):
+    """The fd is not what was asked for: not a socket, or a socket of another family/type.
+
+    The fd stays in its :class:`NamedFds` (closed with it) and can still be taken as an
+    :class:`OwnedFd`.
+    """
+
+
+class NotifyError(AncillaryError, OSError):
+    """``$NOTIFY_SOCKET`` is set but no notification can be delivered there.
+
+    The address is malformed, nothing listens at it, or the send failed; ``errno`` is the
+    system's reason where there is one.
+    """
+
+
+class HandoffError(AncillaryError, ConnectionError):
+    """A reload handoff failed. The running generation keeps serving; retry, or exit."""
+
+
+class HandoffTimeoutError(HandoffError, TimeoutError):
+    """A handoff step did not complete in time (the peer is stuck or too slow)."""
+
+
+class HandoffBusyError(HandoffError):
+    """The running generation refused the upgrade for now: another successor is taking over,
+    or its own predecessor is still draining. Nothing was taken; retry a little later."""

@@ -222,14 +222,15 @@ class OwnedFd:
         fd = self._fd
         if fd >= 0:
             self._fd = -1
+            # Closed before warning: with warnings turned into errors, warn() raises.
+            with contextlib.suppress(OSError):
+                os.close(fd)
             warnings.warn(
                 f"unclosed OwnedFd fd={fd}: close it, use 'with', or detach() it",
                 ResourceWarning,
                 stacklevel=2,
                 source=self,
             )
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 def close_all(fds: Iterable[OwnedFd]) -> None:

@@ -18,13 +18,14 @@ count, and fds that no frame claims.
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ._errors import ProtocolError
 from ._fd import OwnedFd, close_raw
-from ._message import AncillaryMessage, new_message
+from ._message import AncillaryMessage, messages_of, new_message
 from ._platform import SCM_MAX_FD
 
 __all__ = [
@@ -77,9 +78,9 @@ def frame_header(nfds: int, length: int) -> bytes:
     return _pack_header(_VERSION_WORD, nfds, length)
 
 
-def encode_header(nfds: int, length: int) -> bytes:
-    """:func:`frame_header` without the range checks, for senders that checked already."""
-    return _pack_header(_VERSION_WORD, nfds, length)
+#: ``encode_header(nfds, length)``: :func:`frame_header` without the range checks, for senders
+#: that checked already. A partial of ``struct.pack``, so that the per-message call runs in C.
+encode_header: Callable[[int, int], bytes] = functools.partial(_pack_header, _VERSION_WORD)
 
 
 def frames_of(data: bytes | bytearray, fds: list[int]) -> list[tuple[bytes, list[int]]]:
@@ -134,6 +135,21 @@ class Decoder:
     def feed(self, data: bytes, fds: list[int] | None) -> list[AncillaryMessage]:
         raise NotImplementedError
 
+    def feed_reads(self, reads: list[tuple[bytes, list[int] | None]]) -> list[AncillaryMessage]:
+        """:meth:`feed` every read in order; the decoder owns all their fds from the call on.
+
+        Stops at a protocol failure (the fds of the reads after it are closed too).
+        """
+        out: list[AncillaryMessage] = []
+        for index, (data, fds) in enumerate(reads):
+            out += self.feed(data, fds)
+            if self.failure is not None:
+                for _data, later in reads[index + 1 :]:
+                    if later:
+                        close_raw(later)  # after a failure nothing more is read from this
+                break
+        return out
+
     def eof(self) -> None:
         """Signal the end of the stream (nothing is pending in a read-per-message decoder)."""
 
@@ -152,7 +168,11 @@ class ReadDecoder(Decoder):
 
     def feed(self, data: bytes, fds: list[int] | None) -> list[AncillaryMessage]:
         """Return the read as one message owning ``fds``."""
-        return [new_message(data, fds)]
+        return [new_message(data, fds or None)]
+
+    def feed_reads(self, reads: list[tuple[bytes, list[int] | None]]) -> list[AncillaryMessage]:
+        """Every read as one message owning its fds (no failure is possible)."""
+        return messages_of(reads)
 
 
 class FrameDecoder(Decoder):
@@ -248,8 +268,8 @@ class FrameDecoder(Decoder):
             buf.clear()
         else:
             view = data if type(data) is bytes else bytes(data)
-        out: list[AncillaryMessage] = []
-        append = out.append
+        pairs: list[tuple[bytes, list[int] | None]] = []
+        append = pairs.append
         claimed = self._claimed
         self._claimed = None  # held in the local until the loop ends
         fault: ProtocolError | None = None
@@ -257,7 +277,6 @@ class FrameDecoder(Decoder):
         max_fds = self._max_fds
         pop = fifo.popleft
         unpack = _unpack_header
-        new = new_message
         pos = 0
         end = len(view)
         need = 8
@@ -287,18 +306,19 @@ class FrameDecoder(Decoder):
             if stop > end:
                 need = stop - pos
                 break
-            append(new(view[start:stop], claimed or None))
+            append((view[start:stop], claimed or None))
             claimed = None
             pos = stop
         self._claimed = claimed
         self._need = need
         if pos < end and fault is None:
             buf += memoryview(view)[pos:]
+        messages = messages_of(pairs)  # every claimed fd is owned by its message from here
         if fault is not None:
             self._fail(fault)
         else:
             self._check_pending()
-        return out
+        return messages
 
     def _check_pending(self) -> None:
         if len(self._fifo) > self._max_pending:

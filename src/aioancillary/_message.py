@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Self
 
 from ._fd import OwnedFd, close_all, close_raw
 
-__all__ = ["AncillaryMessage", "new_message"]
+__all__ = ["AncillaryMessage", "messages_of", "new_message"]
 
 _new = object.__new__
+_close = os.close
 _NO_FDS: tuple[OwnedFd, ...] = ()
 
 
@@ -29,20 +31,24 @@ class AncillaryMessage:
 
     Attributes:
         data: The message's bytes.
+        fd_count: How many fds the message still holds (read-only; counting them this way
+            builds no :class:`OwnedFd` objects).
         discarded_fds: How many fds of the message the receiver closed on arrival because they
             exceeded the ``maxfds`` asked for (0 normally).
     """
 
     # The fds are held as raw numbers until the application looks at them (``fds``,
     # ``take_fds``): a receiver that only closes them (``with msg:``) never pays for an
-    # OwnedFd per fd, and closes them in bulk. ``_raw`` and ``_owned`` are never both set.
-    __slots__ = ("_owned", "_raw", "data", "discarded_fds")
+    # OwnedFd per fd, and closes them in bulk. ``_raw`` and ``_owned`` are never both set;
+    # ``fd_count`` counts whichever holds them (a slot: queues read it for every message).
+    __slots__ = ("_owned", "_raw", "data", "discarded_fds", "fd_count")
 
     def __init__(self, data: bytes, fds: tuple[OwnedFd, ...] = (), discarded_fds: int = 0) -> None:
         """Build a message owning ``fds`` (tests and custom decoders; receivers make them)."""
         self.data = data
         self._raw: list[int] | None = None
         self._owned = fds
+        self.fd_count = len(fds)
         self.discarded_fds = discarded_fds
 
     @property
@@ -54,16 +60,11 @@ class AncillaryMessage:
             self._owned = tuple(map(OwnedFd, raw))
         return self._owned
 
-    @property
-    def fd_count(self) -> int:
-        """How many fds the message still holds (without building :class:`OwnedFd` objects)."""
-        raw = self._raw
-        return len(raw) if raw else len(self._owned)
-
     def take_fds(self) -> tuple[OwnedFd, ...]:
         """Take every fd out of the message; the caller now owns (and must close) them."""
         fds = self.fds
         self._owned = _NO_FDS
+        self.fd_count = 0
         return fds
 
     def take_fd(self) -> OwnedFd:
@@ -83,37 +84,50 @@ class AncillaryMessage:
 
     def close(self) -> None:
         """Close every fd still held by the message."""
-        raw = self._raw
-        if raw:
-            self._raw = None
-            close_raw(raw)
-        owned = self._owned
-        if owned:
-            self._owned = _NO_FDS
-            close_all(owned)
+        self.__exit__(None, None, None)
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.close()
+        # Also close(): this runs once per received message on the hot path.
+        if not self.fd_count:
+            return
+        self.fd_count = 0
+        raw = self._raw
+        if raw:
+            self._raw = None
+            if len(raw) == 1:
+                try:  # noqa: SIM105 - contextlib.suppress costs more than the close itself
+                    _close(raw[0])
+                except OSError:
+                    pass
+            else:
+                close_raw(raw)
+        owned = self._owned
+        if owned:
+            self._owned = _NO_FDS
+            close_all(owned)
 
     def __repr__(self) -> str:
         shown = self.data if len(self.data) <= 32 else self.data[:32] + b"..."
         return f"<AncillaryMessage data={shown!r} ({len(self.data)} bytes) fds={self.fd_count}>"
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
+        if not self.fd_count:
+            return
         raw = self._raw
         if raw:
-            # Unlike an OwnedFd, a raw number has no finaliser of its own.
+            # Unlike an OwnedFd, a raw number has no finaliser of its own. Closed before
+            # warning: with warnings turned into errors, warn() raises.
             self._raw = None
+            close_raw(raw)
             _warn(
                 f"unclosed AncillaryMessage holding {len(raw)} fd(s): close it, use 'with', "
                 "or take its fds",
                 ResourceWarning,
                 source=self,
             )
-            close_raw(raw)
 
 
 def new_message(data: bytes, raw: list[int] | None) -> AncillaryMessage:
@@ -124,6 +138,23 @@ def new_message(data: bytes, raw: list[int] | None) -> AncillaryMessage:
     msg = _new(AncillaryMessage)
     msg.data = data
     msg._raw = raw
+    msg.fd_count = len(raw) if raw else 0
     msg._owned = _NO_FDS
     msg.discarded_fds = 0
     return msg
+
+
+def messages_of(reads: list[tuple[bytes, list[int] | None]]) -> list[AncillaryMessage]:
+    """One message per ``(data, raw fds or None)`` read: :func:`new_message` for a batch."""
+    new = _new
+    out: list[AncillaryMessage] = []
+    append = out.append
+    for data, raw in reads:
+        msg = new(AncillaryMessage)
+        msg.data = data
+        msg._raw = raw
+        msg.fd_count = len(raw) if raw else 0
+        msg._owned = _NO_FDS
+        msg.discarded_fds = 0
+        append(msg)
+    return out

@@ -252,9 +252,11 @@ class Outbox:
     Attributes:
         nbytes: Bytes queued and not yet sent.
         nfds: Fds queued (owned here) and not yet sent.
+        direct: A new message may be sent at once instead of queued (:meth:`sendable_now`;
+            an attribute because the transport reads it for every message).
     """
 
-    __slots__ = ("_batches", "_burst", "_cap", "_framed", "_mode", "nbytes", "nfds")
+    __slots__ = ("_batches", "_burst", "_cap", "_framed", "_mode", "direct", "nbytes", "nfds")
 
     def __init__(self, mode: Mode, fd_cap: int) -> None:
         self._mode = mode
@@ -262,6 +264,7 @@ class Outbox:
         self._cap = fd_cap
         self._batches: collections.deque[_Batch] = collections.deque()
         self._burst = False
+        self.direct = True
         self.nbytes = 0
         self.nfds = 0
 
@@ -281,15 +284,22 @@ class Outbox:
         Nothing may be queued (order), and on a framed stream no burst may be running: after
         the first message of a loop iteration went out, later ones are merged into one batch.
         """
-        return not self._batches and not self._burst
+        return self.direct
 
     def sent_directly(self) -> None:
         """Note that a message went out directly: on a framed stream a burst begins."""
-        self._burst = self._framed
+        if self._framed:
+            self._burst = True
+            self.direct = False
 
     def end_burst(self) -> None:
         """The burst is over (the writer waits, data arrived, the flush ran)."""
         self._burst = False
+        self.direct = not self._batches
+
+    def _emptied(self) -> None:
+        if not self._batches:
+            self.direct = not self._burst
 
     def frame(self, payload: Payload, nfds: int) -> list[Payload]:
         """The buffers that carry one message on the wire (header first when framed)."""
@@ -314,33 +324,42 @@ class Outbox:
 
     # -- queueing ---------------------------------------------------------------------------------
 
-    def queue(self, payload: Payload, fds: list[int]) -> None:
-        """Queue one message; the outbox owns ``fds`` (raw numbers) from now on."""
+    def queue(self, payload: Payload, fds: list[int]) -> bool:
+        """Queue one message; the outbox owns ``fds`` (raw numbers) from now on.
+
+        Returns True when the batch it joined carries as many fds as one ``sendmsg`` may (it
+        gains nothing from waiting for more).
+        """
         batches = self._batches
         last = batches[-1] if batches else None
-        if fds:
+        nfds = len(fds)
+        if nfds:
             # Only a framed stream merges fd-carrying messages: a raw stream's reader would
             # get the fds with the wrong message's bytes, a datagram keeps its own.
             if (
                 self._framed
                 and last is not None
                 and not last.sealed
-                and len(last.fds) + len(fds) <= self._cap
+                and len(last.fds) + nfds <= self._cap
             ):
                 last.fds += fds
             else:
                 last = _Batch(fds)
                 batches.append(last)
-            self.nfds += len(fds)
+            self.nfds += nfds
         elif last is None or self._mode is Mode.DATAGRAM:
             last = _Batch([])
             batches.append(last)
         data = last.data
+        size = len(payload)
         if self._framed:
-            data += encode_header(len(fds), len(payload))
-            self.nbytes += FRAME_HEADER_SIZE
+            data += encode_header(nfds, size)
+            self.nbytes += FRAME_HEADER_SIZE + size
+        else:
+            self.nbytes += size
         data += payload
-        self.nbytes += len(payload)
+        self.direct = False
+        return len(last.fds) >= self._cap
 
     def queue_rest(self, rest: Payload) -> None:
         """Queue what a direct ``sendmsg`` left unsent; its fds went with its first byte."""
@@ -349,10 +368,7 @@ class Outbox:
         batch.sealed = True
         self._batches.append(batch)
         self.nbytes += len(rest)
-
-    def last_batch_full(self) -> bool:
-        """True when the last batch carries as many fds as one ``sendmsg`` may."""
-        return bool(self._batches) and len(self._batches[-1].fds) >= self._cap
+        self.direct = False
 
     # -- sending the queue ------------------------------------------------------------------------
 
@@ -377,6 +393,7 @@ class Outbox:
         self.nbytes -= sent
         if batch.sent >= len(batch.data) or self._mode is Mode.DATAGRAM:
             self._batches.popleft()
+            self._emptied()
         return fds
 
     def discard_first(self) -> list[int]:
@@ -384,6 +401,7 @@ class Outbox:
         batch = self._batches.popleft()
         self.nbytes -= len(batch.data) - batch.sent
         self.nfds -= len(batch.fds)
+        self._emptied()
         return batch.fds
 
     # -- tearing down -----------------------------------------------------------------------------
@@ -407,6 +425,7 @@ class Outbox:
             self.nbytes -= len(batch.data)
             self.nfds -= len(batch.fds)
         self._batches = kept
+        self._emptied()
         return out
 
     def drop(self) -> list[int]:
@@ -416,4 +435,5 @@ class Outbox:
         self.nbytes = 0
         self.nfds = 0
         self._burst = False
+        self.direct = True
         return fds

@@ -16,6 +16,7 @@ import struct
 
 from ._cmsg import extract_fds
 from ._errors import (
+    AncillaryError,
     DataTruncatedError,
     FdsInFlightError,
     FdTruncatedError,
@@ -26,9 +27,18 @@ from ._fd import close_raw
 from ._platform import Platform
 
 __all__ = [
+    "AGAIN",
+    "END",
+    "EOF_NEVER",
+    "EOF_NO_CREDENTIALS",
+    "EOF_ON_EMPTY",
+    "EOF_PEEK",
+    "FAILED",
+    "LIMIT",
     "AncData",
     "peek_is_eof",
     "receive_into",
+    "receive_many",
     "rights",
     "send_all",
     "send_message",
@@ -45,8 +55,10 @@ _TRUNCATED = _MSG_TRUNC | int(socket.MSG_CTRUNC)
 _PEEK_NOWAIT = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_SCM_CREDENTIALS = 0x02  # Linux (include/linux/socket.h): other kernels use 2 for other records
 _pack_fd = struct.Struct("i").pack
 _NO_ANCDATA: AncData = []
+_NO_FDS: list[int] = []  # never mutated: returned for reads without fds
 
 
 def rights(fds: list[int]) -> AncData:
@@ -56,6 +68,77 @@ def rights(fds: list[int]) -> AncData:
     if len(fds) == 1:
         return [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fd(fds[0]))]
     return [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+#: How :func:`receive_many` tells end of stream from an empty message, per socket kind.
+EOF_NEVER = 0  # SOCK_DGRAM: a 0-byte read is an empty datagram
+EOF_ON_EMPTY = 1  # SOCK_STREAM: a 0-byte read without fds is the end
+EOF_NO_CREDENTIALS = 2  # SOCK_SEQPACKET with SO_PASSCRED (Linux): every message has a record
+EOF_PEEK = 3  # SOCK_SEQPACKET elsewhere: ask the socket (peek_is_eof)
+
+#: How :func:`receive_many` stopped.
+AGAIN = 0  # the socket would block
+LIMIT = 1  # ``limit`` reads done; more may be waiting
+END = 2  # end of stream
+FAILED = 3  # an error, returned beside the reads that came before it
+
+
+def _recv_error(exc: OSError) -> Exception:
+    if exc.errno == errno.EMFILE:
+        # macOS fails the whole recvmsg when the fds do not fit the fd table.
+        error = FdTruncatedError(
+            "recvmsg failed with EMFILE: the process is at its RLIMIT_NOFILE and the "
+            "kernel discarded the fds of a message. Close unused fds or raise the limit"
+        )
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+def _fds_of(
+    ancdata: AncData,
+    msg_flags: int,
+    recv_flags: int,
+    platform: Platform,
+    *,
+    buffer: memoryview | bytearray | mmap.mmap,
+    nbytes: int,
+) -> list[int]:
+    """The fds of one ``recvmsg``, owned by the caller; on error every one is closed first."""
+    if not msg_flags & _TRUNCATED and recv_flags & platform.cmsg_cloexec:
+        # The common case, without the general parser: one SCM_RIGHTS record of whole
+        # ints (the kernel never hands out negative numbers), close-on-exec already, maybe
+        # beside Linux's SCM_CREDENTIALS. Anything else takes the general path below.
+        creds = _SCM_CREDENTIALS if platform.name == "linux" else -1
+        found: list[int] | None = None
+        for level, kind, payload in ancdata:
+            if level != _SOL_SOCKET:
+                break
+            if kind == _SCM_RIGHTS:
+                if found is not None or len(payload) % 4:
+                    break
+                ints = array.array("i")
+                ints.frombytes(payload)
+                found = ints.tolist()
+            elif kind != creds:
+                break
+        else:
+            return found or _NO_FDS
+    try:
+        fds = extract_fds(ancdata, msg_flags, recv_flags, platform)
+    except FdTruncatedError as exc:
+        exc.data = bytes(buffer[:nbytes])  # copied only on this rare path
+        raise
+    if msg_flags & _MSG_TRUNC:
+        close_raw(fds)  # the message is incomplete; its fds cannot be used safely
+        raise DataTruncatedError(
+            f"a message did not fit the {len(buffer)}-byte receive buffer and was cut "
+            f"(MSG_TRUNC); its tail is lost and its {len(fds)} fd(s) were closed. Receive "
+            "with a larger buffer",
+            data=bytes(buffer[:nbytes]),
+            closed_fds=len(fds),
+        )
+    return fds
 
 
 def receive_into(
@@ -86,30 +169,86 @@ def receive_into(
             [buffer], ancbufsize or platform.receive_ancbufsize(), recv_flags
         )
     except OSError as exc:
-        if exc.errno == errno.EMFILE:
-            # macOS fails the whole recvmsg when the fds do not fit the fd table.
-            raise FdTruncatedError(
-                "recvmsg failed with EMFILE: the process is at its RLIMIT_NOFILE and the "
-                "kernel discarded the fds of a message. Close unused fds or raise the limit"
-            ) from exc
-        raise
+        error = _recv_error(exc)
+        if error is exc:
+            raise
+        raise error from exc
     if not ancdata and not msg_flags & _TRUNCATED:
-        return nbytes, [], False
-    try:
-        fds = extract_fds(ancdata, msg_flags, recv_flags, platform)
-    except FdTruncatedError as exc:
-        exc.data = bytes(buffer[:nbytes])  # copied only on this rare path
-        raise
-    if msg_flags & _MSG_TRUNC:
-        close_raw(fds)  # the message is incomplete; its fds cannot be used safely
-        raise DataTruncatedError(
-            f"a message did not fit the {len(buffer)}-byte receive buffer and was cut "
-            f"(MSG_TRUNC); its tail is lost and its {len(fds)} fd(s) were closed. Receive "
-            "with a larger buffer",
-            data=bytes(buffer[:nbytes]),
-            closed_fds=len(fds),
-        )
+        return nbytes, _NO_FDS, False
+    fds = _fds_of(ancdata, msg_flags, recv_flags, platform, buffer=buffer, nbytes=nbytes)
     return nbytes, fds, True
+
+
+def receive_many(
+    sock: socket.socket,
+    buffer: memoryview,
+    platform: Platform,
+    *,
+    ancbufsize: int,
+    limit: int,
+    max_fds: int,
+    eof: int,
+) -> tuple[list[tuple[bytes, list[int] | None]], int, Exception | None]:
+    """Up to ``limit`` reads from a non-blocking socket in one call, for a read loop.
+
+    Returns ``(reads, how, error)``: each read is ``(bytes, fds or None)`` with the fds owned
+    by the caller; ``how`` is :data:`AGAIN`, :data:`LIMIT`, :data:`END` (end of stream, told
+    from an empty message by the ``eof`` rule) or :data:`FAILED`, with ``error`` the
+    exception (the fds of the read that failed are closed; the reads before it are kept).
+    Reading also stops (:data:`LIMIT`) once the reads hold ``max_fds`` fds, so that the
+    caller checks its fd budget at least that often. One call per wake-up instead of one per
+    message: this is the receive hot path.
+    """
+    recv = sock.recvmsg_into
+    buffers = [buffer]
+    recv_flags = platform.cmsg_cloexec
+    ancbufsize = ancbufsize or platform.receive_ancbufsize()
+    reads: list[tuple[bytes, list[int] | None]] = []
+    append = reads.append
+    nfds = 0
+    for _ in range(limit):
+        try:
+            nbytes, ancdata, msg_flags, _addr = recv(buffers, ancbufsize, recv_flags)
+        except (BlockingIOError, InterruptedError):
+            return reads, AGAIN, None
+        except OSError as exc:
+            return reads, FAILED, _recv_error(exc)
+        if ancdata or msg_flags & _TRUNCATED:
+            # _fds_of's common case inline (one record, whole ints, close-on-exec): this
+            # runs for every fd-carrying message.
+            if (
+                len(ancdata) == 1
+                and not msg_flags & _TRUNCATED
+                and ancdata[0][1] == _SCM_RIGHTS
+                and ancdata[0][0] == _SOL_SOCKET
+                and not len(ancdata[0][2]) % 4
+                and recv_flags
+            ):
+                ints = array.array("i")
+                ints.frombytes(ancdata[0][2])
+                fds = ints.tolist()
+            else:
+                try:
+                    fds = _fds_of(
+                        ancdata, msg_flags, recv_flags, platform, buffer=buffer, nbytes=nbytes
+                    )
+                except (AncillaryError, OSError) as exc:
+                    return reads, FAILED, exc  # _fds_of closed the fds of this read
+                if (
+                    not nbytes
+                    and not fds
+                    and (eof == EOF_ON_EMPTY or (eof == EOF_PEEK and peek_is_eof(sock)))
+                ):
+                    return reads, END, None
+            append((buffer[:nbytes].tobytes(), fds or None))
+            nfds += len(fds)
+            if nfds >= max_fds:
+                return reads, LIMIT, None
+        elif nbytes or eof == EOF_NEVER or (eof == EOF_PEEK and not peek_is_eof(sock)):
+            append((buffer[:nbytes].tobytes(), None))
+        else:
+            return reads, END, None
+    return reads, LIMIT, None
 
 
 def peek_is_eof(sock: socket.socket) -> bool:
