@@ -81,8 +81,8 @@ async def acceptor_main() -> int:
                 await asyncio.create_subprocess_exec(sys.executable, __file__, "--worker", path)
                 for _ in range(WORKERS)
             ]
-            while len(acceptor.workers) < WORKERS:  # clients could come earlier: they would wait
-                await asyncio.sleep(0.01)
+            async with asyncio.timeout(15):  # clients could come earlier: they would wait
+                await acceptor.wait_workers(WORKERS)
             say(f"[acceptor pid {os.getpid()}] workers: {[w.pid for w in acceptor.workers]}")
             answers = await asyncio.gather(*(tcp_client(n, port) for n in range(CLIENTS)))
             say(f"[acceptor pid {os.getpid()}] {acceptor.stats()}")

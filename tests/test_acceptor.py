@@ -359,3 +359,18 @@ async def test_clients_queued_for_a_leaving_worker_go_to_another(how: str) -> No
     acceptor.close()
     await good.close()
     await within(acceptor.wait_closed())
+
+
+async def test_wait_workers() -> None:
+    acceptor = Acceptor()
+    waiting = asyncio.ensure_future(acceptor.wait_workers(2))
+    first = await linked_worker(acceptor, "a")
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    second = await linked_worker(acceptor, "b")
+    await within(waiting)
+    await within(acceptor.wait_workers(1))  # already there: returns at once
+    acceptor.close()
+    for worker in (first, second):
+        await worker.close()
+    await within(acceptor.wait_closed())

@@ -275,6 +275,7 @@ class Acceptor:
         self._resume_scheduled = False
         self._servers: list[AncillaryServer] = []
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._worker_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._all_gone: asyncio.Future[None] = self._loop.create_future()
         self._all_gone.set_result(None)
         self._accepted = self._handed = self._completed = self._lost = self._requeued = 0
@@ -404,10 +405,33 @@ class Acceptor:
         for listener in self._listeners:
             self._announce(link, listener)
         self._workers.append(link)
+        if self._worker_waiters:
+            self._wake_worker_waiters()
         if self._all_gone.done():
             self._all_gone = self._loop.create_future()
         logger.debug("worker %r registered", link)
         self._on_room()
+
+    async def wait_workers(self, count: int = 1) -> None:
+        """Wait until at least ``count`` workers are registered (bound it with
+        ``asyncio.timeout()``). Clients that come earlier wait in the kernel's backlog anyway;
+        this is for code that needs the workers up, e.g. to report them.
+        """
+        if len(self._workers) >= count:
+            return
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._worker_waiters.append((count, waiter))
+        try:
+            await waiter
+        finally:
+            if (count, waiter) in self._worker_waiters:
+                self._worker_waiters.remove((count, waiter))
+
+    def _wake_worker_waiters(self) -> None:
+        registered = len(self._workers)
+        for count, waiter in self._worker_waiters:
+            if count <= registered and not waiter.done():
+                waiter.set_result(None)
 
     def _drop_worker(self, link: _WorkerLink, exc: Exception) -> None:
         logger.error(
@@ -674,7 +698,9 @@ class Acceptor:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    async def drain(self, timeout: float | None = None) -> bool:
+    # A timeout here answers "did they finish in time?" (False) instead of raising: a graceful
+    # stop goes on to close the workers either way.
+    async def drain(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Wait until no client is in flight (every worker reported its clients finished).
 
         Call after :meth:`stop_accepting` to let in-flight clients finish.

@@ -220,7 +220,9 @@ class WorkerPool:
         except Exception:  # e.g. out of fds or processes: the pool goes on with one fewer
             logger.exception("could not restart worker %d", child.index)
 
-    async def shutdown(self, timeout: float | None = None) -> bool:
+    # One deadline shared by several steps (drain, exits, then signals): a caller's
+    # asyncio.timeout() could only cut the whole stop short, leaving workers running.
+    async def shutdown(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Stop gracefully: stop accepting, let in-flight clients finish, stop the workers.
 
         New clients are refused from the start (the listeners are closed). Workers get the end
