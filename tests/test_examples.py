@@ -17,6 +17,10 @@ CASES = {
         [str(EXAMPLES / "acceptor_worker.py")],
         "OK: all 6 clients were answered by the 2 worker processes",
     ),
+    "prefork_pool": (
+        [str(EXAMPLES / "prefork_pool.py")],
+        "OK: 200 visitors answered by",
+    ),
     "zero_downtime_reload": (
         [str(EXAMPLES / "zero_downtime_reload.py")],
         "none refused or dropped",

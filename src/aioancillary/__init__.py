@@ -13,11 +13,15 @@ Layers, bottom up (each uses only the ones below it):
   :func:`allow_gids`, :func:`allow_group_members`;
 * daemon lifecycle: :func:`listen_fds` (systemd socket activation, by name, as
   :class:`NamedFds`), :func:`notify` / :func:`notify_async` (``sd_notify``, the fd store),
-  :func:`start_generation` / :class:`Generation` (zero-downtime reload by fd handoff).
+  :func:`start_generation` / :class:`Generation` (zero-downtime reload by fd handoff);
+* hand-off toolkit: :class:`Acceptor` hands accepted clients to worker processes running
+  :class:`Worker` (clients arrive as :class:`HandedClient`); :class:`WorkerPool` starts and
+  restarts such workers.
 """
 
 from __future__ import annotations
 
+from ._acceptor import Acceptor, AcceptorStats
 from ._authorize import (
     allow_gids,
     allow_group_members,
@@ -29,6 +33,7 @@ from ._blocking import ReceivedInto, recv_fds, recv_fds_into, send_fds
 from ._client import connection_pair, create_unix_connection, open_unix_connection
 from ._cmsg import Credentials, SocketAncillary
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_FDS, AncillaryConnection
+from ._dispatch import Picker, WorkerInfo
 from ._errors import (
     ActivationError,
     AncillaryError,
@@ -55,6 +60,7 @@ from ._message import AncillaryMessage
 from ._notify import notify, notify_async, watchdog_interval
 from ._peercred import peer_credentials
 from ._platform import SCM_MAX_FD, Platform, buffer_size_for_rights, current_platform
+from ._pool import WorkerPool
 from ._protocol import AncillaryProtocol
 from ._reload import Generation, start_generation
 from ._server import (
@@ -67,6 +73,7 @@ from ._server import (
 from ._systemd import NamedFds, listen_fds
 from ._transport import AncillaryTransport
 from ._unix import Authorize
+from ._worker import HandedClient, Worker
 
 __version__ = "0.1.0"
 
@@ -76,6 +83,8 @@ __all__ = [
     "DEFAULT_MAX_QUEUED_FDS",
     "FRAME_HEADER_SIZE",
     "SCM_MAX_FD",
+    "Acceptor",
+    "AcceptorStats",
     "ActivationError",
     "AncillaryConnection",
     "AncillaryError",
@@ -95,6 +104,7 @@ __all__ = [
     "FdsInFlightError",
     "FrameDecoder",
     "Generation",
+    "HandedClient",
     "Handler",
     "HandoffBusyError",
     "HandoffError",
@@ -106,12 +116,16 @@ __all__ = [
     "NotifyError",
     "OwnedFd",
     "PeerRejectedError",
+    "Picker",
     "Platform",
     "ProtocolError",
     "ReceivedInto",
     "ServerStats",
     "SocketAncillary",
     "TooManyFdsError",
+    "Worker",
+    "WorkerInfo",
+    "WorkerPool",
     "allow_gids",
     "allow_group_members",
     "allow_uids",
