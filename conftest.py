@@ -30,12 +30,8 @@ if uvloop is not None:
 
 ROOT = Path(__file__).resolve().parent
 
-#: Pages whose samples are not run yet, each with the reason.
-NOT_YET_RUN = {
-    # Being rewritten into how-to pages (acceptor-workers.md, zero-downtime-reload.md, ...)
-    # whose samples run; this page leaves the site and this list with that rewrite.
-    "docs/handoff.md",
-}
+#: Pages whose samples are not run, each with the reason (none today).
+NOT_YET_RUN: set[str] = set()
 
 
 def open_fds() -> set[str]:

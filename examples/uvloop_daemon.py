@@ -240,7 +240,10 @@ async def visit(port: int) -> str:
 async def exited(pid: int) -> None:
     """Wait for a process that is not our child (the reloaded daemon) to exit."""
     loop = asyncio.get_running_loop()
-    pidfd = os.pidfd_open(pid)  # readable once the process has exited (pidfd_open(2))
+    try:
+        pidfd = os.pidfd_open(pid)  # readable once the process has exited (pidfd_open(2))
+    except ProcessLookupError:
+        return  # already gone (and reaped)
     try:
         done = asyncio.Event()
         loop.add_reader(pidfd, done.set)
@@ -250,6 +253,19 @@ async def exited(pid: int) -> None:
             loop.remove_reader(pidfd)
     finally:
         os.close(pidfd)
+
+
+async def exit_status(proc: asyncio.subprocess.Process) -> int:
+    """The exit status of our child ``proc``, without ``proc.wait()``.
+
+    On the default loop ``wait()`` also waits until the child's stderr pipe is closed, and the
+    reloaded daemon (the child's successor) inherited that pipe and keeps it open.
+    """
+    await exited(proc.pid)
+    async with asyncio.timeout(15):
+        while proc.returncode is None:  # the loop's child watcher reaps it right after
+            await asyncio.sleep(0.01)
+    return proc.returncode
 
 
 async def manager_main() -> int:
@@ -290,7 +306,7 @@ async def manager_main() -> int:
             await manager.wait_for("RELOADING")
             await manager.wait_for("MAINPID")
             await during
-            assert await asyncio.wait_for(proc.wait(), timeout=15) == 0
+            assert await exit_status(proc) == 0
             say(me, f"daemon pid {first_pid} exited; main pid is now {manager.main_pid}")
             await visitors(VISITORS_PER_PHASE)
             os.kill(manager.main_pid, signal.SIGTERM)
@@ -302,7 +318,7 @@ async def manager_main() -> int:
             manager.close()
             if proc.returncode is None:
                 proc.kill()
-                await proc.wait()
+                await exit_status(proc)
     numbers = [int(a.split(",")[0].removeprefix("visitor #")) for a in answers]
     pids = {a.rsplit(" ", 1)[1] for a in answers}
     total = len(numbers)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import NO_UVLOOP, uvloop
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -36,26 +35,7 @@ CASES = {
 }
 
 
-# Without uvloop the uvloop daemon example runs on asyncio, where its manager's proc.wait() for
-# systemd-socket-activate also waits for EOF on the stderr pipe, which the reloaded daemon
-# inherited and keeps open (asyncio's Process.wait waits for the pipes; uvloop's does not):
-# the example hangs there. A defect of the example, reported; skipped until it is fixed.
-NEEDS_UVLOOP = {"uvloop_daemon"}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.skipif(
-                uvloop is None and name in NEEDS_UVLOOP,
-                reason=f"{NO_UVLOOP}; this example hangs on asyncio (see NEEDS_UVLOOP)",
-            ),
-        )
-        for name in sorted(CASES)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_example_runs_and_succeeds(name: str) -> None:
     args, key_line = CASES[name]
     result = subprocess.run(

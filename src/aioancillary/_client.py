@@ -143,8 +143,13 @@ async def create_unix_connection(
 
     Args:
         protocol_factory: Returns the :class:`AncillaryProtocol`.
-        path, sock, sock_type, framed, authorize, max_message_size, max_fds_per_send: As for
-            :func:`open_unix_connection`.
+        path: As for :func:`open_unix_connection`.
+        sock: As for :func:`open_unix_connection`.
+        sock_type: As for :func:`open_unix_connection`.
+        framed: As for :func:`open_unix_connection`.
+        authorize: As for :func:`open_unix_connection`.
+        max_message_size: As for :func:`open_unix_connection`.
+        max_fds_per_send: As for :func:`open_unix_connection`.
 
     Raises:
         The same errors as :func:`open_unix_connection`.

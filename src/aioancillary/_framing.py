@@ -1,6 +1,6 @@
 """Sans-I/O message framing for SOCK_STREAM: keeps every message's fds with its own message.
 
-Wire format, version 1 (see ``docs/protocol.md``). Every message is one frame::
+Wire format, version 1 (see ``docs/reference/protocol.md``). Every message is one frame::
 
     +---------+---------+-----------------+-------------------------+---------------+
     | version |  flags  |   fd count      |   payload length        |   payload     |

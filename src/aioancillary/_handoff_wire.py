@@ -1,7 +1,7 @@
 """The hand-off wire format between an :class:`Acceptor` and its workers (sans-I/O).
 
-Every message is one framed aioancillary message (see ``docs/protocol.md``) whose first byte
-says what it is. Acceptor to worker::
+Every message is one framed aioancillary message (see ``docs/reference/protocol.md``) whose
+first byte says what it is. Acceptor to worker::
 
     b"W" + JSON {"v": 1}                      welcome: the first message, protocol version
     b"L" + JSON {"id", "family", "type",      a listener: sent once per worker, before any

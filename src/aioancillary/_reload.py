@@ -43,8 +43,8 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
+from ._authorize import same_user
 from ._client import open_unix_connection
-from ._cmsg import Credentials
 from ._connection import AncillaryConnection
 from ._errors import (
     AncillaryError,
@@ -77,11 +77,6 @@ _MAX_MESSAGE = 1 << 20
 
 class _PeerGone(HandoffError):
     """The peer closed the handoff connection (end of stream)."""
-
-
-def same_user(creds: Credentials | None) -> bool:
-    """The default ``authorize``: only a process of this process's user may take the fds."""
-    return creds is not None and creds.uid == os.getuid()
 
 
 def _encode(op: str, **fields: Any) -> bytes:

@@ -428,8 +428,16 @@ async def create_unix_server(
 
     Args:
         protocol_factory: Returns a new :class:`AncillaryProtocol` per connection.
-        path, sock, sock_type, framed, mode, backlog, authorize, max_message_size,
-        max_fds_per_send, peer_error_level: As for :func:`start_unix_server`.
+        path: As for :func:`start_unix_server`.
+        sock: As for :func:`start_unix_server`.
+        sock_type: As for :func:`start_unix_server`.
+        framed: As for :func:`start_unix_server`.
+        mode: As for :func:`start_unix_server`.
+        backlog: As for :func:`start_unix_server`.
+        authorize: As for :func:`start_unix_server`.
+        max_message_size: As for :func:`start_unix_server`.
+        max_fds_per_send: As for :func:`start_unix_server`.
+        peer_error_level: As for :func:`start_unix_server`.
 
     Raises:
         The same errors as :func:`start_unix_server`.

@@ -237,9 +237,12 @@ class WriteSide:
                 payload = payload_of(data)
                 self._check(len(payload), len(nums))
                 prepared[-1] = (payload, nums)
-            # A batch goes out in several sendmsg calls: a bad fd found by the kernel in a
-            # later one would leave the batch half sent. Find it now.
-            check_open([fd for _payload, nums in prepared for fd in nums])
+            # A batch sent in several sendmsg calls, or queued, would meet a bad fd only when
+            # half of it is out: find it now. One sendmsg needs no check: the kernel checks
+            # every fd before it sends anything (scm_send), and the batch fails whole.
+            outbox = self._outbox
+            if prepared and (not outbox.direct or outbox.group_size(prepared, 0) < len(prepared)):
+                check_open([fd for _payload, nums in prepared for fd in nums])
         except BaseException:
             if close_fds:
                 close_raw([fd for _payload, nums in prepared for fd in nums])
