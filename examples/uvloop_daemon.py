@@ -263,7 +263,8 @@ async def exit_status(proc: asyncio.subprocess.Process) -> int:
     """
     await exited(proc.pid)
     async with asyncio.timeout(15):
-        while proc.returncode is None:  # the loop's child watcher reaps it right after
+        # The loop's child watcher sets returncode right after the exit, with no event to wait on.
+        while proc.returncode is None:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
     return proc.returncode
 
