@@ -427,7 +427,7 @@ def measure_load(kind: str, n: int, conc: int, warmup: int) -> dict[str, Any]:
         after = {pid: cpu_seconds(pid) for pid in pids}
     finally:
         stop_server(proc)
-    done = max(1, load["connections"])
+    done: int = max(1, load["connections"])
 
     def per_conn(group: list[int]) -> float:
         return sum(after[p] - before[p] for p in group) / done * 1e6
@@ -552,7 +552,7 @@ def targets(results: dict[str, list[dict[str, Any]]]) -> list[str]:
         kind = f"toolkit-{loop}"
         if kind not in results:
             continue
-        checks = [
+        checks: list[tuple[str, float | None, float | None, Callable[[float, float], bool]]] = [
             (
                 "acceptor CPU/conn ≤ stdlib acceptor's",
                 med(kind, "acceptor_us"),

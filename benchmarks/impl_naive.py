@@ -41,7 +41,7 @@ class Reader:
                 break
             if not data:
                 raise EOFError("unexpected EOF")
-            self.queue.append((data, fds_of(anc)))
+            self.queue.append((data, fds_of(anc).tolist()))
         waiter = self.waiter
         if self.queue and waiter is not None and not waiter.done():
             waiter.set_result(None)

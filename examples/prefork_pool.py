@@ -19,10 +19,11 @@ import os
 import signal
 import socket
 import sys
+from typing import Literal
 
 from aioancillary import HandedClient, WorkerPool
 
-LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+LOOP: Literal["asyncio", "uvloop"] = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 
 
 async def handle(client: HandedClient) -> None:

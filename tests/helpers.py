@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 try:
-    import uvloop
+    import uvloop as uvloop  # noqa: PLC0414 - re-exported: the suite imports it from here
 except ImportError:  # the suite also runs without it: the uvloop half is skipped
     uvloop = None  # type: ignore[assignment]
 

@@ -16,10 +16,15 @@ import pytest
 from acceptor_helpers import acceptor_with_workers, fake_worker, linked_worker, request
 from helpers import open_fd_count, wait_until, within
 
-from aioancillary import AncillaryConnection, ConnectionClosedError, Credentials
-from aioancillary._acceptor import Acceptor
-from aioancillary._dispatch import WorkerInfo
-from aioancillary._worker import Worker
+from aioancillary import (
+    Acceptor,
+    AncillaryConnection,
+    AncillaryMessage,
+    ConnectionClosedError,
+    Credentials,
+    Worker,
+    WorkerInfo,
+)
 
 
 def _ipv6_loopback() -> bool:
@@ -114,7 +119,8 @@ async def test_a_pickers_choice_is_followed() -> None:
 
 async def test_sticky_picker_by_client_address() -> None:
     def sticky(peer: Any, listener: str, workers: Sequence[WorkerInfo]) -> WorkerInfo:
-        return workers[peer[1] % len(workers)]  # by client port: any stable key works
+        port: int = peer[1]
+        return workers[port % len(workers)]  # by client port: any stable key works
 
     async with acceptor_with_workers(2, dispatch=sticky) as (_acceptor, _workers, addr):
         for _ in range(4):
@@ -151,7 +157,7 @@ async def test_accepting_stops_at_the_limit_and_resumes_when_a_worker_frees_up()
         assert acceptor.stats().accepted == 2  # the other 3 wait in the kernel's backlog
         for step in range(3):
             await worker.release(1)
-            await wait_until(lambda s=step: acceptor.stats().accepted == 3 + s)
+            await wait_until(lambda s=step: acceptor.stats().accepted == 3 + s)  # type: ignore[misc]
             await wait_until(lambda: len(worker.held) == 2)
             assert not acceptor.stats().accepting
         worker.hold = False
@@ -227,7 +233,7 @@ async def test_garbage_from_a_worker_drops_it_and_service_goes_on(
     addr = listener.getsockname()
     fake = await fake_worker(acceptor)
     reader, writer = await asyncio.open_connection(*addr)
-    messages = []
+    messages: list[AncillaryMessage] = []
     while len(messages) < 2:  # the listener announcement, then the client
         messages.append(await within(fake.recv()))
     assert messages[1].data.startswith(b"C")
@@ -316,7 +322,7 @@ async def test_clients_queued_for_a_leaving_worker_go_to_another(how: str) -> No
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's minimum: fills fast
     link = acceptor.add_worker(ours)
     transport = link.transport  # type: ignore[attr-defined]
-    clients = []
+    clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     while transport.get_write_buffer_fds() == 0:  # until clients queue on this side
         assert len(clients) < 500
         clients.append(await asyncio.open_connection(*addr))

@@ -449,7 +449,9 @@ def test_partial_stream_write_sends_fds_once(
     a.settimeout(10)
     calls: list[int] = []  # how many fds each sendmsg carried
 
-    def spy(sock: socket.socket, buffers: list[memoryview], fds: list[int]) -> int:
+    def spy(
+        sock: socket.socket, buffers: list[bytes | bytearray | memoryview], fds: list[int]
+    ) -> int:
         calls.append(len(fds))
         return send_message(sock, buffers, fds)
 

@@ -400,7 +400,7 @@ async def test_dropped_connection_is_collected_with_a_resource_warning() -> None
         os.close(w)
 
 
-def drop(objects: list[object]) -> None:
+def drop(objects: list[AncillaryConnection]) -> None:
     objects.clear()
     gc.collect()
 

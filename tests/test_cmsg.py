@@ -24,6 +24,7 @@ from aioancillary import (
     SCM_MAX_FD,
     Credentials,
     FdTruncatedError,
+    HasFileno,
     InvalidFdError,
     OwnedFd,
     Platform,
@@ -90,7 +91,8 @@ def test_add_fds_accepts_ints_and_fileno_objects() -> None:
     ):
         anc = SocketAncillary()
         anc.add_fds([num, tmp])
-        anc.add_fds(iter([sock, owned]))  # any iterable
+        objects: list[HasFileno] = [sock, owned]
+        anc.add_fds(iter(objects))  # any iterable
         expected = [num, tmp.fileno(), sock.fileno(), owned.fileno()]
         assert anc.fds_to_send == tuple(expected)
         assert anc.ancdata() == [(SOL, RIGHTS, ints(expected))]
@@ -147,7 +149,7 @@ def test_add_fds_invalid_adds_nothing() -> None:
             anc = SocketAncillary()
             anc.add_fds([num])
             with pytest.raises(InvalidFdError):
-                anc.add_fds([num, bad])  # type: ignore[list-item]
+                anc.add_fds([num, bad])
             assert anc.fds_to_send == (num,)
 
 

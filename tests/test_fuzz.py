@@ -189,8 +189,8 @@ def test_decoder_never_raises_leaks_or_overholds(
     assert decoder.pending_fds == 0
     held = {f.fileno() for f in delivered}
     assert len(held) == len(delivered)  # no fd handed out twice
-    for f in given_fds:
-        assert alive(f) == (f in held)  # delivered ones open, every other one closed
+    for num in given_fds:
+        assert alive(num) == (num in held)  # delivered ones open, every other one closed
     for f in delivered:
         f.close()
 

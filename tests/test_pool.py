@@ -179,7 +179,7 @@ async def test_clients_queued_for_a_killed_worker_are_served_by_another() -> Non
         link.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
         assert victim.pid is not None
         os.kill(victim.pid, signal.SIGSTOP)  # it stops reading its socket
-        clients = []
+        clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         while link.get_write_buffer_fds() < 4:  # until clients queue on the acceptor's side
             assert len(clients) < 1000
             reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -573,10 +573,10 @@ async def test_more_fds_than_one_message_carries(tmp_path: Path) -> None:
             async with closing(g2):
                 assert len(g2.inherited) == 300
                 for i, inode in enumerate(inodes):
-                    r, w = g2.inherited.take_fds(f"p{i}")
-                    assert os.fstat(r.fileno()).st_ino == inode
-                    r.close()
-                    w.close()
+                    r_end, w_end = g2.inherited.take_fds(f"p{i}")
+                    assert os.fstat(r_end.fileno()).st_ino == inode
+                    r_end.close()
+                    w_end.close()
 
 
 async def test_first_generation_binds_the_handoff_path_with_mode_0600(tmp_path: Path) -> None:

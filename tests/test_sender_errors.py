@@ -72,10 +72,10 @@ async def test_fds_closed_right_after_send_still_arrive(
     for i, r in enumerate(read_ends):
         with await asyncio.wait_for(b.recv(), TIMEOUT) as msg:
             assert msg.data == b"%d" % i
-            w = msg.take_fd()
-        with w:
-            assert os.fstat(w.fileno()).st_ino == os.fstat(r).st_ino  # the same pipe
-            os.write(w.fileno(), b"ok")
+            got = msg.take_fd()
+        with got:
+            assert os.fstat(got.fileno()).st_ino == os.fstat(r).st_ino  # the same pipe
+            os.write(got.fileno(), b"ok")
         assert os.read(r, 8) == b"ok"
         assert os.read(r, 8) == b""  # no other copy of the write end is left anywhere
         os.close(r)

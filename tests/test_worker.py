@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from aioancillary._worker import HandedClient, Worker
 
 
 @pytest.fixture
-async def acceptor_and_worker() -> tuple[Acceptor, Worker, tuple[str, int]]:
+async def acceptor_and_worker() -> AsyncIterator[tuple[Acceptor, Worker, tuple[str, int]]]:
     acceptor = Acceptor()
     listener = socket.create_server(("127.0.0.1", 0))
     acceptor.add_listener(listener, name="web")

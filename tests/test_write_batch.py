@@ -157,7 +157,7 @@ async def test_batch_behind_a_full_socket_is_queued_and_arrives_in_order() -> No
             for fd in fds:
                 os.close(fd)
         b.transport.resume_reading()
-        seen = []
+        seen: list[tuple[bytes, bytes]] = []
         while len(seen) < 300:
             with await within(b.recv()) as msg:
                 if msg.fd_count:
@@ -222,7 +222,8 @@ class Unsent(RecordingProtocol):
 @pytest.mark.parametrize("how", ["abort", "peer-gone"])
 async def test_queued_messages_that_never_left_come_back(how: str) -> None:
     loop = asyncio.get_running_loop()
-    left, right = socket.socketpair()
+    left, peer = socket.socketpair()
+    right: socket.socket | None = peer
     proto = Unsent()
     transport = AncillaryTransport(loop, left, proto)
     try:
@@ -238,7 +239,7 @@ async def test_queued_messages_that_never_left_come_back(how: str) -> None:
         if how == "abort":
             transport.abort()
         else:
-            right.close()  # unread data: the next send fails with EPIPE
+            peer.close()  # unread data: the next send fails with EPIPE
             right = None
             await wait_until(lambda: "unsent" in proto.events)
         await within(proto.lost)
