@@ -198,6 +198,7 @@ class Receiver:
         "_ancbufsize",
         "_buffer",
         "_buffers",
+        "_creds",
         "_eof",
         "_platform",
         "_recv",
@@ -212,6 +213,7 @@ class Receiver:
         self._buffers = [buffer]
         self._platform = platform
         self._recv_flags = platform.cmsg_cloexec
+        self._creds = _SCM_CREDENTIALS if platform.name == "linux" else -1
         # Fixed where the kernel's cap is (Linux, BSD); 0: sized per read by RLIMIT (macOS).
         self._ancbufsize = platform.receive_ancbufsize() if platform.scm_max_fd else 0
         self._eof = eof
@@ -231,6 +233,7 @@ class Receiver:
         buffers = self._buffers
         buffer = self._buffer
         recv_flags = self._recv_flags
+        creds = self._creds
         ancbufsize = self._ancbufsize or self._platform.receive_ancbufsize()
         reads: list[tuple[bytes, list[int] | None]] = []
         append = reads.append
@@ -243,18 +246,27 @@ class Receiver:
             except OSError as exc:
                 return reads, FAILED, _recv_error(exc)
             if ancdata or msg_flags & _TRUNCATED:
-                # _fds_of's common case inline (one record, whole ints, close-on-exec): this
-                # runs for every fd-carrying message.
+                # _fds_of's common case inline, for every fd-carrying message: one SCM_RIGHTS
+                # record of whole ints, close-on-exec already, alone or after Linux's
+                # SCM_CREDENTIALS (SO_PASSCRED: the kernel puts the credentials first).
+                rights = ancdata[-1]
                 if (
-                    len(ancdata) == 1
+                    rights[1] == _SCM_RIGHTS
+                    and rights[0] == _SOL_SOCKET
+                    and not len(rights[2]) % 4
                     and not msg_flags & _TRUNCATED
-                    and ancdata[0][1] == _SCM_RIGHTS
-                    and ancdata[0][0] == _SOL_SOCKET
-                    and not len(ancdata[0][2]) % 4
                     and recv_flags
+                    and (
+                        len(ancdata) == 1
+                        or (
+                            len(ancdata) == 2
+                            and ancdata[0][1] == creds
+                            and ancdata[0][0] == _SOL_SOCKET
+                        )
+                    )
                 ):
                     ints = array.array("i")
-                    ints.frombytes(ancdata[0][2])
+                    ints.frombytes(rights[2])
                     fds = ints.tolist()
                 else:
                     try:
