@@ -271,11 +271,6 @@ class Outbox:
     def __bool__(self) -> bool:
         return bool(self._batches)
 
-    @property
-    def fd_cap(self) -> int:
-        """Most fds one ``sendmsg`` carries."""
-        return self._cap
-
     # -- the direct path: what goes out without being queued -------------------------------------
 
     def sendable_now(self) -> bool:
