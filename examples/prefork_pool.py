@@ -14,7 +14,6 @@ Run it::
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
 import socket
@@ -23,7 +22,12 @@ from typing import Literal
 
 from aioancillary import HandedClient, WorkerPool
 
-LOOP: Literal["asyncio", "uvloop"] = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+try:
+    import uvloop  # noqa: F401 - only to know whether the workers can run on it
+
+    LOOP: Literal["asyncio", "uvloop"] = "uvloop"
+except ImportError:
+    LOOP = "asyncio"
 
 
 async def handle(client: HandedClient) -> None:

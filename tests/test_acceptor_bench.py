@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import NO_UVLOOP, uvloop
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="the benchmark's client is C: needs cc")
+@pytest.mark.skipif(uvloop is None, reason=f"{NO_UVLOOP}; the benchmark runs both loops")
 def test_handoff_benchmark_quick_mode_runs() -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "handoff_bench.py"), "--quick"],

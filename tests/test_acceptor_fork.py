@@ -13,15 +13,19 @@ import sys
 import textwrap
 
 import pytest
+from helpers import LOOP_NAMES
 
 SCRIPT = textwrap.dedent(
     """
     import asyncio, os, socket, sys
-    import uvloop
     import aioancillary as aa
 
     LOOP, CHILD = sys.argv[1], sys.argv[2]
-    FACTORY = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}[LOOP]
+    if LOOP == "uvloop":
+        import uvloop
+        FACTORY = uvloop.new_event_loop
+    else:
+        FACTORY = asyncio.new_event_loop
 
     async def ask(port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -76,7 +80,7 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize("child", ["close", "runner", "exit"])
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("loop", LOOP_NAMES)
 def test_a_forked_child_leaves_the_parents_acceptor_working(loop: str, child: str) -> None:
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, loop, child],

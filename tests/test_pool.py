@@ -14,8 +14,7 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
-import uvloop
-from helpers import nofile_at_least, wait_until, within
+from helpers import nofile_at_least, uvloop, wait_until, within
 
 from aioancillary._pool import WorkerPool
 
@@ -23,7 +22,9 @@ HANDLER = "pool_handlers:handle"
 
 
 def _loop_name() -> str:
-    return "uvloop" if isinstance(asyncio.get_running_loop(), uvloop.Loop) else "asyncio"
+    if uvloop is not None and isinstance(asyncio.get_running_loop(), uvloop.Loop):
+        return "uvloop"
+    return "asyncio"
 
 
 async def ask(port: int, text: str) -> str:
