@@ -98,3 +98,75 @@ def test_a_forked_child_never_disturbs_the_parent(
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"received": "after fork", "echoed": "echo:hello", "fds": 0}
+
+
+NOTIFY_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, os, socket, sys
+    from aioancillary._notify import notify_async
+
+    LOOP, CHILD, PATH = sys.argv[1], sys.argv[2], sys.argv[3]
+    if LOOP == "uvloop":
+        import uvloop
+        FACTORY = uvloop.new_event_loop
+    else:
+        FACTORY = asyncio.new_event_loop
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(PATH)
+    os.environ["NOTIFY_SOCKET"] = PATH
+    queued = 0
+    while True:  # fill the manager's queue: the notification must wait for room
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+            filler.setblocking(False)
+            filler.connect(PATH)
+            sent = 0
+            while True:
+                try:
+                    filler.send(b"x")
+                except BlockingIOError:
+                    break
+                sent += 1
+        if not sent:
+            break
+        queued += sent
+
+    async def main():
+        task = asyncio.ensure_future(notify_async(status="after fork"))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not task.done()  # it waits for the socket to become writable
+        pid = os.fork()
+        if pid == 0:
+            if CHILD == "runner":
+                return None  # asyncio.Runner closes the inherited loop in the child
+            os._exit(0)
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            await asyncio.sleep(0.005)
+        for _ in range(queued):
+            manager.recv(16)
+        async with asyncio.timeout(5):
+            assert await task is True
+        return manager.recv(64)
+
+    with asyncio.Runner(loop_factory=FACTORY) as runner:
+        result = runner.run(main())
+    if result is not None:
+        print(result.decode())
+    """
+)
+
+
+@pytest.mark.parametrize("child", ["runner", "exit"])
+@pytest.mark.parametrize("loop_name", LOOP_NAMES)
+def test_a_forked_child_never_disturbs_a_waiting_notify_async(
+    tmp_path: Path, loop_name: str, child: str
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", NOTIFY_SCRIPT, loop_name, child, str(tmp_path / "notify.sock")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "STATUS=after fork"

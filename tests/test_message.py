@@ -8,6 +8,7 @@ import pytest
 from helpers import is_open
 
 from aioancillary import AncillaryMessage, OwnedFd
+from aioancillary._message import new_message, take_raw_fds
 
 
 def owned(n: int) -> tuple[OwnedFd, ...]:
@@ -89,3 +90,18 @@ def test_repr_shortens_data() -> None:
     assert "100 bytes" in text
     assert "fds=1" in text
     assert "a" * 33 not in text
+
+
+@pytest.mark.parametrize("looked_at", [False, True])
+def test_take_raw_fds_hands_over_plain_numbers(looked_at: bool) -> None:
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+    msg = new_message(b"x", list(fds))
+    if looked_at:
+        assert [fd.fileno() for fd in msg.fds] == fds  # now held as OwnedFd objects
+    assert take_raw_fds(msg) == fds
+    assert (msg.fd_count, msg.fds) == (0, ())
+    msg.close()  # nothing left: the numbers are the caller's
+    assert all(is_open(fd) for fd in fds)
+    assert take_raw_fds(msg) == []
+    for fd in fds:
+        os.close(fd)

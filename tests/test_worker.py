@@ -212,3 +212,50 @@ async def test_two_iterators_are_refused() -> None:
             with pytest.raises(RuntimeError, match="already iterating"):
                 await worker.__anext__()
             first.cancel()
+
+
+async def test_a_client_fd_that_is_not_a_socket_is_closed_and_reported_the_rest_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ours, theirs = socket.socketpair()
+    fake = AncillaryConnection(ours)
+    worker = await Worker.connect(sock=theirs)
+    listener = socket.create_server(("127.0.0.1", 0))
+    await fake.send(wire.welcome_message())
+    await fake.send(wire.listener_message(0, listener, "web", {}))
+    pack = wire.record_packer(0, socket.AF_INET)
+    good1, peer1 = _tcp_pair(listener)
+    good2, peer2 = _tcp_pair(listener)
+    r, w = os.pipe()
+    records = [pack(("127.0.0.1", n)) for n in (1, 2, 3)]
+    with caplog.at_level(logging.ERROR, logger="aioancillary"):
+        await fake.send_fds(wire.client_message(records), [good1, r, good2], close_fds=True)
+        first = await within(worker.__anext__())
+        second = await within(worker.__anext__())
+    assert "cannot use a client from listener 'web'" in caplog.text
+    with pytest.raises(BrokenPipeError):  # the worker closed the pipe's read end at once
+        os.write(w, b"x")
+    os.close(w)
+    assert [c.peername for c in (first, second)] == [("127.0.0.1", 1), ("127.0.0.1", 3)]
+    with first, second:
+        first.sock.sendall(b"one")
+        second.sock.sendall(b"three")
+    assert (peer1.recv(8), peer2.recv(8)) == (b"one", b"three")
+    # Every client counts as finished, the refused one too: 3 in all, in one or more reports.
+    finished = 0
+    while finished < 3:
+        with await within(fake.recv()) as report:
+            finished += wire.parse_done(report.data)
+    assert finished == 3
+    for sock in (peer1, peer2, listener):
+        sock.close()
+    worker.close()
+    await within(worker.wait_closed())
+    fake.close()
+    await within(fake.wait_closed())
+
+
+def _tcp_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+    peer = socket.create_connection(listener.getsockname())
+    accepted, _addr = listener.accept()
+    return accepted, peer

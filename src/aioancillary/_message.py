@@ -8,7 +8,7 @@ from typing import Any, Self
 
 from ._fd import OwnedFd, close_all, close_raw
 
-__all__ = ["AncillaryMessage", "messages_of", "new_message"]
+__all__ = ["AncillaryMessage", "messages_of", "new_message", "take_raw_fds"]
 
 _new = object.__new__
 _close = os.close
@@ -157,3 +157,20 @@ def messages_of(reads: list[tuple[bytes, list[int] | None]]) -> list[AncillaryMe
         msg.discarded_fds = 0
         append(msg)
     return out
+
+
+def take_raw_fds(msg: AncillaryMessage) -> list[int]:
+    """Take every fd out of ``msg`` as plain numbers; the caller must close each one.
+
+    For the package's own consumers that turn fds straight into other objects (the hand-off
+    worker makes sockets of them): no :class:`OwnedFd` is built only to be detached.
+    """
+    raw = msg._raw
+    if raw:
+        msg._raw = None
+    else:
+        owned = msg._owned
+        msg._owned = _NO_FDS
+        raw = [fd.detach() for fd in owned]
+    msg.fd_count = 0
+    return raw

@@ -26,6 +26,7 @@ from typing import Any
 from ._blocking import send_fds
 from ._errors import AncillaryError, InvalidFdError, NotifyError, TooManyFdsError
 from ._fd import FdLike, fd_number
+from ._fork import track
 from ._platform import SCM_MAX_FD
 from ._systemd import check_fdname
 
@@ -292,6 +293,22 @@ async def notify_async(
                 return True
 
 
+class _WaitingSocket:
+    """A notification socket registered with the loop while its datagram waits for room.
+
+    Fork-aware (see ``_fork``): a child that inherits the wait closes its copy of the socket
+    and never touches the loop, so its loop cannot remove the parent's registration.
+    """
+
+    __slots__ = ("__weakref__", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def _forked(self) -> None:
+        self.sock.close()
+
+
 async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     waiter: asyncio.Future[None] = loop.create_future()
 
@@ -299,11 +316,15 @@ async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
         if not waiter.done():
             waiter.set_result(None)
 
-    loop.add_writer(sock.fileno(), wake)
+    fd = sock.fileno()
+    guard = _WaitingSocket(sock)
+    pid = track(guard)
+    loop.add_writer(fd, wake)
     try:
         await waiter
     finally:
-        loop.remove_writer(sock.fileno())
+        if os.getpid() == pid:  # a forked child's loop must not touch the parent's epoll
+            loop.remove_writer(fd)
 
 
 def watchdog_interval(

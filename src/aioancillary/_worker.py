@@ -24,7 +24,8 @@ from typing import Any, Self
 from . import _handoff_wire as wire
 from ._client import create_unix_connection
 from ._errors import ConnectionClosedError, ProtocolError
-from ._message import AncillaryMessage
+from ._fd import close_raw
+from ._message import AncillaryMessage, take_raw_fds
 from ._protocol import AncillaryProtocol
 from ._transport import AncillaryTransport
 from ._unix import Authorize
@@ -233,22 +234,28 @@ class Worker(AncillaryProtocol):
             )
         handler = self._handler
         queue = self._queue
-        for info, (_lid, addr), owned in zip(infos, records, msg.take_fds(), strict=True):
-            assert info is not None
-            fd = owned.detach()
-            try:
-                sock = socket.socket(info.family, info.type, info.proto, fd)
-            except OSError as exc:
-                os.close(fd)  # never a socket object: ours to close
-                logger.error("cannot use a client from listener %r: %s", info.name, exc)
-                self._complete()
-                continue
-            sock.setblocking(False)
-            client = HandedClient(sock, info, addr, self)
-            if handler is not None:
-                self._start(handler, client)
-            else:
-                queue.append(client)
+        fds = take_raw_fds(msg)
+        used = 0  # fds before this index belong to a socket object (or were closed)
+        try:
+            for info, (_lid, addr), fd in zip(infos, records, fds, strict=True):
+                assert info is not None
+                try:
+                    sock = socket.socket(info.family, info.type, info.proto, fd)
+                except OSError as exc:
+                    used += 1
+                    os.close(fd)  # never a socket object: ours to close
+                    logger.error("cannot use a client from listener %r: %s", info.name, exc)
+                    self._complete()
+                    continue
+                used += 1
+                sock.setblocking(False)
+                client = HandedClient(sock, info, addr, self)
+                if handler is not None:
+                    self._start(handler, client)
+                else:
+                    queue.append(client)
+        finally:
+            close_raw(fds[used:])  # only if something above raised: none may leak
 
     def _control(self, msg: AncillaryMessage) -> None:
         """A message that is not a well-formed client: welcome, listener, or garbage."""
