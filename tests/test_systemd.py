@@ -25,7 +25,7 @@ from helpers import TIMEOUT, is_open, within
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aioancillary import OwnedFd
+from aioancillary import OwnedFd, _systemd
 from aioancillary._systemd import (
     ActivationError,
     FdNameError,
@@ -437,3 +437,57 @@ async def test_real_activation_missing_name_is_a_clear_error() -> None:
             report = await report_of(proc)
     assert report["error"] == "FdNameError"
     assert "no fd named 'api' (names held: 'web')" in report["message"]
+
+
+# -- LISTEN_PIDFDID (systemd 257+): the pid may have been reused ------------------------------
+
+
+def test_own_pidfd_id_names_this_process_where_the_kernel_has_pidfs() -> None:
+    own = _systemd.own_pidfd_id()
+    if own is None:
+        pytest.skip("this kernel has no pidfs (Linux < 6.9): pidfds name no process here")
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        assert os.fstat(pidfd).st_ino == own
+    finally:
+        os.close(pidfd)
+    child = subprocess.run(
+        [sys.executable, "-c", "from aioancillary import _systemd; print(_systemd.own_pidfd_id())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(child.stdout) not in (own, 0)
+
+
+def test_listen_pidfdid_of_a_gone_process_is_refused_and_unset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_systemd, "own_pidfd_id", lambda: 4242)
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_PIDFDID": "4241", "LISTEN_FDS": "0"}
+    with pytest.raises(ActivationError, match=r"LISTEN_PIDFDID=4241 but this process's .* 4242"):
+        listen_fds(environ=env)
+    assert env == {}
+
+
+@pytest.mark.parametrize("own", [4242, None], ids=["pidfs", "no-pidfs"])
+def test_listen_pidfdid_that_matches_or_cannot_be_checked_is_accepted(
+    own: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_systemd, "own_pidfd_id", lambda: own)
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_PIDFDID": "4242", "LISTEN_FDS": "0"}
+    with listen_fds(environ=env) as named:
+        assert named.names() == []
+    assert env == {}
+
+
+def test_malformed_listen_pidfdid_is_refused() -> None:
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_PIDFDID": "-1", "LISTEN_FDS": "0"}
+    with pytest.raises(ActivationError, match=r"LISTEN_PIDFDID='-1' is not a non-negative"):
+        listen_fds(environ=env)
+
+
+def test_an_anonymous_inode_pidfd_is_not_taken_for_an_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before pidfs every pidfd is the one anonymous inode an eventfd also gets.
+    monkeypatch.setattr(os, "pidfd_open", lambda pid: os.eventfd(0))
+    assert _systemd.own_pidfd_id() is None

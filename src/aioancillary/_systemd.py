@@ -273,6 +273,45 @@ def _parse_count(env: MutableMapping[str, str], var: str) -> int:
     return value
 
 
+def own_pidfd_id() -> int | None:
+    """This process's pidfd inode number, or ``None`` where the kernel has no pidfs (< 6.9).
+
+    That number names a process for good, where a pid can be reused; systemd 257+ passes it
+    as ``LISTEN_PIDFDID``. Without pidfs a pidfd is an anonymous inode that every pidfd (and
+    eventfd) shares, so it names nothing: then, as ``sd_listen_fds`` does, there is nothing
+    to check.
+    """
+    try:
+        pidfd = os.pidfd_open(os.getpid())
+    except (AttributeError, OSError):
+        return None
+    try:
+        st = os.fstat(pidfd)
+        probe = os.eventfd(0)  # an anonymous inode, to tell pidfs from anon_inodefs
+        try:
+            anon = os.fstat(probe)
+        finally:
+            os.close(probe)
+    except (AttributeError, OSError):
+        return None
+    finally:
+        os.close(pidfd)
+    if (st.st_dev, st.st_ino) == (anon.st_dev, anon.st_ino):
+        return None
+    return st.st_ino
+
+
+def _check_pidfd_id(expected: int) -> None:
+    own = own_pidfd_id()
+    if own is not None and own != expected:
+        raise ActivationError(
+            f"LISTEN_PIDFDID={expected} but this process's pidfd id is {own}: LISTEN_PID "
+            "matches only because the pid was reused, and the activated fds were meant for a "
+            "process that is gone. Start the service binary directly, or call "
+            "listen_fds(unset_environment=True) in the process that was activated"
+        )
+
+
 def _read_environment(env: MutableMapping[str, str]) -> list[tuple[str, int]]:
     if "LISTEN_PID" not in env or "LISTEN_FDS" not in env:
         return []
@@ -284,6 +323,8 @@ def _read_environment(env: MutableMapping[str, str]) -> list[tuple[str, int]]:
             "service binary directly (exec it from wrapper scripts), or call "
             "listen_fds(unset_environment=True) in the process that was activated"
         )
+    if "LISTEN_PIDFDID" in env:
+        _check_pidfd_id(_parse_count(env, "LISTEN_PIDFDID"))
     count = _parse_count(env, "LISTEN_FDS")
     if "LISTEN_FDNAMES" in env:
         # sd_listen_fds_with_names splits without coalescing: "a::b" is three names.
@@ -330,8 +371,9 @@ def listen_fds(
         environ: The environment to read (default :data:`os.environ`).
 
     Raises:
-        ActivationError: ``LISTEN_PID`` names another process, a variable is malformed, the
-            names do not match the count, or a passed fd is not open. Nothing is taken.
+        ActivationError: ``LISTEN_PID`` names another process (or, where the kernel has pidfs,
+            ``LISTEN_PIDFDID`` shows the pid was reused), a variable is malformed, the names
+            do not match the count, or a passed fd is not open. Nothing is taken.
     """
     env = os.environ if environ is None else environ
     try:
