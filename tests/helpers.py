@@ -336,3 +336,26 @@ async def transport_pair(
             t.abort()
             await within(p.lost)
             p.close_messages()
+
+
+def fill_queue(address: str) -> int:
+    """Queue datagrams at ``address`` until its receive queue is full (max_dgram_qlen).
+
+    Each sender is also bounded by its own send buffer, so fresh senders are used until a
+    fresh one cannot queue a single datagram: then the receiver's queue itself is full.
+    """
+    total = 0
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+            filler.setblocking(False)
+            filler.connect(address)
+            sent = 0
+            while True:
+                try:
+                    filler.send(b"x")
+                except BlockingIOError:
+                    break
+                sent += 1
+        if sent == 0:
+            return total
+        total += sent

@@ -105,7 +105,9 @@ NOTIFY_SCRIPT = textwrap.dedent(
     import asyncio, os, socket, sys
     from aioancillary._notify import notify_async
 
-    LOOP, CHILD, PATH = sys.argv[1], sys.argv[2], sys.argv[3]
+    LOOP, CHILD, PATH, TESTS = sys.argv[1:5]
+    sys.path.insert(0, TESTS)
+    from helpers import fill_queue
     if LOOP == "uvloop":
         import uvloop
         FACTORY = uvloop.new_event_loop
@@ -114,21 +116,7 @@ NOTIFY_SCRIPT = textwrap.dedent(
     manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     manager.bind(PATH)
     os.environ["NOTIFY_SOCKET"] = PATH
-    queued = 0
-    while True:  # fill the manager's queue: the notification must wait for room
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
-            filler.setblocking(False)
-            filler.connect(PATH)
-            sent = 0
-            while True:
-                try:
-                    filler.send(b"x")
-                except BlockingIOError:
-                    break
-                sent += 1
-        if not sent:
-            break
-        queued += sent
+    queued = fill_queue(PATH)  # a full queue: the notification must wait for room
 
     async def main():
         task = asyncio.ensure_future(notify_async(status="after fork"))
@@ -162,7 +150,15 @@ def test_a_forked_child_never_disturbs_a_waiting_notify_async(
     tmp_path: Path, loop_name: str, child: str
 ) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", NOTIFY_SCRIPT, loop_name, child, str(tmp_path / "notify.sock")],
+        [
+            sys.executable,
+            "-c",
+            NOTIFY_SCRIPT,
+            loop_name,
+            child,
+            str(tmp_path / "notify.sock"),
+            str(Path(__file__).parent),
+        ],
         capture_output=True,
         text=True,
         timeout=30,

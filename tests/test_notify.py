@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import LOOP_NAMES, TIMEOUT, within
+from helpers import LOOP_NAMES, TIMEOUT, fill_queue, within
 
 from aioancillary import AncillaryMessage, InvalidFdError, TooManyFdsError, recv_fds
 from aioancillary._notify import NotifyError, notify, notify_async, watchdog_interval
@@ -256,29 +256,6 @@ async def test_async_sends_the_same_datagram_and_fds(supervisor: Supervisor) -> 
     with supervisor.receive() as msg:
         assert msg.data == b"STATUS=up\nFDSTORE=1\nFDNAME=db"
         assert [os.fstat(fd.fileno()).st_ino for fd in msg.fds] == [inode]
-
-
-def fill_queue(address: str) -> int:
-    """Queue datagrams at ``address`` until its receive queue is full (max_dgram_qlen).
-
-    Each sender is also bounded by its own send buffer, so fresh senders are used until a
-    fresh one cannot queue a single datagram: then the receiver's queue itself is full.
-    """
-    total = 0
-    while True:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
-            filler.setblocking(False)
-            filler.connect(address)
-            sent = 0
-            while True:
-                try:
-                    filler.send(b"x")
-                except BlockingIOError:
-                    break
-                sent += 1
-        if sent == 0:
-            return total
-        total += sent
 
 
 async def test_async_waits_for_room_without_blocking_the_loop(supervisor: Supervisor) -> None:
