@@ -119,6 +119,7 @@ NOTIFY_SCRIPT = textwrap.dedent(
     queued = fill_queue(PATH)  # a full queue: the notification must wait for room
 
     async def main():
+        before = len(os.listdir("/proc/self/fd"))
         task = asyncio.ensure_future(notify_async(status="after fork"))
         for _ in range(10):
             await asyncio.sleep(0)
@@ -134,6 +135,7 @@ NOTIFY_SCRIPT = textwrap.dedent(
             manager.recv(16)
         async with asyncio.timeout(5):
             assert await task is True
+        assert len(os.listdir("/proc/self/fd")) == before, "an fd leaked"
         return manager.recv(64)
 
     with asyncio.Runner(loop_factory=FACTORY) as runner:
