@@ -36,7 +36,7 @@ from . import _handoff_wire as wire
 from ._dispatch import DispatchPolicy, Picker, WorkerInfo, make_policy
 from ._errors import AncillaryError, ConnectionClosedError, ProtocolError
 from ._fd import close_raw
-from ._message import AncillaryMessage
+from ._message import AncillaryMessage, take_raw_fds
 from ._platform import SCM_MAX_FD
 from ._protocol import AncillaryProtocol
 from ._server import AncillaryServer, create_unix_server
@@ -479,7 +479,7 @@ class Acceptor:
                 if not msg.fd_count or msg.data[:1] != b"C":
                     continue  # a welcome or listener announcement: nothing to re-dispatch
                 records = wire.client_records(msg.data)  # we wrote it: well-formed
-                fds = [owned.detach() for owned in msg.take_fds()]
+                fds = take_raw_fds(msg)
                 items += [
                     (lid.to_bytes(2, "big") + len(addr).to_bytes(1, "big") + addr, fd)
                     for (lid, addr), fd in zip(records, fds, strict=True)
