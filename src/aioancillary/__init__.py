@@ -21,20 +21,23 @@ Layers, bottom up (each uses only the ones below it):
 
 from __future__ import annotations
 
-from ._acceptor import Acceptor, AcceptorStats
-from ._authorize import (
-    allow_gids,
-    allow_group_members,
-    allow_uids,
-    root_or_same_user,
-    same_user,
+from ._asyncio._client import connection_pair, create_unix_connection, open_unix_connection
+from ._asyncio._connection import (
+    DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MAX_QUEUED_FDS,
+    AncillaryConnection,
 )
-from ._blocking import ReceivedInto, recv_fds, recv_fds_into, send_fds
-from ._client import connection_pair, create_unix_connection, open_unix_connection
-from ._cmsg import Credentials, SocketAncillary
-from ._connection import DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_FDS, AncillaryConnection
-from ._dispatch import Picker, WorkerInfo
-from ._errors import (
+from ._asyncio._protocol import AncillaryProtocol
+from ._asyncio._server import (
+    AncillaryServer,
+    Handler,
+    ServerStats,
+    create_unix_server,
+    start_unix_server,
+)
+from ._asyncio._transport import AncillaryTransport
+from ._core._cmsg import Credentials, SocketAncillary
+from ._core._errors import (
     ActivationError,
     AncillaryError,
     CloexecError,
@@ -54,26 +57,27 @@ from ._errors import (
     ProtocolError,
     TooManyFdsError,
 )
-from ._fd import FdLike, HasFileno, OwnedFd
-from ._framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, frame_header
-from ._message import AncillaryMessage
-from ._notify import notify, notify_async, watchdog_interval
-from ._peercred import peer_credentials
-from ._platform import SCM_MAX_FD, Platform, buffer_size_for_rights, current_platform
-from ._pool import WorkerPool
-from ._protocol import AncillaryProtocol
-from ._reload import Generation, start_generation
-from ._server import (
-    AncillaryServer,
-    Handler,
-    ServerStats,
-    create_unix_server,
-    start_unix_server,
+from ._core._fd import FdLike, HasFileno, OwnedFd
+from ._core._framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, frame_header
+from ._core._message import AncillaryMessage
+from ._core._platform import SCM_MAX_FD, Platform, buffer_size_for_rights, current_platform
+from ._handoff._acceptor import Acceptor, AcceptorStats
+from ._handoff._dispatch import Picker, WorkerInfo
+from ._handoff._pool import WorkerPool
+from ._handoff._worker import HandedClient, Worker
+from ._kernel._authorize import (
+    allow_gids,
+    allow_group_members,
+    allow_uids,
+    root_or_same_user,
+    same_user,
 )
-from ._systemd import NamedFds, listen_fds
-from ._transport import AncillaryTransport
-from ._unix import Authorize
-from ._worker import HandedClient, Worker
+from ._kernel._blocking import ReceivedInto, recv_fds, recv_fds_into, send_fds
+from ._kernel._peercred import peer_credentials
+from ._kernel._unix import Authorize
+from ._lifecycle._notify import notify, notify_async, watchdog_interval
+from ._lifecycle._reload import Generation, start_generation
+from ._lifecycle._systemd import NamedFds, listen_fds
 
 __version__ = "0.1.0"
 

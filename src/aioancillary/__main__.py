@@ -1,10 +1,10 @@
-"""``python -m aioancillary``: the command line (see :mod:`aioancillary._cli`)."""
+"""``python -m aioancillary``: the command line (see :mod:`aioancillary._tools._cli`)."""
 
 from __future__ import annotations
 
 import sys
 
-from ._cli import main
+from ._tools._cli import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,487 @@
+"""The application-facing connection: ``await send_fds()``, ``await recv()``, ``async for``."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import operator
+import resource
+import socket
+import warnings
+import weakref
+from collections.abc import Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from .._core._cmsg import Credentials
+from .._core._errors import AncillaryError, ConnectionClosedError
+from .._core._fd import FdLike
+from .._core._framing import DEFAULT_MAX_FRAME_SIZE
+from .._core._message import AncillaryMessage
+from .._core._platform import SCM_MAX_FD, Platform
+from ._protocol import AncillaryProtocol
+from ._transport import AncillaryTransport
+
+if TYPE_CHECKING:
+    from ._server import AncillaryServer
+
+__all__ = ["DEFAULT_MAX_QUEUED_BYTES", "DEFAULT_MAX_QUEUED_FDS", "AncillaryConnection"]
+
+#: Default receive-queue byte budget: reading pauses above it.
+DEFAULT_MAX_QUEUED_BYTES = 4 * 1024 * 1024
+#: Upper bound of the default receive-queue fd budget. Reading pauses above the budget, so
+#: that a fast peer cannot push a slow consumer to its RLIMIT_NOFILE; by default the budget is
+#: this or a quarter of the soft RLIMIT_NOFILE, whichever is smaller (never under SCM_MAX_FD).
+DEFAULT_MAX_QUEUED_FDS = 4 * SCM_MAX_FD
+
+
+def default_max_queued_fds() -> int:
+    """The receive-queue fd budget used when none is given (see ``DEFAULT_MAX_QUEUED_FDS``)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return DEFAULT_MAX_QUEUED_FDS
+    return max(SCM_MAX_FD, min(DEFAULT_MAX_QUEUED_FDS, int(soft) // 4))
+
+
+_DATA = operator.attrgetter("data")
+_FD_COUNT = operator.attrgetter("fd_count")  # a slot: read in C
+
+# Connections a task is waiting on (in recv() or drain()). The loop reaches a connection only
+# through its protocol's weak reference, so that a connection the application dropped without
+# close() is collected (with a ResourceWarning) instead of living as long as its reader
+# registration; a waiting task keeps its connection alive through this set.
+_waited_on: set[AncillaryConnection] = set()
+
+
+class _ConnectionProtocol(AncillaryProtocol):
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: AncillaryConnection) -> None:
+        self._conn = weakref.ref(conn)
+
+    def messages_received(self, messages: list[AncillaryMessage]) -> None:
+        conn = self._conn()
+        if conn is None:
+            for msg in messages:
+                msg.close()  # nobody can ever read them
+            return
+        conn._on_messages(messages)
+
+    def eof_received(self) -> bool:
+        conn = self._conn()
+        if conn is not None:
+            conn._on_eof()
+        return True  # the application may still send; it closes the connection itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        conn = self._conn()
+        if conn is not None:
+            conn._on_connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        conn = self._conn()
+        if conn is not None:
+            conn._write_paused = True
+
+    def resume_writing(self) -> None:
+        conn = self._conn()
+        if conn is not None:
+            conn._on_resume_writing()
+
+
+class AncillaryConnection:
+    """A connected Unix socket that sends and receives messages with fds.
+
+    Get one from :func:`open_unix_connection`, :func:`start_unix_server` (passed to the
+    handler) or :func:`connection_pair`. On SOCK_STREAM the default framed mode delivers every
+    ``send_fds(data, fds)`` as exactly one message with exactly its fds.
+
+    Example::
+
+        async with await open_unix_connection("/run/worker.sock") as conn:
+            await conn.send_fds(b"client", [client_sock])    # client_sock may be closed now
+            async for msg in conn:                            # ends cleanly at EOF
+                with msg:
+                    print(msg.data, msg.fds)
+
+    Received messages queue up to ``max_queued_bytes`` / ``max_queued_fds``; above that the
+    connection stops reading until the application catches up (the peer then blocks).
+    Only one task may wait in :meth:`recv` at a time.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        framed: bool | None = None,
+        max_message_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        max_queued_fds: int | None = None,
+        max_fds_per_send: int | None = None,
+        platform: Platform | None = None,
+        server: AncillaryServer | None = None,
+    ) -> None:
+        """Wrap a connected AF_UNIX socket; call from a coroutine (the running loop is used).
+
+        The connection owns ``sock``. Prefer :func:`open_unix_connection` with ``sock=``.
+        """
+        self._closed = True  # until the transport exists: __del__ has nothing to close
+        self._loop = asyncio.get_running_loop()
+        self._queue: collections.deque[AncillaryMessage] = collections.deque()
+        self._qbytes = 0
+        self._qfds = 0
+        self._max_qbytes = max_queued_bytes
+        self._max_qfds = default_max_queued_fds() if max_queued_fds is None else max_queued_fds
+        self._read_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._exc: BaseException | None = None
+        self._lost = self._loop.create_future()
+        self._write_paused = False
+        self._drain_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._transport = AncillaryTransport(
+            self._loop,
+            sock,
+            _ConnectionProtocol(self),
+            framed=framed,
+            max_message_size=max_message_size,
+            max_fds_per_send=max_fds_per_send,
+            platform=platform,
+            server=server,
+        )
+        self._closed = False
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _on_messages(self, messages: list[AncillaryMessage]) -> None:
+        if self._closed:
+            for msg in messages:
+                msg.close()  # the application closed the connection: nobody will read them
+            return
+        self._queue.extend(messages)
+        if len(messages) == 1:
+            msg = messages[0]
+            self._qbytes += len(msg.data)
+            self._qfds += msg.fd_count
+        else:
+            # map/attrgetter iterate in C: cheaper per message than a comprehension.
+            self._qbytes += sum(map(len, map(_DATA, messages)))
+            self._qfds += sum(map(_FD_COUNT, messages))
+        self._wake_reader()
+        if not self._read_paused and (
+            self._qbytes > self._max_qbytes
+            or self._qfds + self._transport.get_read_pending_fds() > self._max_qfds
+        ):
+            # Fds still in the frame decoder count too: they are open in this process.
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _consumed(self) -> None:
+        qfds = self._qfds
+        if (
+            self._read_paused
+            and self._qbytes <= self._max_qbytes // 2
+            and qfds <= self._max_qfds // 2
+            # Decoder fds wait for bytes still unread: never let them alone keep reading
+            # paused (they are at most SCM_MAX_FD, and the budget is never below that).
+            and qfds + self._transport.get_read_pending_fds() <= self._max_qfds
+        ):
+            self._read_paused = False
+            self._transport.resume_reading()
+
+    async def _wait_for_messages(self) -> None:
+        while not self._queue:
+            exc = self._exc
+            if exc is not None:
+                if isinstance(exc, AncillaryError):
+                    raise exc  # ProtocolError, FdTruncatedError...: the cause itself
+                raise ConnectionClosedError(f"the connection was lost: {exc}") from exc
+            if self._eof or self._closed or self._lost.done():
+                raise ConnectionClosedError("the connection is closed: no more messages")
+            if self._waiter is not None:
+                raise RuntimeError(
+                    "another task is already waiting for a message on this connection; "
+                    "concurrent receivers would race for messages"
+                )
+            self._waiter = self._loop.create_future()
+            self._transport.end_burst()
+            _waited_on.add(self)
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                if not self._drain_waiters:
+                    _waited_on.discard(self)
+
+    async def recv(self) -> AncillaryMessage:
+        """Return the next message; the caller owns it (close it, or take its fds).
+
+        Returns at once, without a trip through the event loop, when a message is queued.
+        Cancelling a waiting ``recv()`` loses no message.
+
+        Raises:
+            ConnectionClosedError: the peer closed the connection (EOF) or it was closed here.
+            ProtocolError: the peer broke the framing protocol (the connection is closed).
+        """
+        if not self._queue:
+            await self._wait_for_messages()
+        msg = self._queue.popleft()
+        self._qbytes -= len(msg.data)
+        self._qfds -= msg.fd_count
+        if self._read_paused:
+            self._consumed()
+        return msg
+
+    async def recv_batch(self) -> list[AncillaryMessage]:
+        """Return every queued message at once (at least one); the caller owns them all.
+
+        The fastest way to consume a flood: one call hands over everything the connection has
+        read so far. Raises as :meth:`recv` does.
+        """
+        if not self._queue:
+            await self._wait_for_messages()
+        messages = list(self._queue)
+        self._queue.clear()
+        self._qbytes = 0
+        self._qfds = 0
+        if self._read_paused:
+            self._consumed()
+        return messages
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> AncillaryMessage:
+        """The next message; iteration ends at EOF or local close, and raises on errors."""
+        if not self._queue:
+            try:
+                await self._wait_for_messages()
+            except ConnectionClosedError:
+                if self._exc is not None:
+                    raise
+                raise StopAsyncIteration from None
+        # recv() inlined: one coroutine frame less per message.
+        msg = self._queue.popleft()
+        self._qbytes -= len(msg.data)
+        self._qfds -= msg.fd_count
+        if self._read_paused:
+            self._consumed()
+        return msg
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def send_fds(
+        self,
+        data: bytes | bytearray | memoryview,
+        fds: Iterable[FdLike] = (),
+        *,
+        close_fds: bool = False,
+    ) -> None:
+        """Send ``data`` with ``fds``; the peer receives them as one message.
+
+        ``data`` may be any bytes-like object; its size in bytes is what is sent. The fds are
+        borrowed: they stay open, and the caller may close them as soon as this returns
+        (queued fds are held as duplicates). With ``close_fds=True`` the connection takes
+        ownership of ``OwnedFd``/socket/int items and closes them once sent, or on any
+        refusal (no duplicate is made).
+
+        Everything is checked before anything is queued: a refused call leaves the
+        connection usable and sends nothing. On a framed stream, below the write buffer's high
+        watermark this returns without suspending, so a tight loop of sends is batched; on an
+        unframed socket it suspends only while the kernel pushes back. Once ``send_fds`` has
+        queued the message, cancelling it while it waits does not withdraw the message.
+
+        Raises:
+            ConnectionClosedError: the connection is closed or failed (chained from the cause).
+            TypeError: ``data`` is not bytes-like, or an fd item is of the wrong type.
+            TooManyFdsError: more fds than one message may carry (253 on Linux/BSD, or
+                ``max_fds_per_send``).
+            InvalidFdError: an fd is not open; nothing was sent.
+            MessageTooLargeError: the message is over ``max_message_size`` (framed) or over
+                what the kernel takes in one datagram (seqpacket/dgram); nothing was sent.
+            FdsInFlightError: the kernel refused more fds in flight (ETOOMANYREFS).
+        """
+        self._transport.write_fds(data, fds, close_fds=close_fds)
+        if self._write_paused:
+            await self.drain()
+
+    async def send_batch(
+        self,
+        messages: Iterable[tuple[bytes | bytearray | memoryview, Iterable[FdLike]]],
+        *,
+        close_fds: bool = False,
+    ) -> None:
+        """Send several messages, each with its own fds, in as few ``sendmsg`` as possible.
+
+        All messages are checked before any is sent; the peer receives each as its own
+        message, in order. See :meth:`AncillaryTransport.write_batch`.
+
+        Example::
+
+            await conn.send_batch([(b"client", [sock1]), (b"client", [sock2])], close_fds=True)
+
+        Raises:
+            The same errors as :meth:`send_fds`, for any of the messages.
+        """
+        self._transport.write_batch(messages, close_fds=close_fds)
+        if self._write_paused:
+            await self.drain()
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` as one message without fds (see :meth:`send_fds`)."""
+        await self.send_fds(data, ())
+
+    async def drain(self) -> None:
+        """Wait until the write buffer is below its low watermark.
+
+        Raises:
+            ConnectionClosedError: the connection failed while data was queued (chained from
+                the cause).
+        """
+        self._raise_if_failed()
+        if not self._write_paused:
+            return
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        _waited_on.add(self)
+        try:
+            await waiter
+        finally:
+            if waiter in self._drain_waiters:
+                self._drain_waiters.remove(waiter)
+            if not self._drain_waiters and self._waiter is None:
+                _waited_on.discard(self)
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        failure = self._exc or self._transport.write_error
+        if failure is not None:
+            raise ConnectionClosedError(f"the connection failed: {failure}") from failure
+
+    def _on_resume_writing(self) -> None:
+        self._write_paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def write_eof(self) -> None:
+        """Shut down the sending side after queued messages (the peer sees EOF)."""
+        self._transport.write_eof()
+
+    # -- closing --------------------------------------------------------------------------
+
+    def _on_connection_lost(self, exc: BaseException | None) -> None:
+        if exc is not None and self._exc is None:
+            self._exc = exc
+        if not self._lost.done():
+            self._lost.set_result(None)
+        self._wake_reader()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)  # drain() then raises, chained from the cause
+        self._write_paused = False
+
+    def close(self) -> None:
+        """Close the connection: queued outgoing messages are sent first; received messages
+        not yet taken are closed (with their fds). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._transport.close()
+        self._close_queue()
+        self._wake_reader()
+
+    def abort(self) -> None:
+        """Close at once, dropping queued outgoing messages; every fd held is closed."""
+        self._closed = True
+        self._transport.abort()
+        self._close_queue()
+        self._wake_reader()
+
+    def _close_queue(self) -> None:
+        queue = self._queue
+        while queue:
+            queue.popleft().close()  # the application gave up on them: close their fds
+        self._qbytes = 0
+        self._qfds = 0
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if not self._closed and not self._lost.done():
+            self._closed = True
+            # Its reader registration is all that is left of it: close the socket and every
+            # fd it holds (before warning: with warnings turned into errors, warn() raises).
+            # The loop may be closed or gone by now; nothing more can be done.
+            with contextlib.suppress(Exception):
+                self._transport.abort()
+            self._close_queue()
+            _warn(
+                f"unclosed AncillaryConnection {self!r}: close it (or use 'async with')",
+                ResourceWarning,
+                source=self,
+            )
+
+    async def wait_closed(self) -> None:
+        """Wait until the socket is closed (after :meth:`close`, or when the peer vanished)."""
+        await asyncio.shield(self._lost)
+
+    def at_eof(self) -> bool:
+        """True once the peer has closed its sending side and every queued message was taken.
+
+        Like :meth:`asyncio.StreamReader.at_eof`: nothing more will ever be received.
+        """
+        return self._eof and not self._queue
+
+    def is_closing(self) -> bool:
+        """True once the connection is closing or closed."""
+        return self._closed or self._transport.is_closing()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            # Cancelled means stop now: waiting to flush to a peer that may never read would
+            # turn a cancellation into a hang.
+            self.abort()
+        else:
+            self.close()
+        try:
+            await self.wait_closed()
+        except asyncio.CancelledError:
+            self.abort()  # cancelled while flushing: drop the rest, close every fd
+            raise
+
+    # -- information ----------------------------------------------------------------------
+
+    @property
+    def transport(self) -> AncillaryTransport:
+        """The underlying :class:`AncillaryTransport`."""
+        return self._transport
+
+    @property
+    def peercred(self) -> Credentials | None:
+        """The peer process's credentials ``(pid, uid, gid)``, or ``None`` where unknown."""
+        creds: Credentials | None = self._transport.get_extra_info("peercred")
+        return creds
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """Transport information, as :meth:`AncillaryTransport.get_extra_info`."""
+        return self._transport.get_extra_info(name, default)
+
+    def __repr__(self) -> str:
+        return f"<AncillaryConnection {self._transport!r} queued={len(self._queue)}>"

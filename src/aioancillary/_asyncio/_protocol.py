@@ -1,0 +1,60 @@
+"""The protocol side of :class:`AncillaryTransport`: messages arrive with their owned fds."""
+
+from __future__ import annotations
+
+import asyncio
+
+from .._core._message import AncillaryMessage
+
+__all__ = ["AncillaryProtocol"]
+
+
+class AncillaryProtocol(asyncio.BaseProtocol):
+    """Callbacks of an :class:`AncillaryTransport`: messages arrive with their owned fds.
+
+    Override :meth:`message_received` (or :meth:`messages_received`, which gets every message
+    decoded from one read at once). The protocol owns each message it receives and must close
+    it (``with msg:``) or take its fds. ``connection_made``, ``connection_lost``,
+    ``pause_writing`` and ``resume_writing`` are as in :class:`asyncio.BaseProtocol`.
+
+    Example::
+
+        class Worker(AncillaryProtocol):
+            def message_received(self, msg: AncillaryMessage) -> None:
+                with msg:
+                    serve(msg.take_fd().into_socket())
+    """
+
+    def messages_received(self, messages: list[AncillaryMessage]) -> None:
+        """Called with the messages decoded from one read, in order.
+
+        The default calls :meth:`message_received` for each. If one raises, the messages not
+        yet handed over are closed and the error propagates.
+        """
+        for i, msg in enumerate(messages):
+            try:
+                self.message_received(msg)
+            except BaseException:
+                for rest in messages[i + 1 :]:
+                    rest.close()  # never handed over: the protocol cannot own them
+                raise
+
+    def message_received(self, message: AncillaryMessage) -> None:
+        """Called for every received message. The default closes it (its fds are closed)."""
+        message.close()
+
+    def messages_unsent(self, messages: list[AncillaryMessage]) -> None:
+        """Called with queued messages that never reached the kernel, when the transport drops
+        its queue (:meth:`~AncillaryTransport.abort`, a fatal error, a peer that went away).
+
+        None of their bytes, and so none of their fds, left this process: each message owns
+        its fds again (``data`` is the payload as written) and can be sent elsewhere. The
+        default closes them. Messages the kernel already took are not among them: if the peer
+        never reads them, they are lost with its socket.
+        """
+        for msg in messages:
+            msg.close()
+
+    def eof_received(self) -> bool | None:
+        """The peer closed its sending side. Return true to keep the transport open."""
+        return None

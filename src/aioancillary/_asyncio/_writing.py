@@ -1,0 +1,529 @@
+"""The transport's write side: the direct path, the queue (an :class:`Outbox`), the writer."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from .._core._errors import AncillaryError, ConnectionClosedError, InvalidFdError
+from .._core._fd import FD_MAX, FdLike, close_raw
+from .._core._framing import Mode, encode_header
+from .._core._outbox import (
+    Outbox,
+    Payload,
+    borrowed_fds,
+    check_message,
+    check_open,
+    payload_of,
+    release_handed_over,
+    take_over,
+)
+from .._kernel._syscalls import rights, translate_send_error
+from ._protocol import AncillaryProtocol
+
+__all__ = ["WriteSide"]
+
+#: Default byte high watermark of a framed stream (unframed ones pause at once: 0).
+FRAMED_HIGH_WATER = 64 * 1024
+# sendmsg errors meaning the peer has gone: its last messages may still be ours to read.
+_PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
+_SEQUENCES = (list, tuple)
+_NO_FDS: list[int] = []
+_NO_ANCDATA: list[tuple[int, int, bytes]] = []
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_pack_fd = struct.Struct("i").pack
+_dup = os.dup  # the copy is non-inheritable (CLOEXEC), as every fd this library holds
+_EMPTY = b""
+
+
+class WriteSide:
+    """Writing for :class:`AncillaryTransport` (a mixin: the state lives in the transport).
+
+    A message goes out in the caller's own ``sendmsg`` when nothing is queued (and, on a framed
+    stream, no burst is running); otherwise it joins the :class:`Outbox` with fds of the
+    outbox's own (duplicates, or the fds handed over), and the writer callback or a
+    ``call_soon`` flush sends the queue.
+    """
+
+    _loop: asyncio.AbstractEventLoop
+    _sock: socket.socket | None
+    _protocol: AncillaryProtocol
+    _mode: Mode
+    _framed: bool
+    _type: int
+    _outbox: Outbox
+    _fd_cap: int
+    _max_message_size: int
+    _datagram_limit: int
+    _size_limit: int
+    _high: int
+    _low: int
+    _fd_high: int
+    _fd_low: int
+    _writer_added: bool
+    _flush_scheduled: bool
+    _protocol_paused: bool
+    _eof_requested: bool
+    _write_failure: Exception | None
+    _exc: Exception | None
+    _writable: bool  # open, no write_eof, no write failure: the one check of the hot path
+
+    if TYPE_CHECKING:
+
+        def _add_writer(self) -> None: ...
+        def _remove_writer(self) -> None: ...
+        def _fatal_error(self, exc: Exception) -> None: ...
+        def _is_open(self) -> bool: ...
+        def _is_closing_down(self) -> bool: ...
+        def _call_connection_lost(self, exc: Exception | None) -> None: ...
+        def _drop_queue(self) -> None: ...
+
+    # -- the public write API ----------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` (one message in framed/seqpacket/dgram mode) for sending."""
+        self.write_fds(data, ())
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Write each item (one message each in framed mode), all or nothing."""
+        self.write_batch([(data, ()) for data in list_of_data])
+
+    def write_fds(
+        self,
+        data: bytes | bytearray | memoryview,
+        fds: Iterable[FdLike] = (),
+        *,
+        close_fds: bool = False,
+    ) -> None:
+        """Queue ``data`` with ``fds`` for sending; the fds arrive with this message.
+
+        Everything is checked before anything is queued or sent, so a refused call leaves the
+        connection as it was. ``data`` may be any bytes-like object (its size in bytes is what
+        is sent). The fds are borrowed: the transport keeps its own duplicates of queued ones,
+        so the caller may close its fds as soon as this returns. With ``close_fds=True`` the
+        transport instead takes ownership of ``OwnedFd``, ``socket.socket`` or ``int`` items
+        (no duplicate is made) and closes them once sent, or on any refusal.
+
+        Raises:
+            ConnectionClosedError: the transport is closing or closed, or failed (chained
+                from the cause).
+            TypeError: ``data`` is not bytes-like; an fd item is not an int or an object with
+                ``fileno()`` (with ``close_fds=True``: not an OwnedFd, socket or int).
+            TooManyFdsError: more fds than one message may carry (``max_fds_per_send``).
+            InvalidFdError: an fd is not open, negative or out of range.
+            MessageTooLargeError: the message is larger than ``max_message_size`` (framed),
+                or than the kernel takes in one datagram (seqpacket/dgram).
+            FdsInFlightError: the kernel refused more fds in flight (ETOOMANYREFS).
+            ValueError: fds with no data on a raw stream; the same fd twice with
+                ``close_fds=True``.
+        """
+        if close_fds or not self._writable:
+            self._write_handed_over(data, fds, close_fds)
+            return
+        # The hot path of every sender: borrowed fds, checked inline for the common shapes.
+        payload = data if type(data) is bytes else payload_of(data)
+        if not fds:
+            nums = _NO_FDS
+        elif type(fds) in _SEQUENCES and len(fds) == 1:  # type: ignore[arg-type]
+            fd = fds[0]  # type: ignore[index]
+            nums = [fd] if type(fd) is int and 0 <= fd <= FD_MAX else borrowed_fds(fds)
+        else:
+            nums = borrowed_fds(fds)
+        size = len(payload)
+        if len(nums) > self._fd_cap or size > self._size_limit or not size:
+            self._check(size, len(nums))
+        outbox = self._outbox
+        if outbox.direct:
+            # The direct path, inline: one sendmsg with the caller's own fds (no duplicate).
+            if self._framed:
+                buffers: list[Payload] = [encode_header(len(nums), size), payload]
+                total = size + 8
+            else:
+                buffers = [payload]
+                total = size
+            if not nums:
+                anc = _NO_ANCDATA
+            elif len(nums) == 1:
+                anc = [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fd(nums[0]))]
+            else:
+                anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", nums).tobytes())]
+            try:
+                sent = self._sock.sendmsg(buffers, anc)  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                # The kernel checked the fds before it found the buffer full (scm_send comes
+                # first in unix_stream_sendmsg): they are open. Queue the message whole.
+                self._queue(payload, nums, owned=False, checked=True)
+            except OSError as exc:
+                self._raise_send_error(exc, len(nums))
+            else:
+                if self._framed:
+                    outbox.sent_directly()
+                if sent < total:
+                    outbox.queue_rest(b"".join(buffers)[sent:])
+                    self._add_writer()
+        else:
+            self._queue(payload, nums, owned=False)
+        if not self._protocol_paused and (
+            outbox.nbytes > self._high or outbox.nfds > self._fd_high
+        ):
+            self._pause_protocol()
+
+    def _write_handed_over(self, data: Any, fds: Iterable[Any], close_fds: bool) -> None:
+        """``write_fds`` when the fds are handed over, or when the transport cannot write."""
+        if not self._writable:
+            if close_fds:
+                release_handed_over(fds)
+            raise self._closed_error()
+        nums = take_over(fds)  # on refusal, every fd handed over is already closed
+        try:
+            payload = payload_of(data)
+            self._check(len(payload), len(nums))
+        except BaseException:
+            close_raw(nums)
+            raise
+        if not self._outbox.direct:
+            self._queue(payload, nums, owned=True)
+        elif not self._send_groups([(payload, nums)], owned=True):
+            self._queue(payload, nums, owned=True, checked=True)  # EAGAIN: the kernel checked
+        self._check_pause()
+
+    def write_batch(
+        self,
+        messages: Iterable[tuple[bytes | bytearray | memoryview, Iterable[FdLike]]],
+        *,
+        close_fds: bool = False,
+    ) -> None:
+        """Queue several messages, each with its own fds, in as few ``sendmsg`` as possible.
+
+        The batch is checked as a whole before anything is queued or sent: if any message is
+        refused, none is sent (and with ``close_fds=True`` every fd of every message is
+        closed). On a framed stream the messages share ``sendmsg`` calls up to
+        ``max_fds_per_send`` fds each; an unframed stream gives every fd-carrying message its
+        own; seqpacket and datagram sockets send one message per call. The peer receives them
+        as separate messages, in order. If the kernel refuses a later ``sendmsg`` of a batch
+        outright (``ETOOMANYREFS``), the messages before it have been sent.
+
+        Example::
+
+            transport.write_batch([(b"a", [fd_a]), (b"b", [fd_b, fd_c]), (b"no fds", [])])
+
+        Raises:
+            The same errors as :meth:`write_fds`, for any message of the batch.
+        """
+        items = list(messages)
+        if not self._writable:
+            if close_fds:
+                for item in items:
+                    release_handed_over(_fds_of(item))
+            raise self._closed_error()
+        prepared: list[tuple[Payload, list[int]]] = []
+        try:
+            for index, item in enumerate(items):
+                if not isinstance(item, tuple) or len(item) != 2:
+                    raise TypeError(
+                        f"write_batch() takes (data, fds) pairs; item {index} is {item!r}"
+                    )
+                data, fds = item
+                nums = take_over(fds) if close_fds else borrowed_fds(fds)
+                prepared.append((_EMPTY, nums))  # its fds are ours to close from here
+                payload = payload_of(data)
+                self._check(len(payload), len(nums))
+                prepared[-1] = (payload, nums)
+            # A batch sent in several sendmsg calls, or queued, would meet a bad fd only when
+            # half of it is out: find it now. One sendmsg needs no check: the kernel checks
+            # every fd before it sends anything (scm_send), and the batch fails whole.
+            outbox = self._outbox
+            if prepared and (not outbox.direct or outbox.group_size(prepared, 0) < len(prepared)):
+                check_open([fd for _payload, nums in prepared for fd in nums])
+        except BaseException:
+            if close_fds:
+                close_raw([fd for _payload, nums in prepared for fd in nums])
+                for item in items[len(prepared) :]:
+                    release_handed_over(_fds_of(item))
+            raise
+        start = self._send_groups(prepared, close_fds) if self._outbox.direct else 0
+        for payload, nums in prepared[start:]:
+            self._queue(payload, nums, owned=close_fds, checked=True)
+        self._check_pause()
+
+    def _check(self, size: int, nfds: int) -> None:
+        check_message(
+            self._mode,
+            size,
+            nfds,
+            fd_cap=self._fd_cap,
+            max_message_size=self._max_message_size,
+            datagram_limit=self._datagram_limit,
+        )
+
+    def _closed_error(self) -> ConnectionClosedError:
+        failure = self._exc or self._write_failure
+        if failure is not None:
+            error = ConnectionClosedError(f"cannot write: the connection failed: {failure}")
+            error.__cause__ = failure
+            return error
+        return ConnectionClosedError(
+            "cannot write: the connection is closing or closed (or write_eof was called)"
+        )
+
+    # -- sending at once and queueing --------------------------------------------------------------
+
+    def _send_groups(self, prepared: list[tuple[Payload, list[int]]], owned: bool) -> int:
+        """Send messages directly, one ``sendmsg`` per group, while the kernel takes them all.
+
+        Returns the index of the first message not sent (the caller queues the rest).
+        """
+        outbox = self._outbox
+        sock = self._sock
+        assert sock is not None
+        start = 0
+        while start < len(prepared):
+            count = outbox.group_size(prepared, start)
+            buffers: list[Payload] = []
+            nums: list[int] = []
+            for payload, fds in prepared[start : start + count]:
+                buffers += outbox.frame(payload, len(fds))
+                nums += fds
+            try:
+                sent = sock.sendmsg(buffers, rights(nums))
+            except (BlockingIOError, InterruptedError):
+                break  # the kernel checked the fds first (scm_send): the rest is queued whole
+            except OSError as exc:
+                if owned:
+                    close_raw([fd for _payload, fds in prepared[start:] for fd in fds])
+                self._raise_send_error(exc, len(nums))
+            outbox.sent_directly()
+            if owned:
+                close_raw(nums)  # sent with the first byte: the kernel has its own references
+            start += count
+            total = sum(map(len, buffers))
+            if sent < total:
+                outbox.queue_rest(b"".join(buffers)[sent:])
+                self._add_writer()
+                break
+        return start
+
+    def _queue(
+        self, payload: Payload, nums: list[int], *, owned: bool, checked: bool = False
+    ) -> None:
+        """Queue a message; the outbox gets fds of its own (handed over, or duplicates)."""
+        if not nums:
+            fds = nums
+        elif owned:
+            if not checked:
+                try:
+                    check_open(nums)
+                except BaseException:
+                    close_raw(nums)
+                    raise
+            fds = nums
+        elif len(nums) == 1:
+            try:
+                fds = [_dup(nums[0])]
+            except OSError:
+                fds = _duplicates(nums)  # raises the precise error
+        else:
+            fds = _duplicates(nums)
+        full = self._outbox.queue(payload, fds)
+        if self._writer_added:
+            return  # the socket is full: the writer callback sends when it can
+        if full:
+            self._send_queued()  # a full batch gains nothing from waiting for the flush
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _raise_send_error(self, exc: OSError, nfds: int) -> None:
+        translated = translate_send_error(exc, nfds)
+        if isinstance(translated, AncillaryError):
+            raise translated from exc  # nothing was sent; the connection is still usable
+        self._send_failed(exc)
+        raise ConnectionClosedError(f"the connection failed while sending: {exc}") from exc
+
+    def _send_failed(self, exc: Exception) -> None:
+        peer_gone = isinstance(exc, OSError) and exc.errno in _PEER_GONE
+        if not peer_gone or not self._is_open():
+            self._fatal_error(exc)
+            return
+        # The peer is gone, but what it sent before leaving may still wait in our receive
+        # queue: stop writing (queued fds closed), keep reading until EOF or the reset.
+        self._write_failure = exc
+        self._writable = False
+        self._drop_queue()
+        self._remove_writer()
+        if self._protocol_paused:
+            self._protocol_paused = False
+            self._protocol.resume_writing()  # wakes drain(), which then sees the failure
+
+    @property
+    def write_error(self) -> Exception | None:
+        """Why writing stopped (the peer went away), or ``None`` while writes can go out."""
+        return self._write_failure
+
+    # -- sending the queue -------------------------------------------------------------------------
+
+    def end_burst(self) -> None:
+        """Hint that the writer is about to wait: its next write may go out at once.
+
+        Without the hint, on a framed stream a write that follows an earlier one in the same
+        loop iteration is queued and sent by a ``call_soon`` flush, so that tight loops of
+        writes are batched.
+        """
+        self._outbox.end_burst()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._outbox.end_burst()
+        if self._outbox and not self._writer_added:
+            self._send_queued()
+
+    def _send_queued(self) -> None:
+        sock = self._sock
+        outbox = self._outbox
+        while outbox and sock is not None:
+            view, fds = outbox.pending()
+            size = len(view)
+            try:
+                sent = sock.sendmsg([view], rights(fds))
+            except (BlockingIOError, InterruptedError):
+                view.release()
+                break
+            except OSError as exc:
+                view.release()
+                if exc.errno == errno.EMSGSIZE and self._mode is Mode.DATAGRAM:
+                    # SO_SNDBUF shrank after the message was queued: drop that message only.
+                    close_raw(outbox.discard_first())
+                    self._loop.call_exception_handler(
+                        {
+                            "message": "aioancillary dropped a queued message the kernel "
+                            f"refused as too large ({size} bytes)",
+                            "exception": translate_send_error(exc, len(fds)),
+                            "transport": self,
+                        }
+                    )
+                    continue
+                self._send_failed(translate_send_error(exc, len(fds)))
+                return
+            view.release()  # the batch's bytearray may grow again
+            gone = outbox.advance(sent)
+            if gone:
+                close_raw(gone)  # sent: the kernel holds its own references
+            if sent < size and self._mode is not Mode.DATAGRAM:
+                break  # partial write: the socket is full
+        if outbox:
+            self._add_writer()
+        else:
+            self._remove_writer()
+            if self._is_closing_down():
+                self._call_connection_lost(None)
+            elif self._eof_requested and sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+        if (
+            self._protocol_paused
+            and outbox.nbytes <= self._low
+            and outbox.nfds <= self._fd_low
+            and self._sock is not None
+        ):
+            self._protocol_paused = False
+            self._protocol.resume_writing()
+
+    # -- flow control ------------------------------------------------------------------------------
+
+    def _check_pause(self) -> None:
+        outbox = self._outbox
+        if not self._protocol_paused and (
+            outbox.nbytes > self._high or outbox.nfds > self._fd_high
+        ):
+            self._pause_protocol()
+
+    def _pause_protocol(self) -> None:
+        self._protocol_paused = True
+        self._protocol.pause_writing()
+
+    def can_write_eof(self) -> bool:
+        """True on stream and seqpacket sockets."""
+        return self._type != socket.SOCK_DGRAM
+
+    def write_eof(self) -> None:
+        """Shut down the sending side once everything queued has been sent."""
+        if not self._is_open() or self._eof_requested:
+            return
+        self._eof_requested = True
+        self._writable = False
+        if not self._outbox and self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued and not yet sent."""
+        return self._outbox.nbytes
+
+    def get_write_buffer_fds(self) -> int:
+        """Fds queued (as duplicates owned by the transport) and not yet sent."""
+        return self._outbox.nfds
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        """The ``(low, high)`` byte watermarks."""
+        return (self._low, self._high)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """Set the byte watermarks for ``pause_writing``/``resume_writing``.
+
+        Defaults: 64 KiB high on framed streams; 0 on unframed sockets (the protocol is paused
+        as soon as the kernel pushes back). Writing also pauses while more than
+        ``2 * max_fds_per_send`` fds are queued, since each queued fd is an open duplicate
+        counting against ``RLIMIT_NOFILE``.
+        """
+        if high is None:
+            high = FRAMED_HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high = high
+        self._low = low
+        if not self._protocol_paused and self._outbox.nbytes > high:
+            self._pause_protocol()  # already above the new mark: writers must wait now
+
+
+def _fds_of(item: object) -> Iterable[Any]:
+    """The fds of a ``(data, fds)`` item given to ``write_batch``, or nothing if malformed."""
+    if isinstance(item, tuple) and len(item) == 2:
+        fds = item[1]
+        if isinstance(fds, Iterable):
+            return fds
+    return ()
+
+
+def _duplicates(nums: list[int]) -> list[int]:
+    """Duplicates of the borrowed ``nums``, owned by the outbox while queued."""
+    copies: list[int] = []
+    try:
+        for num in nums:
+            copy = _dup(num)
+            copies.append(copy)
+            if copy in nums and len(nums) > 1:
+                # dup() returns the lowest free number: if that is one of the numbers to
+                # send, that entry was closed, and would otherwise send our copy instead.
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    except OSError as exc:
+        close_raw(copies)  # none of them was queued
+        if exc.errno == errno.EBADF:
+            raise InvalidFdError(
+                "cannot send: an fd in the list is not open (EBADF); nothing was queued"
+            ) from exc
+        raise OSError(
+            exc.errno,
+            f"cannot queue fds to send: duplicating one failed ({exc.strerror}); the "
+            "process is probably at its RLIMIT_NOFILE. Nothing was queued",
+        ) from exc
+    return copies

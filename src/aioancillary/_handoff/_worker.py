@@ -1,0 +1,447 @@
+"""The worker side of the hand-off: clients arrive from an :class:`Acceptor` as ready sockets.
+
+A :class:`Worker` is a protocol on its link to the acceptor. Each ``C`` message becomes a
+:class:`HandedClient`: a non-blocking ``socket.socket`` built from the family, type and protocol
+the acceptor announced for its listener (passed to ``socket.socket`` with the fd, so no
+``getsockopt`` is needed), plus the listener's name and metadata and the peer's address
+(decoded only when asked for). Finishing a client (``with client:``, or :meth:`HandedClient.done`)
+closes it and reports the completion; reports are coalesced into one message per loop
+iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self
+
+from .._asyncio._client import create_unix_connection
+from .._asyncio._protocol import AncillaryProtocol
+from .._asyncio._transport import AncillaryTransport
+from .._core._errors import ConnectionClosedError, ProtocolError
+from .._core._fd import close_raw
+from .._core._message import AncillaryMessage, take_raw_fds
+from .._kernel._unix import Authorize
+from . import _wire as wire
+
+__all__ = ["ClientHandler", "HandedClient", "Worker"]
+
+logger = logging.getLogger("aioancillary")
+
+_EAGER = sys.version_info >= (3, 12)
+
+
+class HandedClient:
+    """One client connection handed over by the acceptor.
+
+    Use it as a context manager: leaving the block closes the connection (if still open) and
+    tells the acceptor this client is finished, which is how it keeps its per-worker count::
+
+        async for client in worker:
+            with client:
+                request = client.sock.recv(4096)
+                client.sock.sendall(b"hello\\n")
+
+    Attributes:
+        sock: The client's socket, non-blocking, owned by this object until :meth:`done`.
+    """
+
+    __slots__ = ("_addr", "_info", "_transport", "_worker", "sock")
+
+    def __init__(
+        self, sock: socket.socket, info: wire.ListenerInfo, addr: bytes, worker: Worker
+    ) -> None:
+        self.sock = sock
+        self._info = info
+        self._addr = addr
+        self._worker: Worker | None = worker
+        self._transport: asyncio.BaseTransport | None = None
+
+    @property
+    def peername(self) -> Any:
+        """The client's address, as ``accept()`` returned it in the acceptor."""
+        return wire.decode_address(self._info.family, self._addr)
+
+    @property
+    def listener(self) -> str:
+        """The name of the acceptor's listener that accepted this client."""
+        return self._info.name
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The listener's metadata dict from the acceptor (shared: do not modify it)."""
+        return self._info.metadata
+
+    async def open_streams(
+        self, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The client as asyncio streams (``asyncio.open_connection(sock=...)``).
+
+        The streams own the socket from then on; :meth:`done` closes the writer.
+
+        Args:
+            **kwargs: Passed to :func:`asyncio.open_connection` (e.g. ``limit``).
+        """
+        reader, writer = await asyncio.open_connection(sock=self.sock, **kwargs)
+        self._transport = writer.transport
+        return reader, writer
+
+    async def connect_protocol(
+        self, protocol_factory: Callable[[], asyncio.Protocol]
+    ) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        """Serve the client with a protocol (``loop.connect_accepted_socket``).
+
+        The transport owns the socket from then on; :meth:`done` closes it. Call
+        :meth:`done` when the protocol is finished (e.g. from ``connection_lost``).
+        """
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.connect_accepted_socket(protocol_factory, self.sock)
+        self._transport = transport
+        return transport, protocol
+
+    def done(self) -> None:
+        """Close the client (its socket, or the transport made from it) and report it finished.
+
+        Calling it again does nothing. Reports from one loop iteration go out as one message.
+        """
+        worker = self._worker
+        if worker is None:
+            return
+        self._worker = None
+        transport = self._transport
+        if transport is not None:
+            transport.close()
+        else:
+            self.sock.close()
+        worker._complete()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.done()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.done()
+
+    def __repr__(self) -> str:
+        state = "done" if self._worker is None else "open"
+        return f"<HandedClient fd={self.sock.fileno()} listener={self._info.name!r} {state}>"
+
+
+#: ``async def handler(client: HandedClient) -> None``: serves one client; the client is
+#: finished (closed and reported) when it returns.
+ClientHandler = Callable[[HandedClient], Awaitable[None]]
+
+
+class Worker(AncillaryProtocol):
+    """A worker process's link to its :class:`Acceptor`: clients arrive here.
+
+    Get one with :meth:`connect`; then iterate (``async for client in worker``) or
+    :meth:`serve` a handler. Iteration ends when the acceptor closes the link (it stops
+    handing out clients); finish the clients you hold, then close the worker.
+
+    Example::
+
+        async with await Worker.connect("/run/app/workers.sock") as worker:
+            async for client in worker:
+                with client:
+                    client.sock.sendall(b"hello\\n")
+    """
+
+    def __init__(self) -> None:
+        """Use :meth:`connect`."""
+        self._loop = asyncio.get_running_loop()
+        self._transport: AncillaryTransport | None = None
+        self._listeners: dict[int, wire.ListenerInfo] = {}
+        self._welcomed = False
+        self._queue: collections.deque[HandedClient] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._exc: Exception | None = None
+        self._lost = self._loop.create_future()
+        self._done_count = 0
+        self._flush_scheduled = False
+        self._handler: ClientHandler | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def connect(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        sock: socket.socket | None = None,
+        authorize: Authorize | None = None,
+    ) -> Worker:
+        """Register with the acceptor listening on ``path`` (or over the connected ``sock``).
+
+        Args:
+            path: The acceptor's worker socket (:meth:`Acceptor.listen_for_workers`).
+            sock: A connected AF_UNIX stream socket instead (e.g. inherited from a pool); the
+                worker owns it.
+            authorize: Called with the acceptor's credentials; a false result closes the socket
+                and raises :class:`PeerRejectedError`.
+
+        Raises:
+            PeerRejectedError: ``authorize`` refused the acceptor.
+            OSError: the connection failed.
+        """
+        worker = cls()
+        await _open_link(worker, path, sock, authorize)
+        return worker
+
+    # -- the link ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, AncillaryTransport)
+        self._transport = transport
+
+    def messages_received(self, messages: list[AncillaryMessage]) -> None:
+        for i, msg in enumerate(messages):
+            try:
+                if msg.data[:1] == b"C" and self._welcomed:
+                    self._clients(msg)
+                else:
+                    self._control(msg)
+            except ProtocolError as exc:
+                for rest in messages[i:]:
+                    rest.close()  # closes every fd the faulty message (and later ones) held
+                self._fail(exc)
+                return
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _clients(self, msg: AncillaryMessage) -> None:
+        """A ``C`` message: its clients, one fd each, become :class:`HandedClient` objects."""
+        records = wire.client_records(msg.data)
+        listeners = self._listeners
+        infos = [listeners.get(lid) for lid, _addr in records]
+        if None in infos or len(records) != msg.fd_count:
+            raise ProtocolError(
+                f"the acceptor sent {len(records)} client(s) with {msg.fd_count} fd(s), "
+                f"listener ids {sorted({lid for lid, _ in records})} (known: "
+                f"{sorted(listeners)}); the fds were closed"
+            )
+        handler = self._handler
+        queue = self._queue
+        fds = take_raw_fds(msg)
+        used = 0  # fds before this index belong to a socket object (or were closed)
+        try:
+            for info, (_lid, addr), fd in zip(infos, records, fds, strict=True):
+                assert info is not None
+                try:
+                    sock = socket.socket(info.family, info.type, info.proto, fd)
+                except OSError as exc:
+                    used += 1
+                    os.close(fd)  # never a socket object: ours to close
+                    logger.error("cannot use a client from listener %r: %s", info.name, exc)
+                    self._complete()
+                    continue
+                used += 1
+                sock.setblocking(False)
+                client = HandedClient(sock, info, addr, self)
+                if handler is not None:
+                    self._start(handler, client)
+                else:
+                    queue.append(client)
+        finally:
+            close_raw(fds[used:])  # only if something above raised: none may leak
+
+    def _control(self, msg: AncillaryMessage) -> None:
+        """A message that is not a well-formed client: welcome, listener, or garbage."""
+        with msg:  # closes any fd such a message carries
+            data = msg.data
+            kind = data[0] if data else -1
+            if msg.fd_count:
+                raise ProtocolError(
+                    f"the acceptor sent {msg.fd_count} fd(s) with a message of kind "
+                    f"{data[:1]!r} (not a client message, or before the welcome); they were "
+                    "closed"
+                )
+            if kind == wire.WELCOME:
+                wire.parse_welcome(data)
+                self._welcomed = True
+            elif kind == wire.LISTENER and self._welcomed:
+                info = wire.parse_listener(data)
+                self._listeners[info.id] = info
+            else:
+                raise ProtocolError(f"unexpected message from the acceptor: {data[:64]!r}")
+
+    def _fail(self, exc: Exception) -> None:
+        logger.error("closing the link to the acceptor: %s", exc)
+        if self._exc is None:
+            self._exc = exc
+        if self._transport is not None:
+            self._transport.abort()
+
+    def eof_received(self) -> bool:
+        self._eof = True  # no more clients; completions may still be reported
+        self._wake()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self._exc is None:
+            self._exc = exc
+        if not self._lost.done():
+            self._lost.set_result(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _complete(self) -> None:
+        self._done_count += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_done)
+
+    def _flush_done(self) -> None:
+        self._flush_scheduled = False
+        count, self._done_count = self._done_count, 0
+        transport = self._transport
+        if count and transport is not None and not transport.is_closing():
+            transport.write(wire.done_message(count))
+
+    # -- iteration --------------------------------------------------------------------------
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> HandedClient:
+        """The next client; iteration ends when the acceptor stops sending clients.
+
+        Raises:
+            ProtocolError: the acceptor broke the hand-off protocol (the link is closed).
+            ConnectionClosedError: the link failed.
+        """
+        queue = self._queue
+        while not queue:
+            exc = self._exc
+            if exc is not None:
+                if isinstance(exc, ProtocolError):
+                    raise exc
+                raise ConnectionClosedError(f"the link to the acceptor failed: {exc}") from exc
+            if self._eof or self._lost.done():
+                if not self._welcomed:
+                    raise ConnectionClosedError(
+                        "the acceptor closed the link before welcoming this worker (did its "
+                        "authorize= refuse this process?)"
+                    )
+                raise StopAsyncIteration
+            if self._waiter is not None:
+                raise RuntimeError("another task is already iterating over this worker")
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return queue.popleft()
+
+    # -- handler form -----------------------------------------------------------------------
+
+    async def serve(self, handler: ClientHandler) -> None:
+        """Run ``handler(client)`` in a task for every client until the acceptor stops.
+
+        Each client is finished (closed and reported) when its handler returns or raises; a
+        handler's exception is logged and does not stop the worker. Returns once the acceptor
+        closed the link and every handler has returned.
+
+        Raises:
+            ProtocolError: the acceptor broke the hand-off protocol.
+            ConnectionClosedError: the link failed.
+        """
+        self._handler = handler
+        try:
+            while self._queue:
+                self._start(handler, self._queue.popleft())
+            while True:
+                try:
+                    await self.__anext__()  # wakes at the end; clients go to tasks directly
+                except StopAsyncIteration:
+                    break
+        finally:
+            self._handler = None
+            while self._tasks:
+                await asyncio.wait(list(self._tasks))
+
+    def _start(self, handler: ClientHandler, client: HandedClient) -> None:
+        coro = _run_handler(handler, client)
+        if _EAGER:
+            # A handler that finishes without waiting never goes through the scheduler.
+            task = asyncio.Task(coro, loop=self._loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
+            if task.done():
+                return
+        else:
+            task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the link (pending completion reports are sent first); clients not yet taken
+        from the iterator are closed without being served."""
+        queue = self._queue
+        while queue:
+            queue.popleft().done()
+        self._flush_scheduled = False
+        self._flush_done()
+        if self._transport is not None:
+            self._transport.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the link is closed."""
+        await asyncio.shield(self._lost)
+
+    @property
+    def listeners(self) -> dict[str, dict[str, Any]]:
+        """The acceptor's listeners announced so far: name -> metadata."""
+        return {info.name: info.metadata for info in self._listeners.values()}
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+        cancelled = exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
+        if cancelled and self._transport is not None:
+            self._transport.abort()
+        await self.wait_closed()
+
+    def __repr__(self) -> str:
+        return f"<Worker listeners={len(self._listeners)} queued={len(self._queue)}>"
+
+
+async def _run_handler(handler: ClientHandler, client: HandedClient) -> None:
+    with client:
+        try:
+            await handler(client)
+        except Exception:
+            logger.exception("client handler failed for %r", client)
+
+
+async def _open_link(
+    worker: Worker,
+    path: str | os.PathLike[str] | None,
+    sock: socket.socket | None,
+    authorize: Authorize | None,
+) -> None:
+    """Connect ``worker`` (the link's protocol) to its acceptor."""
+    await create_unix_connection(lambda: worker, path, sock=sock, authorize=authorize)

@@ -1,0 +1,372 @@
+"""``sd_notify``: tell the service manager about state changes, and park fds in its fd store.
+
+The protocol (``sd_notify(3)``): one ``SOCK_DGRAM`` datagram to the ``AF_UNIX`` socket named by
+``$NOTIFY_SOCKET`` (a filesystem path, or an abstract name written with a leading ``@``),
+holding newline-separated ``VARIABLE=value`` assignments such as ``READY=1``. A datagram may
+carry fds (``SCM_RIGHTS``) with ``FDSTORE=1``: the manager keeps them across restarts of the
+service (``FileDescriptorStoreMax=``) and passes them back at the next start through
+``LISTEN_FDS``, named by ``FDNAME=`` (see :func:`aioancillary.listen_fds`).
+
+The fds go through the library's blocking :func:`aioancillary.send_fds` on a socket connected
+to the manager's, so they are validated, capped and translated to library errors like every
+other send. Outside a service manager (no ``$NOTIFY_SOCKET``) every call is a no-op returning
+``False``, so the same code runs under systemd and in a terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import time
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
+
+from .._core._errors import AncillaryError, InvalidFdError, NotifyError, TooManyFdsError
+from .._core._fd import FdLike, fd_number
+from .._core._platform import SCM_MAX_FD
+from .._kernel._blocking import send_fds
+from .._kernel._fork import track
+from ._systemd import check_fdname
+
+__all__ = ["NotifyError", "notify", "notify_async", "watchdog_interval"]
+
+_VARIABLE = re.compile(r"[A-Z][A-Z0-9_]*\Z")
+
+
+def _value(name: str, value: object) -> str:
+    text = str(value)
+    if "\n" in text or "\0" in text:
+        raise ValueError(
+            f"{name} value {text!r} contains a newline or NUL: it would end the assignment "
+            "early (sd_notify separates assignments with newlines); remove it"
+        )
+    return text
+
+
+def _monotonic_usec() -> int:
+    # The reload timestamp systemd compares with its own CLOCK_MONOTONIC (Type=notify-reload).
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def _build(
+    *,
+    ready: bool,
+    reloading: bool,
+    stopping: bool,
+    status: str | None,
+    watchdog: bool,
+    mainpid: int | None,
+    fdstore: Sequence[FdLike],
+    fdname: str | None,
+    fdstore_remove: bool,
+    fdpoll: bool,
+    extra: Mapping[str, object] | None,
+) -> tuple[bytes, list[int]]:
+    """Validate the arguments and return the datagram's bytes and the fd numbers to send."""
+    fds = [fd_number(fd) for fd in fdstore]
+    if len(fds) > SCM_MAX_FD:
+        raise TooManyFdsError(
+            f"one notification carries at most {SCM_MAX_FD} fds (SCM_MAX_FD), got {len(fds)}: "
+            "store them in several calls"
+        )
+    for num in fds:
+        # Checked now, before the notification socket is opened: it could take the number of
+        # an fd the caller already closed, and send itself to the manager in its place.
+        try:
+            os.fstat(num)
+        except OSError as exc:
+            raise InvalidFdError(
+                f"cannot store fd {num}: {exc.strerror}; nothing was sent"
+            ) from exc
+    if fdname is not None:
+        check_fdname(fdname)
+        if not fds and not fdstore_remove:
+            raise ValueError("fdname= names fds to store (fdstore=) or to remove (fdstore_remove=)")
+    if fdstore_remove and (fdname is None or fds):
+        raise ValueError("fdstore_remove=True needs fdname= (the fds to drop) and no fdstore=")
+    if not fdpoll and not fds:
+        raise ValueError("fdpoll=False applies to fds being stored: pass them in fdstore=")
+    if mainpid is not None and mainpid <= 0:
+        raise ValueError(f"mainpid must be a positive pid, got {mainpid}")
+    lines: list[str] = []
+    if ready:
+        lines.append("READY=1")
+    if reloading:
+        lines += ["RELOADING=1", f"MONOTONIC_USEC={_monotonic_usec()}"]
+    if stopping:
+        lines.append("STOPPING=1")
+    if status is not None:
+        lines.append(f"STATUS={_value('STATUS', status)}")
+    if watchdog:
+        lines.append("WATCHDOG=1")
+    if mainpid is not None:
+        lines.append(f"MAINPID={mainpid}")
+    if fds:
+        lines.append("FDSTORE=1")
+    if fdstore_remove:
+        lines.append("FDSTOREREMOVE=1")
+    if fdname is not None:
+        lines.append(f"FDNAME={fdname}")
+    if not fdpoll:
+        lines.append("FDPOLL=0")
+    for name, value in (extra or {}).items():
+        if not _VARIABLE.match(name):
+            raise ValueError(
+                f"extra variable name {name!r}: sd_notify variables are upper-case letters, "
+                "digits and '_' (e.g. ERRNO, EXTEND_TIMEOUT_USEC)"
+            )
+        lines.append(f"{name}={_value(name, value)}")
+    if not lines:
+        raise ValueError("nothing to notify: pass ready=True, status=..., fdstore=... or extra=")
+    return "\n".join(lines).encode(), fds
+
+
+def _prepare(
+    environ: Mapping[str, str] | None, **fields: Any
+) -> tuple[bytes, list[int], str | None]:
+    """The datagram, its fds and the manager's address (None: not under a manager)."""
+    data, fds = _build(**fields)
+    return data, fds, _address(os.environ if environ is None else environ)
+
+
+def _address(env: Mapping[str, str]) -> str | None:
+    """The AF_UNIX address of ``$NOTIFY_SOCKET`` (abstract names with a leading NUL), or None."""
+    value = env.get("NOTIFY_SOCKET")
+    if not value:
+        return None
+    if value.startswith("/"):
+        return value
+    if value.startswith("@") and len(value) > 1:
+        return "\0" + value[1:]  # unix(7): an abstract name starts with a NUL byte
+    raise NotifyError(
+        f"NOTIFY_SOCKET={value!r} is neither an absolute path nor an @abstract name (the "
+        "AF_UNIX forms sd_notify(3) defines; vsock addresses are not supported): fix or unset it"
+    )
+
+
+def _shown(address: str) -> str:
+    return "@" + address[1:] if address.startswith("\0") else address
+
+
+def _connect(address: str, *, blocking: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # close-on-exec, like SOCK_CLOEXEC
+    try:
+        sock.setblocking(blocking)
+        # A connected datagram socket lets send_fds (which takes no address) reach the manager,
+        # and turns "nobody listens there" into an error now (ENOENT, ECONNREFUSED).
+        sock.connect(address)
+    except OSError as exc:
+        sock.close()
+        raise NotifyError(
+            exc.errno,
+            f"NOTIFY_SOCKET={_shown(address)!r} is unreachable ({exc.strerror}): the service "
+            "manager is gone or the variable is stale; unset NOTIFY_SOCKET when not running "
+            "under systemd",
+        ) from exc
+    return sock
+
+
+def _send(sock: socket.socket, address: str, data: bytes, fds: list[int]) -> None:
+    try:
+        send_fds(sock, data, fds)
+    except (AncillaryError, BlockingIOError):
+        raise  # the library's own errors (a closed fd, too big) say what to do already
+    except OSError as exc:
+        raise NotifyError(
+            exc.errno,
+            f"sending to NOTIFY_SOCKET={_shown(address)!r} failed ({exc.strerror}): the "
+            "service manager stopped listening",
+        ) from exc
+
+
+def notify(
+    *,
+    ready: bool = False,
+    reloading: bool = False,
+    stopping: bool = False,
+    status: str | None = None,
+    watchdog: bool = False,
+    mainpid: int | None = None,
+    fdstore: Sequence[FdLike] = (),
+    fdname: str | None = None,
+    fdstore_remove: bool = False,
+    fdpoll: bool = True,
+    extra: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> bool:
+    """Send one notification to the service manager (``sd_notify(3)``); blocking.
+
+    The assignments are sent in one datagram, in the order of the parameters below. A full
+    manager queue blocks the call, as ``sd_notify`` does; from a coroutine use
+    :func:`notify_async`.
+
+    Example::
+
+        notify(ready=True, status="serving on :8080")
+        notify(fdstore=[state_file], fdname="state", fdpoll=False)   # park an fd
+        notify(fdstore_remove=True, fdname="state")                   # drop it again
+
+    Args:
+        ready: ``READY=1``: start-up (or a reload) is complete.
+        reloading: ``RELOADING=1`` with ``MONOTONIC_USEC=`` (``CLOCK_MONOTONIC`` now, in µs),
+            which ``Type=notify-reload`` requires since systemd 253 (older versions ignore it).
+            Send ``ready=True`` when the reload is done.
+        stopping: ``STOPPING=1``: shutting down.
+        status: ``STATUS=``: one line of free text shown by ``systemctl status``.
+        watchdog: ``WATCHDOG=1``: the keep-alive ping (see :func:`watchdog_interval`).
+        mainpid: ``MAINPID=``: the service's main process is now this pid (e.g. after a
+            reload into a new process; the unit needs ``NotifyAccess=all``).
+        fdstore: Fds to store (``FDSTORE=1``), sent with ``SCM_RIGHTS``. Borrowed: they stay
+            open here; the manager keeps its own copies.
+        fdname: ``FDNAME=``: the name of the stored fds (systemd's default is ``"stored"``),
+            or of the fds to remove. Printable ASCII without ``:``, at most 255 characters.
+        fdstore_remove: ``FDSTOREREMOVE=1``: drop the stored fds named ``fdname``.
+        fdpoll: ``False`` sends ``FDPOLL=0``: the manager does not drop the stored fds when
+            they report ``EPOLLHUP``/``EPOLLERR`` (needed for fds that cannot be polled).
+        extra: Further assignments, e.g. ``{"ERRNO": 2}`` or ``{"EXTEND_TIMEOUT_USEC": ...}``.
+        environ: Where to read ``NOTIFY_SOCKET`` (default :data:`os.environ`).
+
+    Returns:
+        ``True`` once sent; ``False`` when ``$NOTIFY_SOCKET`` is not set (not under a manager).
+
+    Raises:
+        ValueError: an argument is invalid (bad ``fdname``, a newline in ``status``...);
+            nothing is sent, even outside a service manager.
+        NotifyError: ``$NOTIFY_SOCKET`` is set but malformed or unreachable.
+        InvalidFdError: an fd of ``fdstore`` is not open; nothing was sent.
+        TooManyFdsError: more than 253 fds.
+        MessageTooLargeError: the datagram is over the socket's size limit.
+    """
+    # Every parameter goes to _build, which validates all of them before anything is sent.
+    data, fds, address = _prepare(**locals())
+    if address is None:
+        return False
+    with _connect(address, blocking=True) as sock:
+        _send(sock, address, data, fds)
+    return True
+
+
+async def notify_async(
+    *,
+    ready: bool = False,
+    reloading: bool = False,
+    stopping: bool = False,
+    status: str | None = None,
+    watchdog: bool = False,
+    mainpid: int | None = None,
+    fdstore: Sequence[FdLike] = (),
+    fdname: str | None = None,
+    fdstore_remove: bool = False,
+    fdpoll: bool = True,
+    extra: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> bool:
+    """:func:`notify` for coroutines: never blocks the event loop.
+
+    When the manager's queue is full the datagram waits for room (the socket polls writable
+    once the manager reads) while the loop runs other tasks; wrap the call in
+    ``asyncio.timeout()`` to bound that wait. Cancelling it sends nothing. The fds are
+    borrowed until the call returns.
+
+    Example::
+
+        await notify_async(ready=True, status="serving")
+
+    Returns and raises as :func:`notify`.
+    """
+    # Every parameter goes to _build, which validates all of them before anything is sent.
+    data, fds, address = _prepare(**locals())
+    if address is None:
+        return False
+    loop = asyncio.get_running_loop()
+    with _connect(address, blocking=False) as sock:
+        while True:
+            try:
+                _send(sock, address, data, fds)
+            except BlockingIOError:
+                # unix_dgram_poll reports a connected datagram socket writable once the
+                # peer's receive queue has room: wait for that, then send again.
+                await _writable(loop, sock)
+            else:
+                return True
+
+
+class _WaitingSocket:
+    """A notification socket registered with the loop while its datagram waits for room.
+
+    Fork-aware (see ``_fork``): a child that inherits the wait closes its copy of the socket
+    and never touches the loop, so its loop cannot remove the parent's registration.
+    """
+
+    __slots__ = ("__weakref__", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def _forked(self) -> None:
+        self.sock.close()
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    fd = sock.fileno()
+    guard = _WaitingSocket(sock)
+    pid = track(guard)
+    loop.add_writer(fd, wake)
+    try:
+        await waiter
+    finally:
+        if os.getpid() == pid:  # a forked child's loop must not touch the parent's epoll
+            loop.remove_writer(fd)
+
+
+def watchdog_interval(
+    *, unset_environment: bool = False, environ: MutableMapping[str, str] | None = None
+) -> float | None:
+    """The service watchdog timeout in seconds, or ``None`` when the watchdog is off.
+
+    Reads ``WATCHDOG_USEC`` and ``WATCHDOG_PID`` as ``sd_watchdog_enabled(3)`` does: a
+    ``WATCHDOG_PID`` naming another process means the watchdog is not this process's
+    business (``None``). Send ``notify(watchdog=True)`` at about half this interval.
+
+    Example::
+
+        interval = watchdog_interval()
+        while interval is not None:
+            await notify_async(watchdog=True)
+            await asyncio.sleep(interval / 2)
+
+    Args:
+        unset_environment: Remove both variables afterwards (children do not inherit them).
+        environ: The environment to read (default :data:`os.environ`).
+
+    Raises:
+        ValueError: a variable is not a positive integer.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        usec_text = env.get("WATCHDOG_USEC")
+        if usec_text is None:
+            return None
+        usec = _positive(usec_text, "WATCHDOG_USEC")
+        pid_text = env.get("WATCHDOG_PID")
+        if pid_text is not None and _positive(pid_text, "WATCHDOG_PID") != os.getpid():
+            return None
+        return usec / 1_000_000
+    finally:
+        if unset_environment:
+            env.pop("WATCHDOG_USEC", None)
+            env.pop("WATCHDOG_PID", None)
+
+
+def _positive(text: str, name: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) <= 0:
+        raise ValueError(f"{name}={text!r} is not a positive integer: fix or unset it")
+    return int(text)

@@ -1,0 +1,261 @@
+"""The worker side: clients as sockets, streams or protocols; the handler form; a bad acceptor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import is_open, wait_until, within
+from helpers.acceptor import acceptor_with_workers
+
+from aioancillary import AncillaryConnection, PeerRejectedError, ProtocolError
+from aioancillary._handoff import _wire as wire
+from aioancillary._handoff._acceptor import Acceptor
+from aioancillary._handoff._worker import HandedClient, Worker
+
+
+@pytest.fixture
+async def acceptor_and_worker() -> AsyncIterator[tuple[Acceptor, Worker, tuple[str, int]]]:
+    acceptor = Acceptor()
+    listener = socket.create_server(("127.0.0.1", 0))
+    acceptor.add_listener(listener, name="web")
+    ours, theirs = socket.socketpair()
+    acceptor.add_worker(ours)
+    worker = await Worker.connect(sock=theirs)
+    yield acceptor, worker, listener.getsockname()
+    acceptor.close()
+    worker.close()
+    await within(worker.wait_closed())
+    await within(acceptor.wait_closed())
+
+
+async def talk(addr: tuple[str, int], text: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(*addr)
+    writer.write(text)
+    writer.write_eof()
+    answer = await within(reader.read())
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+async def test_client_socket_is_ready_and_described(
+    acceptor_and_worker: tuple[Acceptor, Worker, tuple[str, int]],
+) -> None:
+    acceptor, worker, addr = acceptor_and_worker
+    reader, writer = await asyncio.open_connection(*addr)
+    client = await within(worker.__anext__())
+    with client:
+        assert client.sock.gettimeout() == 0.0  # non-blocking, ready for the loop
+        assert (client.sock.family, client.sock.type) == (socket.AF_INET, socket.SOCK_STREAM)
+        assert client.peername == writer.get_extra_info("sockname")
+        assert client.sock.getpeername() == client.peername
+        assert (client.listener, client.metadata) == ("web", {})
+        assert worker.listeners == {"web": {}}
+        assert acceptor.stats().in_flight == 1
+        fd = client.sock.fileno()
+    assert not is_open(fd)  # leaving the block closed it...
+    await wait_until(lambda: acceptor.stats().in_flight == 0)  # ...and reported it
+    client.done()  # again: nothing happens
+    assert acceptor.stats().completed == 1
+    assert await within(reader.read()) == b""
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_streams_one_liner(
+    acceptor_and_worker: tuple[Acceptor, Worker, tuple[str, int]],
+) -> None:
+    acceptor, worker, addr = acceptor_and_worker
+
+    async def serve() -> None:
+        async for client in worker:
+            async with client:
+                reader, writer = await client.open_streams()
+                writer.write(b"streams: " + await reader.read())
+                await writer.drain()
+
+    task = asyncio.ensure_future(serve())
+    assert await talk(addr, b"abc") == b"streams: abc"
+    await wait_until(lambda: acceptor.stats().completed == 1)
+    task.cancel()
+
+
+class Upper(asyncio.Protocol):
+    def __init__(self, client: HandedClient) -> None:
+        self.client = client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data.upper())
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.done()
+
+
+async def test_protocol_one_liner(
+    acceptor_and_worker: tuple[Acceptor, Worker, tuple[str, int]],
+) -> None:
+    acceptor, worker, addr = acceptor_and_worker
+
+    async def serve() -> None:
+        async for client in worker:
+            await client.connect_protocol(lambda c=client: Upper(c))  # type: ignore[misc]
+
+    task = asyncio.ensure_future(serve())
+    assert await talk(addr, b"shout") == b"SHOUT"
+    await wait_until(lambda: acceptor.stats().completed == 1)
+    task.cancel()
+
+
+async def test_handler_form_reports_every_client_even_when_the_handler_fails(
+    acceptor_and_worker: tuple[Acceptor, Worker, tuple[str, int]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    acceptor, worker, addr = acceptor_and_worker
+
+    async def handler(client: HandedClient) -> None:
+        loop = asyncio.get_running_loop()
+        data = await loop.sock_recv(client.sock, 100)
+        if data == b"boom":
+            raise RuntimeError("handler bug")
+        await loop.sock_sendall(client.sock, data[::-1])
+
+    serving = asyncio.ensure_future(worker.serve(handler))
+    with caplog.at_level(logging.ERROR, logger="aioancillary"):
+        answers = await within(asyncio.gather(*(talk(addr, t) for t in (b"abc", b"boom", b"xy"))))
+    assert answers == [b"cba", b"", b"yx"]
+    assert "client handler failed" in caplog.text
+    await wait_until(lambda: acceptor.stats().completed == 3)
+    acceptor.close()
+    await within(serving)  # the acceptor closed: serve() returns
+
+
+async def test_clients_queued_when_the_worker_closes_are_closed_and_reported(
+    acceptor_and_worker: tuple[Acceptor, Worker, tuple[str, int]],
+) -> None:
+    acceptor, worker, addr = acceptor_and_worker
+    reader, writer = await asyncio.open_connection(*addr)
+    await wait_until(lambda: acceptor.stats().handed == 1)
+    await asyncio.sleep(0)  # the worker reads it
+    worker.close()
+    assert await within(reader.read()) == b""
+    writer.close()
+    await writer.wait_closed()
+    await within(worker.wait_closed())
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"Cxx",  # a record cut short
+        b"C\x00\x00\x7f\x00\x00\x01\x00\x50",  # an address cut short
+        b"C\x00\x05\x06\x7f\x00\x00\x01\x00\x50",  # a listener never announced
+        b"C\x00\x00\x06\x7f\x00\x00\x01\x00\x50" * 2,  # two clients, one fd
+        b"Q",
+        b'W{"v": 99}',
+    ],
+)
+async def test_a_misbehaving_acceptor_gets_a_clear_error_and_its_fds_are_closed(
+    message: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    ours, theirs = socket.socketpair()
+    fake = AncillaryConnection(ours)
+    worker = await Worker.connect(sock=theirs)
+    if not message.startswith(b"W"):
+        await fake.send(wire.welcome_message())
+    r, w = os.pipe()
+    with caplog.at_level(logging.ERROR, logger="aioancillary"):
+        await fake.send_fds(message, [r])
+        os.close(r)
+        with pytest.raises(ProtocolError):
+            await within(worker.__anext__())
+    assert "closing the link to the acceptor" in caplog.text
+    with pytest.raises(BrokenPipeError):  # the worker closed the read end it got
+        os.write(w, b"x")
+    os.close(w)
+    worker.close()
+    await within(worker.wait_closed())
+    fake.close()
+    await within(fake.wait_closed())
+
+
+async def test_worker_refuses_an_unauthorized_acceptor(tmp_path: Path) -> None:
+    acceptor = Acceptor()
+    await acceptor.listen_for_workers(tmp_path / "w.sock")
+    with pytest.raises(PeerRejectedError):
+        await Worker.connect(tmp_path / "w.sock", authorize=lambda creds: False)
+    with pytest.raises(ValueError, match="exactly one"):
+        await Worker.connect()
+    acceptor.close()
+    await within(acceptor.wait_closed())
+
+
+async def test_two_iterators_are_refused() -> None:
+    async with acceptor_with_workers(0) as (acceptor, _workers, _addr):
+        ours, theirs = socket.socketpair()
+        acceptor.add_worker(ours)
+        async with await Worker.connect(sock=theirs) as worker:
+            first = asyncio.ensure_future(worker.__anext__())
+            await asyncio.sleep(0)
+            with pytest.raises(RuntimeError, match="already iterating"):
+                await worker.__anext__()
+            first.cancel()
+
+
+async def test_a_client_fd_that_is_not_a_socket_is_closed_and_reported_the_rest_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ours, theirs = socket.socketpair()
+    fake = AncillaryConnection(ours)
+    worker = await Worker.connect(sock=theirs)
+    listener = socket.create_server(("127.0.0.1", 0))
+    await fake.send(wire.welcome_message())
+    await fake.send(wire.listener_message(0, listener, "web", {}))
+    pack = wire.record_packer(0, socket.AF_INET)
+    good1, peer1 = _tcp_pair(listener)
+    good2, peer2 = _tcp_pair(listener)
+    r, w = os.pipe()
+    records = [pack(("127.0.0.1", n)) for n in (1, 2, 3)]
+    with caplog.at_level(logging.ERROR, logger="aioancillary"):
+        await fake.send_fds(wire.client_message(records), [good1, r, good2], close_fds=True)
+        first = await within(worker.__anext__())
+        second = await within(worker.__anext__())
+    assert "cannot use a client from listener 'web'" in caplog.text
+    with pytest.raises(BrokenPipeError):  # the worker closed the pipe's read end at once
+        os.write(w, b"x")
+    os.close(w)
+    assert [c.peername for c in (first, second)] == [("127.0.0.1", 1), ("127.0.0.1", 3)]
+    with first, second:
+        first.sock.sendall(b"one")
+        second.sock.sendall(b"three")
+    assert (peer1.recv(8), peer2.recv(8)) == (b"one", b"three")
+    # Every client counts as finished, the refused one too: 3 in all, in one or more reports.
+    finished = 0
+    while finished < 3:
+        with await within(fake.recv()) as report:
+            finished += wire.parse_done(report.data)
+    assert finished == 3
+    for sock in (peer1, peer2, listener):
+        sock.close()
+    worker.close()
+    await within(worker.wait_closed())
+    fake.close()
+    await within(fake.wait_closed())
+
+
+def _tcp_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+    peer = socket.create_connection(listener.getsockname())
+    accepted, _addr = listener.accept()
+    return accepted, peer

@@ -1,0 +1,96 @@
+"""What the sdist and the wheel carry, built from this tree with the project's own backend.
+
+The wheel is the package and its metadata only. The sdist is what a distribution packager
+builds and tests from: the package, the tests, the examples and docs the tests run, and the
+docs site's config; not benchmarks/, fuzz/ or .ci/ (see ``[tool.hatch.build.targets.sdist]``
+in pyproject.toml for why). Both listings are printed (``pytest -s`` shows them).
+"""
+
+from __future__ import annotations
+
+import email
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import aioancillary
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "src" / "aioancillary"
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    # --no-isolation: hatchling comes from the test environment, no download needed.
+    subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return out
+
+
+def _one(dist: Path, pattern: str) -> Path:
+    (path,) = dist.glob(pattern)
+    return path
+
+
+def test_wheel_carries_the_package_and_its_metadata(dist: Path) -> None:
+    wheel = _one(dist, f"aioancillary-{aioancillary.__version__}-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = sorted(zf.namelist())
+        metadata = email.message_from_bytes(
+            zf.read(f"aioancillary-{aioancillary.__version__}.dist-info/METADATA")
+        )
+    print("\n".join(["", f"{wheel.name}:", *names]))
+    modules = {f"aioancillary/{p.relative_to(PACKAGE).as_posix()}" for p in PACKAGE.rglob("*.py")}
+    package = {n for n in names if n.startswith("aioancillary/")}
+    assert package == {*modules, "aioancillary/py.typed"}
+    info = {n.split("/", 1)[1] for n in names if ".dist-info/" in n}
+    assert info == {"METADATA", "WHEEL", "RECORD", "licenses/LICENSE"}
+
+    assert metadata["Version"] == aioancillary.__version__
+    assert metadata["License-Expression"] == "MIT"
+    assert metadata["Requires-Python"] == ">=3.11"
+    assert metadata.get_all("Provides-Extra") == ["uvloop"]  # dev tools are groups, not extras
+    urls = dict(u.split(", ", 1) for u in metadata.get_all("Project-URL") or [])
+    assert set(urls) == {"Homepage", "Documentation", "Source", "Changelog", "Issues"}
+    assert all(u.startswith("https://") for u in urls.values())
+    assert "](http" in metadata.get_payload()  # the README, with its absolute links
+
+
+def test_sdist_carries_what_the_tests_need_and_no_more(dist: Path) -> None:
+    sdist = _one(dist, f"aioancillary-{aioancillary.__version__}.tar.gz")
+    with tarfile.open(sdist) as tf:
+        names = sorted(m.name.split("/", 1)[1] for m in tf.getmembers() if m.isfile())
+    print("\n".join(["", f"{sdist.name}:", *names]))
+    top = {n.split("/", 1)[0] for n in names}
+    assert top == {
+        ".gitignore",  # hatchling always adds it: the sdist's build ignores what git ignores
+        "PKG-INFO",
+        "LICENSE",
+        "README.md",
+        "conftest.py",
+        "mkdocs.yml",
+        "pyproject.toml",
+        "docs",
+        "examples",
+        "src",
+        "tests",
+    }
+    tracked = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "src", "tests", "examples", "docs"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if tracked.returncode == 0 and tracked.stdout:  # in a git checkout: nothing tracked is lost
+        missing = set(tracked.stdout.split()) - set(names)
+        assert not missing, f"tracked files missing from the sdist: {sorted(missing)}"
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
