@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,32 @@ async def test_streams_one_liner(
     assert await talk(addr, b"abc") == b"streams: abc"
     await wait_until(lambda: acceptor.stats().completed == 1)
     task.cancel()
+
+
+async def test_handler_form_with_streams_closes_the_writer_it_handed_out(
+    acceptor_and_worker: tuple[Acceptor, Worker, tuple[str, int]],
+) -> None:
+    """The prefork-pool how-to's handler: open the streams, write, drain, return. The writer
+    the handler drops on return is closed by the client (no "unclosed StreamWriter" warning,
+    an error in this suite), and its bytes reach the peer before the connection ends."""
+    acceptor, worker, addr = acceptor_and_worker
+    writers: list[weakref.ref[asyncio.StreamWriter]] = []
+
+    async def handle(client: HandedClient) -> None:
+        reader, writer = await client.open_streams()
+        writers.append(weakref.ref(writer))  # weak: the handler's reference is the only one
+        writer.write(b"hello " + await reader.read())
+        await writer.drain()
+
+    serving = asyncio.ensure_future(worker.serve(handle))
+    answers = await within(asyncio.gather(*(talk(addr, b"%d" % n) for n in range(5))))
+    assert sorted(answers) == [b"hello %d" % n for n in range(5)]
+    await wait_until(lambda: acceptor.stats().completed == 5)
+    gc.collect()  # a writer collected while its transport was open warned by now
+    alive = [writer for ref in writers if (writer := ref()) is not None]
+    assert all(writer.transport.is_closing() for writer in alive)
+    acceptor.close()
+    await within(serving)
 
 
 class Upper(asyncio.Protocol):

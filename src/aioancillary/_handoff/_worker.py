@@ -52,7 +52,7 @@ class HandedClient:
         sock: The client's socket, non-blocking, owned by this object until :meth:`done`.
     """
 
-    __slots__ = ("_addr", "_info", "_transport", "_worker", "sock")
+    __slots__ = ("_addr", "_info", "_transport", "_worker", "_writer", "sock")
 
     def __init__(
         self, sock: socket.socket, info: wire.ListenerInfo, addr: bytes, worker: Worker
@@ -62,6 +62,10 @@ class HandedClient:
         self._addr = addr
         self._worker: Worker | None = worker
         self._transport: asyncio.BaseTransport | None = None
+        # The stream writer handed out by open_streams(), kept until done() closes it: a
+        # handler that returns drops its own reference first, and a StreamWriter collected
+        # while its transport is open warns "unclosed StreamWriter" (ResourceWarning).
+        self._writer: asyncio.StreamWriter | None = None
 
     @property
     def peername(self) -> Any:
@@ -83,13 +87,16 @@ class HandedClient:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The client as asyncio streams (``asyncio.open_connection(sock=...)``).
 
-        The streams own the socket from then on; :meth:`done` closes the writer.
+        The streams own the socket from then on, and this object keeps the writer: :meth:`done`
+        (leaving ``with client:``, or the handler returning under :meth:`Worker.serve`) closes
+        it, so a handler need not close the writer itself.
 
         Args:
             **kwargs: Passed to :func:`asyncio.open_connection` (e.g. ``limit``).
         """
         reader, writer = await asyncio.open_connection(sock=self.sock, **kwargs)
         self._transport = writer.transport
+        self._writer = writer
         return reader, writer
 
     async def connect_protocol(
@@ -114,8 +121,11 @@ class HandedClient:
         if worker is None:
             return
         self._worker = None
+        writer, self._writer = self._writer, None
         transport = self._transport
-        if transport is not None:
+        if writer is not None:
+            writer.close()  # closes its transport (after flushing what is buffered)
+        elif transport is not None:
             transport.close()
         else:
             self.sock.close()
