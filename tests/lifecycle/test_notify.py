@@ -12,6 +12,7 @@ import asyncio
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -241,6 +242,70 @@ def test_malformed_notify_socket(value: str, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("NOTIFY_SOCKET", value)
     with pytest.raises(NotifyError, match="neither an absolute path nor an @abstract name"):
         notify(ready=True)
+
+
+@pytest.mark.parametrize("address", ["/" + "d" * 200 + "/notify.sock", "@" + "a" * 120])
+async def test_too_long_notify_socket_says_so(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    with pytest.raises(NotifyError) as blocking:
+        notify(ready=True)
+    with pytest.raises(NotifyError) as not_blocking:
+        await notify_async(ready=True)
+    for info in (blocking, not_blocking):
+        assert info.value.errno == errno.ENAMETOOLONG
+        assert f"bytes long: an AF_UNIX address holds at most {108}" in str(info.value)
+        assert "None" not in str(info.value)
+
+
+# -- other people's exceptions pass through unchanged -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raised", [TimeoutError(), OSError(errno.EIO, "raised by the caller's handler")]
+)
+def test_a_signal_handlers_exception_passes_through(
+    raised: OSError, supervisor: Supervisor
+) -> None:
+    """A caller bounds the blocking wait for room with SIGALRM: its exception is its own."""
+    address = supervisor.env_value
+    queued = fill_queue("\0" + address[1:] if address.startswith("@") else address)
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise raised
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        # Wherever the alarm lands (the send waits for room until it does), it is not an
+        # error of the notification socket.
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(type(raised)) as info:
+            notify(ready=True)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert info.value is raised
+    for _ in range(queued):
+        supervisor.sock.recv(16)
+    supervisor.assert_empty()  # nothing was sent
+
+
+async def test_an_exception_from_inside_the_send_passes_through(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raised = TimeoutError()
+
+    def interrupted(*args: object) -> int:
+        raise raised
+
+    monkeypatch.setattr("aioancillary._lifecycle._notify.send_fds", interrupted)
+    with pytest.raises(TimeoutError) as blocking:
+        notify(ready=True)
+    with pytest.raises(TimeoutError) as not_blocking:
+        await notify_async(ready=True)
+    assert blocking.value is raised
+    assert not_blocking.value is raised
 
 
 # -- async ------------------------------------------------------------------------------------

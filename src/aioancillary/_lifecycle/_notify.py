@@ -16,6 +16,7 @@ other send. Outside a service manager (no ``$NOTIFY_SOCKET``) every call is a no
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 import socket
@@ -150,7 +151,41 @@ def _shown(address: str) -> str:
     return "@" + address[1:] if address.startswith("\0") else address
 
 
+#: ``sizeof(sun_path)`` on Linux (``unix(7)``): an address that does not fit cannot be used.
+_SUN_PATH_MAX = 108
+
+
+def _socket_error(exc: BaseException) -> bool:
+    """True when ``exc`` is the notification socket's own error, raised by a system call.
+
+    Anything else passes through unchanged: a signal handler that raises while the blocking
+    call waits (a caller bounding it with ``SIGALRM``) surfaces at the same call, but with no
+    errno (a ``TimeoutError()``), or with its own frame innermost in the traceback, where a
+    system call's error has the frame that made the call.
+    """
+    if not isinstance(exc, OSError) or exc.errno is None:
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("aioancillary.")
+
+
+def _check_length(address: str) -> None:
+    size = len(os.fsencode(address))
+    if size > _SUN_PATH_MAX:
+        raise NotifyError(
+            errno.ENAMETOOLONG,
+            f"NOTIFY_SOCKET={_shown(address)!r} is {size} bytes long: an AF_UNIX address "
+            f"holds at most {_SUN_PATH_MAX} (sun_path, unix(7)), so nothing can be sent "
+            "there; point it at a shorter path",
+        )
+
+
 def _connect(address: str, *, blocking: bool) -> socket.socket:
+    _check_length(address)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # close-on-exec, like SOCK_CLOEXEC
     try:
         sock.setblocking(blocking)
@@ -159,12 +194,17 @@ def _connect(address: str, *, blocking: bool) -> socket.socket:
         sock.connect(address)
     except OSError as exc:
         sock.close()
+        if not _socket_error(exc):
+            raise
         raise NotifyError(
             exc.errno,
             f"NOTIFY_SOCKET={_shown(address)!r} is unreachable ({exc.strerror}): the service "
             "manager is gone or the variable is stale; unset NOTIFY_SOCKET when not running "
             "under systemd",
         ) from exc
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -174,6 +214,8 @@ def _send(sock: socket.socket, address: str, data: bytes, fds: list[int]) -> Non
     except (AncillaryError, BlockingIOError):
         raise  # the library's own errors (a closed fd, too big) say what to do already
     except OSError as exc:
+        if not _socket_error(exc):
+            raise  # e.g. a caller's SIGALRM handler bounding the wait: not ours to rewrite
         raise NotifyError(
             exc.errno,
             f"sending to NOTIFY_SOCKET={_shown(address)!r} failed ({exc.strerror}): the "
@@ -234,7 +276,10 @@ def notify(
     Raises:
         ValueError: an argument is invalid (bad ``fdname``, a newline in ``status``...);
             nothing is sent, even outside a service manager.
-        NotifyError: ``$NOTIFY_SOCKET`` is set but malformed or unreachable.
+        NotifyError: ``$NOTIFY_SOCKET`` is set but malformed, too long for an ``AF_UNIX``
+            address, or unreachable, or the send failed: errors of the notification socket
+            only. Anything else raised while the call waits (a ``TimeoutError`` from the
+            caller's ``SIGALRM`` handler) passes through unchanged.
         InvalidFdError: an fd of ``fdstore`` is not open; nothing was sent.
         TooManyFdsError: more than 253 fds.
         MessageTooLargeError: the datagram is over the socket's size limit.
