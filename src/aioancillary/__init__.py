@@ -2,20 +2,32 @@
 
 Layers, bottom up (each uses only the ones below it):
 
-* sans-I/O core: :class:`OwnedFd`, :class:`AncillaryMessage`, :class:`SocketAncillary`,
-  :class:`FrameDecoder` (no sockets);
-* blocking helpers: :func:`send_fds`, :func:`recv_fds`, :func:`recv_fds_into`;
-* asyncio: :class:`AncillaryConnection` with :func:`open_unix_connection`,
-  :func:`start_unix_server`, :func:`connection_pair`; and, for your own protocols,
-  :class:`AncillaryTransport` / :class:`AncillaryProtocol` with :func:`create_unix_connection`
-  and :func:`create_unix_server`;
-* ``authorize=`` policies: :func:`same_user`, :func:`root_or_same_user`, :func:`allow_uids`,
-  :func:`allow_gids`, :func:`allow_group_members`;
-* daemon lifecycle: :func:`listen_fds` (systemd socket activation, by name, as
-  :class:`NamedFds`), :func:`notify` / :func:`notify_async` (``sd_notify``, the fd store),
-  :func:`start_generation` / :class:`Generation` (zero-downtime reload by fd handoff);
-* hand-off toolkit: :class:`Acceptor` hands accepted clients to worker processes running
-  :class:`Worker` (clients arrive as :class:`HandedClient`); :class:`WorkerPool` starts and
+* sans-I/O core: [`OwnedFd`][aioancillary.OwnedFd],
+  [`AncillaryMessage`][aioancillary.AncillaryMessage],
+  [`SocketAncillary`][aioancillary.SocketAncillary], [`FrameDecoder`][aioancillary.FrameDecoder] (no
+  sockets);
+* blocking helpers: [`send_fds`][aioancillary.send_fds], [`recv_fds`][aioancillary.recv_fds],
+  [`recv_fds_into`][aioancillary.recv_fds_into];
+* asyncio: [`AncillaryConnection`][aioancillary.AncillaryConnection] with
+  [`open_unix_connection`][aioancillary.open_unix_connection],
+  [`start_unix_server`][aioancillary.start_unix_server],
+  [`connection_pair`][aioancillary.connection_pair]; and, for your own protocols,
+  [`AncillaryTransport`][aioancillary.AncillaryTransport] /
+  [`AncillaryProtocol`][aioancillary.AncillaryProtocol] with
+  [`create_unix_connection`][aioancillary.create_unix_connection] and
+  [`create_unix_server`][aioancillary.create_unix_server];
+* ``authorize=`` policies: [`same_user`][aioancillary.same_user],
+  [`root_or_same_user`][aioancillary.root_or_same_user], [`allow_uids`][aioancillary.allow_uids],
+  [`allow_gids`][aioancillary.allow_gids],
+  [`allow_group_members`][aioancillary.allow_group_members];
+* daemon lifecycle: [`listen_fds`][aioancillary.listen_fds] (systemd socket activation, by name, as
+  [`NamedFds`][aioancillary.NamedFds]), [`notify`][aioancillary.notify] /
+  [`notify_async`][aioancillary.notify_async] (``sd_notify``, the fd store),
+  [`start_generation`][aioancillary.start_generation] / [`Generation`][aioancillary.Generation]
+  (zero-downtime reload by fd handoff);
+* hand-off toolkit: [`Acceptor`][aioancillary.Acceptor] hands accepted clients to worker processes
+  running [`Worker`][aioancillary.Worker] (clients arrive as
+  [`HandedClient`][aioancillary.HandedClient]); [`WorkerPool`][aioancillary.WorkerPool] starts and
   restarts such workers.
 """
 

@@ -1,4 +1,4 @@
-"""``python -m aioancillary``: the command line (see :mod:`aioancillary._tools._cli`)."""
+"""``python -m aioancillary``: the command line (see `aioancillary._tools._cli`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Client entry points: :func:`open_unix_connection`, :func:`create_unix_connection`,
-:func:`connection_pair`."""
+"""Client entry points: [`open_unix_connection`][aioancillary.open_unix_connection],
+[`create_unix_connection`][aioancillary.create_unix_connection],
+[`connection_pair`][aioancillary.connection_pair]."""
 
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ async def open_unix_connection(
             ``path``).
         framed: Message framing on SOCK_STREAM (default ``True``); ``False`` for peers that do
             not frame (stdlib ``socket.send_fds``, anyio, C programs).
-        authorize: Called with the peer's credentials before anything is exchanged; a false
-            result closes the socket and raises :class:`PeerRejectedError`.
+        authorize: Called with the peer's credentials before anything is exchanged; a false result
+            closes the socket and raises [`PeerRejectedError`][aioancillary.PeerRejectedError].
         max_message_size: Largest message accepted or sent.
         max_queued_bytes: Receive-queue byte budget before reading pauses.
         max_queued_fds: Receive-queue fd budget before reading pauses (default: a quarter
@@ -126,8 +127,8 @@ async def create_unix_connection(
 ) -> tuple[AncillaryTransport, _P]:
     """Connect to ``path`` (or wrap ``sock``) with a protocol from ``protocol_factory``.
 
-    The protocol-level form of :func:`open_unix_connection`, as
-    :meth:`loop.create_unix_connection <asyncio.loop.create_unix_connection>` is for asyncio:
+    The protocol-level form of [`open_unix_connection`][aioancillary.open_unix_connection], as
+    `loop.create_unix_connection` is for asyncio:
     messages arrive in the protocol's callbacks; no task, no queue.
 
     Example::
@@ -143,17 +144,17 @@ async def create_unix_connection(
         transport, protocol = await create_unix_connection(Client, "/run/echo.sock")
 
     Args:
-        protocol_factory: Returns the :class:`AncillaryProtocol`.
-        path: As for :func:`open_unix_connection`.
-        sock: As for :func:`open_unix_connection`.
-        sock_type: As for :func:`open_unix_connection`.
-        framed: As for :func:`open_unix_connection`.
-        authorize: As for :func:`open_unix_connection`.
-        max_message_size: As for :func:`open_unix_connection`.
-        max_fds_per_send: As for :func:`open_unix_connection`.
+        protocol_factory: Returns the [`AncillaryProtocol`][aioancillary.AncillaryProtocol].
+        path: As for [`open_unix_connection`][aioancillary.open_unix_connection].
+        sock: As for [`open_unix_connection`][aioancillary.open_unix_connection].
+        sock_type: As for [`open_unix_connection`][aioancillary.open_unix_connection].
+        framed: As for [`open_unix_connection`][aioancillary.open_unix_connection].
+        authorize: As for [`open_unix_connection`][aioancillary.open_unix_connection].
+        max_message_size: As for [`open_unix_connection`][aioancillary.open_unix_connection].
+        max_fds_per_send: As for [`open_unix_connection`][aioancillary.open_unix_connection].
 
     Raises:
-        The same errors as :func:`open_unix_connection`.
+        The same errors as [`open_unix_connection`][aioancillary.open_unix_connection].
     """
     conn_sock = await _connected(path, sock, sock_type, authorize)
     try:
@@ -181,7 +182,8 @@ async def connection_pair(
     max_queued_fds: int | None = None,
     max_fds_per_send: int | None = None,
 ) -> tuple[AncillaryConnection, AncillaryConnection]:
-    """Return two connected :class:`AncillaryConnection` objects over a ``socketpair``.
+    """Return two connected [`AncillaryConnection`][aioancillary.AncillaryConnection] objects over a
+    ``socketpair``.
 
     Example::
 

@@ -93,9 +93,10 @@ class _ConnectionProtocol(AncillaryProtocol):
 class AncillaryConnection:
     """A connected Unix socket that sends and receives messages with fds.
 
-    Get one from :func:`open_unix_connection`, :func:`start_unix_server` (passed to the
-    handler) or :func:`connection_pair`. On SOCK_STREAM the default framed mode delivers every
-    ``send_fds(data, fds)`` as exactly one message with exactly its fds.
+    Get one from [`open_unix_connection`][aioancillary.open_unix_connection],
+    [`start_unix_server`][aioancillary.start_unix_server] (passed to the handler) or
+    [`connection_pair`][aioancillary.connection_pair]. On SOCK_STREAM the default framed mode
+    delivers every ``send_fds(data, fds)`` as exactly one message with exactly its fds.
 
     Example::
 
@@ -107,7 +108,7 @@ class AncillaryConnection:
 
     Received messages queue up to ``max_queued_bytes`` / ``max_queued_fds``; above that the
     connection stops reading until the application catches up (the peer then blocks).
-    Only one task may wait in :meth:`recv` at a time.
+    Only one task may wait in [`recv`][aioancillary.AncillaryConnection.recv] at a time.
     """
 
     def __init__(
@@ -124,7 +125,8 @@ class AncillaryConnection:
     ) -> None:
         """Wrap a connected AF_UNIX socket; call from a coroutine (the running loop is used).
 
-        The connection owns ``sock``. Prefer :func:`open_unix_connection` with ``sock=``.
+        The connection owns ``sock``. Prefer
+        [`open_unix_connection`][aioancillary.open_unix_connection] with ``sock=``.
         """
         self._closed = True  # until the transport exists: __del__ has nothing to close
         self._loop = asyncio.get_running_loop()
@@ -246,7 +248,7 @@ class AncillaryConnection:
         """Return every queued message at once (at least one); the caller owns them all.
 
         The fastest way to consume a flood: one call hands over everything the connection has
-        read so far. Raises as :meth:`recv` does.
+        read so far. Raises as [`recv`][aioancillary.AncillaryConnection.recv] does.
         """
         if not self._queue:
             await self._wait_for_messages()
@@ -323,22 +325,24 @@ class AncillaryConnection:
     ) -> None:
         """Send several messages, each with its own fds, in as few ``sendmsg`` as possible.
 
-        All messages are checked before any is sent; the peer receives each as its own
-        message, in order. See :meth:`AncillaryTransport.write_batch`.
+        All messages are checked before any is sent; the peer receives each as its own message, in
+        order. See [`AncillaryTransport.write_batch`][aioancillary.AncillaryTransport.write_batch].
 
         Example::
 
             await conn.send_batch([(b"client", [sock1]), (b"client", [sock2])], close_fds=True)
 
         Raises:
-            The same errors as :meth:`send_fds`, for any of the messages.
+            The same errors as [`send_fds`][aioancillary.AncillaryConnection.send_fds], for any of
+            the messages.
         """
         self._transport.write_batch(messages, close_fds=close_fds)
         if self._write_paused:
             await self.drain()
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
-        """Send ``data`` as one message without fds (see :meth:`send_fds`)."""
+        """Send ``data`` as one message without fds (see
+        [`send_fds`][aioancillary.AncillaryConnection.send_fds])."""
         await self.send_fds(data, ())
 
     async def drain(self) -> None:
@@ -431,13 +435,14 @@ class AncillaryConnection:
             )
 
     async def wait_closed(self) -> None:
-        """Wait until the socket is closed (after :meth:`close`, or when the peer vanished)."""
+        """Wait until the socket is closed (after [`close`][aioancillary.AncillaryConnection.close],
+        or when the peer vanished)."""
         await asyncio.shield(self._lost)
 
     def at_eof(self) -> bool:
         """True once the peer has closed its sending side and every queued message was taken.
 
-        Like :meth:`asyncio.StreamReader.at_eof`: nothing more will ever be received.
+        Like `asyncio.StreamReader.at_eof`: nothing more will ever be received.
         """
         return self._eof and not self._queue
 
@@ -470,7 +475,7 @@ class AncillaryConnection:
 
     @property
     def transport(self) -> AncillaryTransport:
-        """The underlying :class:`AncillaryTransport`."""
+        """The underlying [`AncillaryTransport`][aioancillary.AncillaryTransport]."""
         return self._transport
 
     @property
@@ -480,7 +485,8 @@ class AncillaryConnection:
         return creds
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        """Transport information, as :meth:`AncillaryTransport.get_extra_info`."""
+        """Transport information, as
+        [`AncillaryTransport.get_extra_info`][aioancillary.AncillaryTransport.get_extra_info]."""
         return self._transport.get_extra_info(name, default)
 
     def __repr__(self) -> str:

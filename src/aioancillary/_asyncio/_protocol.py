@@ -1,4 +1,5 @@
-"""The protocol side of :class:`AncillaryTransport`: messages arrive with their owned fds."""
+"""The protocol side of [`AncillaryTransport`][aioancillary.AncillaryTransport]: messages arrive
+with their owned fds."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ __all__ = ["AncillaryProtocol"]
 
 
 class AncillaryProtocol(asyncio.BaseProtocol):
-    """Callbacks of an :class:`AncillaryTransport`: messages arrive with their owned fds.
+    """Callbacks of an [`AncillaryTransport`][aioancillary.AncillaryTransport]: messages arrive with
+    their owned fds.
 
-    Override :meth:`message_received` (or :meth:`messages_received`, which gets every message
-    decoded from one read at once). The protocol owns each message it receives and must close
-    it (``with msg:``) or take its fds. ``connection_made``, ``connection_lost``,
-    ``pause_writing`` and ``resume_writing`` are as in :class:`asyncio.BaseProtocol`.
+    Override [`message_received`][aioancillary.AncillaryProtocol.message_received] (or
+    [`messages_received`][aioancillary.AncillaryProtocol.messages_received], which gets every
+    message decoded from one read at once). The protocol owns each message it receives and must
+    close it (``with msg:``) or take its fds. ``connection_made``, ``connection_lost``,
+    ``pause_writing`` and ``resume_writing`` are as in `asyncio.BaseProtocol`.
 
     Example::
 
@@ -28,8 +31,8 @@ class AncillaryProtocol(asyncio.BaseProtocol):
     def messages_received(self, messages: list[AncillaryMessage]) -> None:
         """Called with the messages decoded from one read, in order.
 
-        The default calls :meth:`message_received` for each. If one raises, the messages not
-        yet handed over are closed and the error propagates.
+        The default calls [`message_received`][aioancillary.AncillaryProtocol.message_received] for
+        each. If one raises, the messages not yet handed over are closed and the error propagates.
         """
         for i, msg in enumerate(messages):
             try:
@@ -44,8 +47,9 @@ class AncillaryProtocol(asyncio.BaseProtocol):
         message.close()
 
     def messages_unsent(self, messages: list[AncillaryMessage]) -> None:
-        """Called with queued messages that never reached the kernel, when the transport drops
-        its queue (:meth:`~AncillaryTransport.abort`, a fatal error, a peer that went away).
+        """Called with queued messages that never reached the kernel, when the transport drops its
+        queue ([`AncillaryTransport.abort`][aioancillary.AncillaryTransport.abort], a fatal error, a
+        peer that went away).
 
         None of their bytes, and so none of their fds, left this process: each message owns
         its fds again (``data`` is the payload as written) and can be sent elsewhere. The

@@ -19,7 +19,8 @@ _NONE: list[AncillaryMessage] = []  # never mutated
 
 
 class ReadSide:
-    """Reading for :class:`AncillaryTransport` (a mixin: the state lives in the transport).
+    """Reading for [`AncillaryTransport`][aioancillary.AncillaryTransport] (a mixin: the state lives
+    in the transport).
 
     Every read goes through the syscall layer into a reusable buffer and through the mode's
     decoder; the messages of a wake-up are handed to the protocol in groups.
@@ -51,12 +52,12 @@ class ReadSide:
         return self._reading
 
     def pause_reading(self) -> None:
-        """Stop reading until :meth:`resume_reading` (messages stay in the kernel's queue)."""
+        """Stop reading until `resume_reading` (messages stay in the kernel's queue)."""
         self._read_paused = True
         self._remove_reader()
 
     def resume_reading(self) -> None:
-        """Resume reading after :meth:`pause_reading`."""
+        """Resume reading after `pause_reading`."""
         self._read_paused = False
         if self._is_open():
             self._add_reader()

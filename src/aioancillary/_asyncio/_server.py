@@ -1,5 +1,6 @@
-"""Servers: :func:`start_unix_server` (a handler per connection), :func:`create_unix_server`
-(a protocol per connection), and the :class:`AncillaryServer` both return."""
+"""Servers: [`start_unix_server`][aioancillary.start_unix_server] (a handler per connection),
+[`create_unix_server`][aioancillary.create_unix_server] (a protocol per connection), and the
+[`AncillaryServer`][aioancillary.AncillaryServer] both return."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ _CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO})
 
 @dataclass(frozen=True, slots=True)
 class ServerStats:
-    """Counters of an :class:`AncillaryServer` since it started.
+    """Counters of an [`AncillaryServer`][aioancillary.AncillaryServer] since it started.
 
     Attributes:
         accepted: Connections accepted (including those then refused by ``authorize``).
@@ -73,12 +74,14 @@ class ServerStats:
 class AncillaryServer:
     """A listening Unix socket; each connection gets a handler task or a protocol.
 
-    Made by :func:`start_unix_server` and :func:`create_unix_server`. Like
-    :class:`asyncio.Server`: :meth:`close`, :meth:`wait_closed`, :meth:`serve_forever`, and
-    ``async with``. A peer's faults (garbage frames, a refused ``authorize``) are not the
-    server's errors: each is logged once per connection on the ``"aioancillary"`` logger at
-    ``peer_error_level`` and counted in :attr:`stats`; they never reach the loop's exception
-    handler.
+    Made by [`start_unix_server`][aioancillary.start_unix_server] and
+    [`create_unix_server`][aioancillary.create_unix_server]. Like `asyncio.Server`:
+    [`close`][aioancillary.AncillaryServer.close],
+    [`wait_closed`][aioancillary.AncillaryServer.wait_closed],
+    [`serve_forever`][aioancillary.AncillaryServer.serve_forever], and ``async with``. A peer's
+    faults (garbage frames, a refused ``authorize``) are not the server's errors: each is logged
+    once per connection on the ``"aioancillary"`` logger at ``peer_error_level`` and counted in
+    [`stats`][aioancillary.AncillaryServer.stats]; they never reach the loop's exception handler.
     """
 
     def __init__(
@@ -90,7 +93,8 @@ class AncillaryServer:
         authorize: Authorize | None,
         peer_error_level: int,
     ) -> None:
-        """Serve the listening ``sock``; use :func:`start_unix_server` instead."""
+        """Serve the listening ``sock``; use [`start_unix_server`][aioancillary.start_unix_server]
+        instead."""
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = sock
         self._fileno = sock.fileno()
@@ -220,7 +224,8 @@ class AncillaryServer:
     # -- closing ----------------------------------------------------------------------------------
 
     def close(self, *, unlink: bool = True) -> None:
-        """Stop listening. Running handlers and connections go on; see :meth:`close_clients`.
+        """Stop listening. Running handlers and connections go on; see
+        [`close_clients`][aioancillary.AncillaryServer.close_clients].
 
         Args:
             unlink: Remove the socket file this server created (if it is still the same
@@ -272,7 +277,8 @@ class AncillaryServer:
                 return
 
     async def serve_forever(self) -> None:
-        """Serve until cancelled (or until :meth:`close`); cancelling closes the server."""
+        """Serve until cancelled (or until [`close`][aioancillary.AncillaryServer.close]);
+        cancelling closes the server."""
         try:
             await asyncio.shield(self._closed)
         except asyncio.CancelledError:
@@ -340,15 +346,15 @@ async def start_unix_server(
         path: Where to listen.
         sock: A listening AF_UNIX socket instead (e.g. inherited from a predecessor).
         sock_type: ``SOCK_STREAM`` (default) or ``SOCK_SEQPACKET`` (with ``path``).
-        framed: As for :func:`open_unix_connection`.
+        framed: As for [`open_unix_connection`][aioancillary.open_unix_connection].
         mode: Permissions of the socket file.
         backlog: ``listen()`` backlog.
         authorize: Called with each peer's credentials on accept; refused peers are
             disconnected before any fd moves.
-        max_message_size: As for :func:`open_unix_connection`.
-        max_queued_bytes: As for :func:`open_unix_connection`.
-        max_queued_fds: As for :func:`open_unix_connection`.
-        max_fds_per_send: As for :func:`open_unix_connection`.
+        max_message_size: As for [`open_unix_connection`][aioancillary.open_unix_connection].
+        max_queued_bytes: As for [`open_unix_connection`][aioancillary.open_unix_connection].
+        max_queued_fds: As for [`open_unix_connection`][aioancillary.open_unix_connection].
+        max_fds_per_send: As for [`open_unix_connection`][aioancillary.open_unix_connection].
         peer_error_level: Logging level for a peer's faults (refused by ``authorize``, broke
             the protocol): one record per connection on the ``"aioancillary"`` logger.
 
@@ -409,10 +415,10 @@ async def create_unix_server(
 ) -> AncillaryServer:
     """Listen on ``path`` (or ``sock``) and give each connection a protocol from the factory.
 
-    The protocol-level form of :func:`start_unix_server`, as :meth:`loop.create_unix_server
-    <asyncio.loop.create_unix_server>` is for asyncio's streams: each accepted connection
-    gets an :class:`AncillaryTransport` and ``protocol_factory()``, whose callbacks receive
-    its messages. No task is created per connection.
+    The protocol-level form of [`start_unix_server`][aioancillary.start_unix_server], as
+    `loop.create_unix_server` is for asyncio's streams: each accepted connection gets an
+    [`AncillaryTransport`][aioancillary.AncillaryTransport] and ``protocol_factory()``, whose
+    callbacks receive its messages. No task is created per connection.
 
     Example::
 
@@ -427,20 +433,21 @@ async def create_unix_server(
         server = await create_unix_server(Echo, "/run/echo.sock")
 
     Args:
-        protocol_factory: Returns a new :class:`AncillaryProtocol` per connection.
-        path: As for :func:`start_unix_server`.
-        sock: As for :func:`start_unix_server`.
-        sock_type: As for :func:`start_unix_server`.
-        framed: As for :func:`start_unix_server`.
-        mode: As for :func:`start_unix_server`.
-        backlog: As for :func:`start_unix_server`.
-        authorize: As for :func:`start_unix_server`.
-        max_message_size: As for :func:`start_unix_server`.
-        max_fds_per_send: As for :func:`start_unix_server`.
-        peer_error_level: As for :func:`start_unix_server`.
+        protocol_factory: Returns a new [`AncillaryProtocol`][aioancillary.AncillaryProtocol] per
+            connection.
+        path: As for [`start_unix_server`][aioancillary.start_unix_server].
+        sock: As for [`start_unix_server`][aioancillary.start_unix_server].
+        sock_type: As for [`start_unix_server`][aioancillary.start_unix_server].
+        framed: As for [`start_unix_server`][aioancillary.start_unix_server].
+        mode: As for [`start_unix_server`][aioancillary.start_unix_server].
+        backlog: As for [`start_unix_server`][aioancillary.start_unix_server].
+        authorize: As for [`start_unix_server`][aioancillary.start_unix_server].
+        max_message_size: As for [`start_unix_server`][aioancillary.start_unix_server].
+        max_fds_per_send: As for [`start_unix_server`][aioancillary.start_unix_server].
+        peer_error_level: As for [`start_unix_server`][aioancillary.start_unix_server].
 
     Raises:
-        The same errors as :func:`start_unix_server`.
+        The same errors as [`start_unix_server`][aioancillary.start_unix_server].
     """
     listener, fspath = _listening_socket(path, sock, sock_type, mode, backlog)
     loop = asyncio.get_running_loop()

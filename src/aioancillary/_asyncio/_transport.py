@@ -4,10 +4,10 @@ asyncio's own transports (and uvloop's) hide their socket and read with ``recv()
 data cannot pass through them. This transport owns a non-blocking AF_UNIX socket and drives it
 with the loop's public ``add_reader``/``add_writer`` only, so it runs unchanged on uvloop.
 
-It is glue between three sans-I/O parts and the loop: the syscall layer (:mod:`._syscalls`)
-moves bytes and fds; a decoder (:mod:`._framing`, one per :class:`Mode`) turns each read into
-messages; the :class:`Outbox` (:mod:`._outbox`) holds what waits for the socket and decides
-what goes out together. The transport's own state is one :class:`State` value plus the
+It is glue between three sans-I/O parts and the loop: the syscall layer (`._syscalls`)
+moves bytes and fds; a decoder (`._framing`, one per `Mode`) turns each read into
+messages; the `Outbox` (`._outbox`) holds what waits for the socket and decides
+what goes out together. The transport's own state is one `State` value plus the
 registrations it holds with the loop.
 """
 
@@ -48,7 +48,7 @@ class State(enum.Enum):
 
     #: Reading and writing.
     OPEN = "open"
-    #: :meth:`AncillaryTransport.close` was called: queued messages are still being sent,
+    #: `AncillaryTransport.close` was called: queued messages are still being sent,
     #: nothing more is read or accepted for sending.
     CLOSING = "closing"
     #: The socket is closed (or about to be, with ``connection_lost`` scheduled).
@@ -56,7 +56,7 @@ class State(enum.Enum):
 
 
 def mode_of(sock_type: int, framed: bool | None) -> Mode:
-    """The :class:`Mode` of a socket type with the ``framed`` option (default: framed streams)."""
+    """The `Mode` of a socket type with the ``framed`` option (default: framed streams)."""
     if sock_type == socket.SOCK_STREAM:
         return Mode.RAW if framed is False else Mode.FRAMED
     return Mode.DATAGRAM
@@ -65,21 +65,26 @@ def mode_of(sock_type: int, framed: bool | None) -> Mode:
 class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
     """A transport over a connected AF_UNIX socket whose writes can carry fds.
 
-    Created by :func:`open_unix_connection`, :func:`start_unix_server`,
-    :func:`create_unix_connection`, :func:`create_unix_server` and :func:`connection_pair`. It
-    implements the :class:`asyncio.Transport` interface (``write``, ``writelines``,
-    ``write_eof``, ``close``, ``abort``, ``pause_reading``/``resume_reading``, write-buffer
-    limits) plus :meth:`write_fds` and :meth:`write_batch`; its protocol is an
-    :class:`AncillaryProtocol`.
+    Created by [`open_unix_connection`][aioancillary.open_unix_connection],
+    [`start_unix_server`][aioancillary.start_unix_server],
+    [`create_unix_connection`][aioancillary.create_unix_connection],
+    [`create_unix_server`][aioancillary.create_unix_server] and
+    [`connection_pair`][aioancillary.connection_pair]. It implements the `asyncio.Transport`
+    interface (``write``, ``writelines``, ``write_eof``, ``close``, ``abort``,
+    ``pause_reading``/``resume_reading``, write-buffer limits) plus
+    [`write_fds`][aioancillary.AncillaryTransport.write_fds] and
+    [`write_batch`][aioancillary.AncillaryTransport.write_batch]; its protocol is an
+    [`AncillaryProtocol`][aioancillary.AncillaryProtocol].
 
     ``get_extra_info`` knows ``"socket"``, ``"sockname"``, ``"peername"``, ``"peercred"`` (a
-    :class:`Credentials` of the peer process, or ``None``), ``"framed"`` and ``"socket_type"``.
+    [`Credentials`][aioancillary.Credentials] of the peer process, or ``None``), ``"framed"`` and
+    ``"socket_type"``.
 
-    Sending: on a framed stream the first message of a loop iteration goes out at once and the
-    next ones are merged into one ``sendmsg`` (up to ``max_fds_per_send`` fds). Unframed
-    sockets (raw streams, seqpacket, datagrams) send every message at once while the kernel
-    takes them; their write-buffer high watermark defaults to 0, so that as soon as the kernel
-    pushes back the protocol is paused (an :class:`AncillaryConnection` then waits in
+    Sending: on a framed stream the first message of a loop iteration goes out at once and the next
+    ones are merged into one ``sendmsg`` (up to ``max_fds_per_send`` fds). Unframed sockets (raw
+    streams, seqpacket, datagrams) send every message at once while the kernel takes them; their
+    write-buffer high watermark defaults to 0, so that as soon as the kernel pushes back the
+    protocol is paused (an [`AncillaryConnection`][aioancillary.AncillaryConnection] then waits in
     ``send_fds`` instead of queueing a duplicate of every fd).
     """
 
@@ -281,7 +286,7 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
         return self._protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        """Switch to another :class:`AncillaryProtocol`."""
+        """Switch to another [`AncillaryProtocol`][aioancillary.AncillaryProtocol]."""
         if not isinstance(protocol, AncillaryProtocol):
             raise TypeError(f"an AncillaryProtocol is required, got {type(protocol).__name__}")
         self._protocol = protocol
@@ -289,7 +294,8 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
     # -- closing ----------------------------------------------------------------------------------
 
     def is_closing(self) -> bool:
-        """True once :meth:`close` or :meth:`abort` was called, or the connection failed."""
+        """True once [`close`][aioancillary.AncillaryTransport.close] or
+        [`abort`][aioancillary.AncillaryTransport.abort] was called, or the connection failed."""
         return self._state is not State.OPEN or self._write_failure is not None
 
     def close(self) -> None:

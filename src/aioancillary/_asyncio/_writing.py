@@ -1,4 +1,4 @@
-"""The transport's write side: the direct path, the queue (an :class:`Outbox`), the writer."""
+"""The transport's write side: the direct path, the queue (an `Outbox`), the writer."""
 
 from __future__ import annotations
 
@@ -45,10 +45,11 @@ _EMPTY = b""
 
 
 class WriteSide:
-    """Writing for :class:`AncillaryTransport` (a mixin: the state lives in the transport).
+    """Writing for [`AncillaryTransport`][aioancillary.AncillaryTransport] (a mixin: the state lives
+    in the transport).
 
     A message goes out in the caller's own ``sendmsg`` when nothing is queued (and, on a framed
-    stream, no burst is running); otherwise it joins the :class:`Outbox` with fds of the
+    stream, no burst is running); otherwise it joins the `Outbox` with fds of the
     outbox's own (duplicates, or the fds handed over), and the writer callback or a
     ``call_soon`` flush sends the queue.
     """
@@ -216,7 +217,7 @@ class WriteSide:
             transport.write_batch([(b"a", [fd_a]), (b"b", [fd_b, fd_c]), (b"no fds", [])])
 
         Raises:
-            The same errors as :meth:`write_fds`, for any message of the batch.
+            The same errors as `write_fds`, for any message of the batch.
         """
         items = list(messages)
         if not self._writable:

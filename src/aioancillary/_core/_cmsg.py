@@ -1,7 +1,8 @@
 """Sans-I/O building and parsing of ancillary data (``cmsg(3)``), with owned fds.
 
-Nothing here touches a socket: :class:`SocketAncillary` builds the ``ancdata`` list that
-``socket.sendmsg`` takes and parses the ``(ancdata, msg_flags)`` that ``socket.recvmsg`` returns.
+Nothing here touches a socket: [`SocketAncillary`][aioancillary.SocketAncillary] builds the
+``ancdata`` list that ``socket.sendmsg`` takes and parses the ``(ancdata, msg_flags)`` that
+``socket.recvmsg`` returns.
 """
 
 from __future__ import annotations
@@ -128,9 +129,10 @@ def extract_fds(
 ) -> list[int]:
     """Return every fd the peer sent in ``ancdata`` as raw numbers, or close them all and raise.
 
-    The lean internal form of :meth:`SocketAncillary.parse` used by the I/O layers: the caller
-    owns the returned numbers (and must close them); kernel-added pidfds are closed here. On
-    every error path, every fd found in ``ancdata`` has been closed before the error is raised.
+    The lean internal form of [`SocketAncillary.parse`][aioancillary.SocketAncillary.parse] used by
+    the I/O layers: the caller owns the returned numbers (and must close them); kernel-added pidfds
+    are closed here. On every error path, every fd found in ``ancdata`` has been closed before the
+    error is raised.
 
     Raises:
         FdTruncatedError: ``MSG_CTRUNC`` is set in ``msg_flags``.
@@ -169,7 +171,8 @@ class SocketAncillary:
         anc.add_fds([listener, some_file])           # ints or objects with fileno()
         sock.sendmsg([b"x"], anc.ancdata())
 
-    Parsing (receive side): every fd found is wrapped in an :class:`OwnedFd` at once::
+    Parsing (receive side): every fd found is wrapped in an [`OwnedFd`][aioancillary.OwnedFd] at
+        once::
 
         flags = SocketAncillary.receive_flags()
         data, ancdata, msg_flags, _ = sock.recvmsg(4096, SocketAncillary.receive_buffer_size(),
@@ -181,7 +184,7 @@ class SocketAncillary:
 
     Attributes:
         is_truncated: The kernel set ``MSG_CTRUNC``: fds were dropped. Every fd that did arrive
-            has been closed, and :attr:`fds` is empty.
+            has been closed, and [`fds`][aioancillary.SocketAncillary.fds] is empty.
         truncated_fds: How many fds arrived with a truncated message (all closed).
         discarded_fds: How many fds beyond ``maxfds`` were closed on arrival.
         credentials: The ``SCM_CREDENTIALS`` record, if the kernel added one (``SO_PASSCRED``).
@@ -227,7 +230,7 @@ class SocketAncillary:
 
     @property
     def fds_to_send(self) -> tuple[int, ...]:
-        """The borrowed fd numbers added with :meth:`add_fds`."""
+        """The borrowed fd numbers added with [`add_fds`][aioancillary.SocketAncillary.add_fds]."""
         return tuple(self._send)
 
     def clear(self) -> None:
@@ -240,9 +243,10 @@ class SocketAncillary:
     def receive_buffer_size(platform: Platform | None = None) -> int:
         """The ``ancbufsize`` for ``recvmsg`` that no message can truncate.
 
-        ``CMSG_SPACE(SCM_MAX_FD * sizeof(int))`` plus room for the records the kernel may add
-        beside the fds (``SCM_CREDENTIALS``, ``SCM_PIDFD``); where there is no fixed cap (macOS)
-        it is sized for ``RLIMIT_NOFILE``. See :meth:`Platform.receive_ancbufsize`.
+        ``CMSG_SPACE(SCM_MAX_FD * sizeof(int))`` plus room for the records the kernel may add beside
+        the fds (``SCM_CREDENTIALS``, ``SCM_PIDFD``); where there is no fixed cap (macOS) it is
+        sized for ``RLIMIT_NOFILE``. See
+        [`Platform.receive_ancbufsize`][aioancillary.Platform.receive_ancbufsize].
         """
         return (platform or current_platform()).receive_ancbufsize()
 
@@ -268,7 +272,7 @@ class SocketAncillary:
             msg_flags: The ``msg_flags`` from ``recvmsg``.
             recv_flags: The flags *passed to* ``recvmsg``. Unless they include
                 ``MSG_CMSG_CLOEXEC``, ``FD_CLOEXEC`` is set here with ``fcntl``.
-            maxfds: Keep at most this many fds; the rest are closed (see :attr:`discarded_fds`).
+            maxfds: Keep at most this many fds; the rest are closed (see `discarded_fds`).
             platform: The platform to parse for (default: this kernel).
 
         Raises:

@@ -1,6 +1,7 @@
 """The exception tree of aioancillary.
 
-Every error the library raises on purpose derives from :class:`AncillaryError`::
+Every error the library raises on purpose derives from
+[`AncillaryError`][aioancillary.AncillaryError]::
 
     AncillaryError
     ├── FdTruncatedError        fds were dropped by the kernel (MSG_CTRUNC, EMFILE)
@@ -66,7 +67,7 @@ class FdTruncatedError(AncillaryError):
 
     On Linux this happens when the receiver reaches ``RLIMIT_NOFILE`` (EMFILE) or a security
     module denies an fd; on macOS ``recvmsg`` fails with EMFILE instead. Every fd that did arrive
-    with the message has been closed. The message's bytes are kept in :attr:`data` so that a
+    with the message has been closed. The message's bytes are kept in `data` so that a
     framing layer can stay in sync.
     """
 
@@ -147,8 +148,8 @@ class FdNameError(AncillaryError, LookupError):
 class FdTypeError(AncillaryError, TypeError):
     """The fd is not what was asked for: not a socket, or a socket of another family/type.
 
-    The fd stays in its :class:`NamedFds` (closed with it) and can still be taken as an
-    :class:`OwnedFd`.
+    The fd stays in its [`NamedFds`][aioancillary.NamedFds] (closed with it) and can still be taken
+    as an [`OwnedFd`][aioancillary.OwnedFd].
     """
 
 

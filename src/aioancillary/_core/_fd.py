@@ -16,7 +16,7 @@ __all__ = ["FD_MAX", "FdLike", "HasFileno", "OwnedFd", "close_all", "close_raw",
 
 
 class HasFileno(Protocol):
-    """Anything with a ``fileno()`` method: sockets, files, :class:`OwnedFd`."""
+    """Anything with a ``fileno()`` method: sockets, files, [`OwnedFd`][aioancillary.OwnedFd]."""
 
     def fileno(self) -> int:
         """Return the open fd number (or -1, or raise ``ValueError``, once closed)."""
@@ -103,10 +103,11 @@ def close_raw(fds: Iterable[int]) -> None:
 class OwnedFd:
     """One open file descriptor that this object owns and will close.
 
-    An ``OwnedFd`` closes its fd on :meth:`close`, on leaving a ``with`` block, and, as a last
-    resort, when garbage collected (emitting a :class:`ResourceWarning` naming the fd, like an
-    unclosed file). :meth:`detach` hands the raw int out and gives up ownership;
-    :meth:`into_socket` and :meth:`into_file` move ownership into a stdlib object.
+    An ``OwnedFd`` closes its fd on [`close`][aioancillary.OwnedFd.close], on leaving a ``with``
+    block, and, as a last resort, when garbage collected (emitting a `ResourceWarning` naming the
+    fd, like an unclosed file). [`detach`][aioancillary.OwnedFd.detach] hands the raw int out and
+    gives up ownership; [`into_socket`][aioancillary.OwnedFd.into_socket] and
+    [`into_file`][aioancillary.OwnedFd.into_file] move ownership into a stdlib object.
 
     Example::
 
@@ -181,21 +182,21 @@ class OwnedFd:
         return OwnedFd(os.dup(self.fileno()))
 
     def into_socket(self) -> socket.socket:
-        """Move the fd into a :class:`socket.socket`; family, type and protocol are detected.
+        """Move the fd into a `socket.socket`; family, type and protocol are detected.
 
         This object is detached afterwards. If the fd is not a socket, it stays owned here and
-        :class:`OSError` (ENOTSOCK) is raised.
+        `OSError` (ENOTSOCK) is raised.
         """
         sock = socket.socket(fileno=self.fileno())
         self._fd = -1
         return sock
 
     def into_file(self, mode: str = "r+b", buffering: int = -1, **kwargs: Any) -> IO[Any]:
-        """Move the fd into a file object, as :func:`open` would on an fd.
+        """Move the fd into a file object, as `open` would on an fd.
 
         Args:
-            mode: File mode, as for :func:`open` (must match how the fd was opened).
-            buffering: As for :func:`open`.
+            mode: File mode, as for `open` (must match how the fd was opened).
+            buffering: As for `open`.
             **kwargs: ``encoding``, ``errors``, ``newline`` for text modes.
 
         The file object owns and closes the fd; this object is detached afterwards. If the

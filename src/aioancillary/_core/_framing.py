@@ -77,7 +77,7 @@ def frame_header(nfds: int, length: int) -> bytes:
     return _pack_header(_VERSION_WORD, nfds, length)
 
 
-#: ``encode_header(nfds, length)``: :func:`frame_header` without the range checks, for senders
+#: ``encode_header(nfds, length)``: `frame_header` without the range checks, for senders
 #: that checked already. A partial of ``struct.pack``, so that the per-message call runs in C.
 encode_header: Callable[[int, int], bytes] = functools.partial(_pack_header, _VERSION_WORD)
 
@@ -110,15 +110,15 @@ class Decoder:
     """The interface of the per-mode decoders the transport feeds every read to.
 
     ``feed(data, fds)`` takes one read's bytes and the raw fds that came with it (owned by the
-    decoder from the call on, whatever happens) and returns the completed messages;
-    ``eof()`` reports the end of the stream; ``close()`` closes every fd still held;
-    ``failure`` is the :class:`ProtocolError` once the peer broke the protocol.
+    decoder from the call on, whatever happens) and returns the completed messages; ``eof()``
+    reports the end of the stream; ``close()`` closes every fd still held; ``failure`` is the
+    [`ProtocolError`][aioancillary.ProtocolError] once the peer broke the protocol.
     """
 
     __slots__ = ("failure",)
 
     def __init__(self) -> None:
-        #: The :class:`ProtocolError` once the peer has broken the protocol, else ``None``.
+        #: The `ProtocolError` once the peer has broken the protocol, else ``None``.
         self.failure: ProtocolError | None = None
 
     @property
@@ -135,7 +135,7 @@ class Decoder:
         raise NotImplementedError
 
     def feed_reads(self, reads: list[tuple[bytes, list[int] | None]]) -> list[AncillaryMessage]:
-        """:meth:`feed` every read in order; the decoder owns all their fds from the call on.
+        """`feed` every read in order; the decoder owns all their fds from the call on.
 
         Stops at a protocol failure (the fds of the reads after it are closed too).
         """
@@ -159,8 +159,8 @@ class Decoder:
 class ReadDecoder(Decoder):
     """One read is one message: SOCK_SEQPACKET, SOCK_DGRAM, and unframed streams.
 
-    The unframed counterpart of :class:`FrameDecoder`, with the same interface, so that the
-    transport has one read path whatever the mode.
+    The unframed counterpart of [`FrameDecoder`][aioancillary.FrameDecoder], with the same
+    interface, so that the transport has one read path whatever the mode.
     """
 
     __slots__ = ()
@@ -177,10 +177,10 @@ class ReadDecoder(Decoder):
 class FrameDecoder(Decoder):
     """Turns ``(bytes, fds)`` chunks read from a stream into whole messages with their fds.
 
-    Feed it what each ``recvmsg`` returned, in order; it returns the messages completed so
-    far. Partial frames are kept for the next call. If the peer breaks the protocol, the
-    messages decoded before the fault are still returned, :attr:`failure` is set, and every fd
-    the decoder held is closed; later input is refused (its fds closed).
+    Feed it what each ``recvmsg`` returned, in order; it returns the messages completed so far.
+    Partial frames are kept for the next call. If the peer breaks the protocol, the messages decoded
+    before the fault are still returned, [`failure`][aioancillary.FrameDecoder.failure] is set, and
+    every fd the decoder held is closed; later input is refused (its fds closed).
 
     Example::
 
@@ -242,9 +242,9 @@ class FrameDecoder(Decoder):
     ) -> list[AncillaryMessage]:
         """Take one chunk read from the stream and its fds; return the completed messages.
 
-        The decoder owns ``fds`` (raw numbers, or :class:`OwnedFd` objects, which it detaches)
-        from this call on. ``data`` is not kept (it may be a view of a buffer the caller
-        reuses).
+        The decoder owns ``fds`` (raw numbers, or [`OwnedFd`][aioancillary.OwnedFd] objects, which
+        it detaches) from this call on. ``data`` is not kept (it may be a view of a buffer the
+        caller reuses).
         """
         fifo = self._fifo
         if fds:

@@ -18,10 +18,11 @@ _NO_FDS: tuple[OwnedFd, ...] = ()
 class AncillaryMessage:
     """One received message: ``data`` and the fds that came with it.
 
-    The message owns its fds until they are taken out with :meth:`take_fds`. Leaving a ``with``
-    block or calling :meth:`close` closes every fd not taken, so a handler that raises or simply
-    ignores the fds cannot leak them; a message dropped without either closes them when it is
-    garbage collected, with a :class:`ResourceWarning`::
+    The message owns its fds until they are taken out with
+    [`take_fds`][aioancillary.AncillaryMessage.take_fds]. Leaving a ``with`` block or calling
+    [`close`][aioancillary.AncillaryMessage.close] closes every fd not taken, so a handler that
+    raises or simply ignores the fds cannot leak them; a message dropped without either closes them
+    when it is garbage collected, with a `ResourceWarning`::
 
         async for msg in conn:
             with msg:
@@ -32,7 +33,7 @@ class AncillaryMessage:
     Attributes:
         data: The message's bytes.
         fd_count: How many fds the message still holds (read-only; counting them this way
-            builds no :class:`OwnedFd` objects).
+            builds no [`OwnedFd`][aioancillary.OwnedFd] objects).
         discarded_fds: How many fds of the message the receiver closed on arrival because they
             exceeded the ``maxfds`` asked for (0 normally).
     """
@@ -144,7 +145,7 @@ def new_message(data: bytes, raw: list[int] | None) -> AncillaryMessage:
 
 
 def messages_of(reads: list[tuple[bytes, list[int] | None]]) -> list[AncillaryMessage]:
-    """One message per ``(data, raw fds or None)`` read: :func:`new_message` for a batch."""
+    """One message per ``(data, raw fds or None)`` read: `new_message` for a batch."""
     new = _new
     out: list[AncillaryMessage] = []
     append = out.append
@@ -162,8 +163,8 @@ def messages_of(reads: list[tuple[bytes, list[int] | None]]) -> list[AncillaryMe
 def take_raw_fds(msg: AncillaryMessage) -> list[int]:
     """Take every fd out of ``msg`` as plain numbers; the caller must close each one.
 
-    For the package's own consumers that turn fds straight into other objects (the hand-off
-    worker makes sockets of them): no :class:`OwnedFd` is built only to be detached.
+    For the package's own consumers that turn fds straight into other objects (the hand-off worker
+    makes sockets of them): no [`OwnedFd`][aioancillary.OwnedFd] is built only to be detached.
     """
     raw = msg._raw
     if raw:

@@ -2,17 +2,17 @@
 
 Two parts, neither of which touches a socket:
 
-* checking what a caller hands over (:func:`payload_of`, :func:`borrowed_fds`,
-  :func:`take_over`): every refusal happens here, before anything is queued or sent, and with
+* checking what a caller hands over (`payload_of`, `borrowed_fds`,
+  `take_over`): every refusal happens here, before anything is queued or sent, and with
   ``close_fds=True`` every fd handed over is closed on every refusal;
-* :class:`Outbox`: the queue of bytes and the fds that must ride with them, the rules that
+* `Outbox`: the queue of bytes and the fds that must ride with them, the rules that
   decide which messages share a ``sendmsg`` (bursts, the per-``sendmsg`` fd cap, sealing), and
-  the byte/fd counters. The transport asks it what to send next (:meth:`Outbox.pending`),
-  tells it what the kernel took (:meth:`Outbox.advance`), and closes the fds it hands back.
+  the byte/fd counters. The transport asks it what to send next (`Outbox.pending`),
+  tells it what the kernel took (`Outbox.advance`), and closes the fds it hands back.
 
-Queued fds are raw numbers owned by the outbox (duplicates of borrowed fds, or fds handed over
-with ``close_fds=True``), not :class:`OwnedFd` objects: this is a sender's per-message path.
-Every method that removes fds from the queue returns them to the caller, who closes them.
+Queued fds are raw numbers owned by the outbox (duplicates of borrowed fds, or fds handed over with
+``close_fds=True``), not [`OwnedFd`][aioancillary.OwnedFd] objects: this is a sender's per-message
+path. Every method that removes fds from the queue returns them to the caller, who closes them.
 """
 
 from __future__ import annotations
@@ -200,7 +200,8 @@ def check_message(
 
 
 def check_open(fds: list[int]) -> None:
-    """Raise :class:`InvalidFdError` unless every number in ``fds`` is an open fd.
+    """Raise [`InvalidFdError`][aioancillary.InvalidFdError] unless every number in ``fds`` is an
+    open fd.
 
     For fds that will be queued without a duplicate (handed over with ``close_fds=True``):
     ``sendmsg`` would otherwise find the bad number only when the batch goes out, with other
@@ -243,8 +244,8 @@ class Outbox:
     * the fds of a ``sendmsg`` ride with its first byte, so a batch that has sent anything
       is sealed; a partial write sends the rest of the batch without fds;
     * framed streams merge queued messages into batches of up to ``fd_cap`` fds per
-      ``sendmsg``; the first message of a burst is not queued at all (:meth:`sendable_now`)
-      so round trips stay fast, and the burst ends when the writer waits (:meth:`end_burst`);
+      ``sendmsg``; the first message of a burst is not queued at all (`sendable_now`)
+      so round trips stay fast, and the burst ends when the writer waits (`end_burst`);
     * raw streams start a new batch for every fd-carrying message, so that a peer reading one
       ``recvmsg`` at a time gets those fds with that message's bytes; they have no bursts;
     * datagram sockets (seqpacket, dgram) send one message per ``sendmsg``.
@@ -252,7 +253,7 @@ class Outbox:
     Attributes:
         nbytes: Bytes queued and not yet sent.
         nfds: Fds queued (owned here) and not yet sent.
-        direct: A new message may be sent at once instead of queued (:meth:`sendable_now`;
+        direct: A new message may be sent at once instead of queued (`sendable_now`;
             an attribute because the transport reads it for every message).
     """
 
@@ -373,7 +374,7 @@ class Outbox:
         return memoryview(batch.data)[batch.sent :], batch.fds
 
     def advance(self, sent: int) -> list[int]:
-        """Record that the kernel took ``sent`` bytes of :meth:`pending`'s.
+        """Record that the kernel took ``sent`` bytes of `pending`'s.
 
         Returns the fds that went with them (the kernel holds its own references now: the
         caller closes these numbers). A datagram's ``sendmsg`` is all or nothing.

@@ -1,7 +1,8 @@
 """Per-kernel facts the send and receive paths depend on.
 
-Everything platform-specific lives in one :class:`Platform` value, so that the code paths for
-macOS and the BSDs can be exercised on Linux by passing a simulated platform (tests do so).
+Everything platform-specific lives in one [`Platform`][aioancillary.Platform] value, so that the
+code paths for macOS and the BSDs can be exercised on Linux by passing a simulated platform (tests
+do so).
 """
 
 from __future__ import annotations
@@ -107,5 +108,5 @@ _CURRENT = _detect()
 
 
 def current_platform() -> Platform:
-    """The :class:`Platform` of the running kernel."""
+    """The [`Platform`][aioancillary.Platform] of the running kernel."""
     return _CURRENT

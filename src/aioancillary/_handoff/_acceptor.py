@@ -15,7 +15,7 @@ holds new clients until a worker frees up.
 A worker that leaves (exit, crash, garbage on the link): clients still queued for it on this
 side come back (``messages_unsent`` of its transport) and go to another worker; clients the
 kernel already delivered into its socket, or that it was serving, are lost with it. They are
-counted in :attr:`AcceptorStats.lost` and logged.
+counted in [`AcceptorStats.lost`][aioancillary.AcceptorStats.lost] and logged.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ _TRANSIENT_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 @dataclass(frozen=True, slots=True)
 class AcceptorStats:
-    """Counters of an :class:`Acceptor` (a snapshot).
+    """Counters of an [`Acceptor`][aioancillary.Acceptor] (a snapshot).
 
     Attributes:
         accepted: Clients accepted.
@@ -103,7 +103,8 @@ class _Listener:
 
 
 class _WorkerLink(AncillaryProtocol):
-    """The acceptor's side of one worker's connection (implements :class:`WorkerInfo`)."""
+    """The acceptor's side of one worker's connection (implements
+    [`WorkerInfo`][aioancillary.WorkerInfo])."""
 
     __slots__ = (
         "_acceptor",
@@ -225,10 +226,12 @@ def _close_fds(items: list[_Item]) -> None:
 class Acceptor:
     """Accepts clients on listening sockets and hands each to a registered worker process.
 
-    Create it inside a coroutine, add listeners (:meth:`add_listener`) and workers
-    (:meth:`listen_for_workers` for workers that connect to a Unix socket path, or
-    :meth:`add_worker` for a connected socket), then serve until :meth:`close`. Workers run
-    :class:`Worker` (or a :class:`WorkerPool` starts them).
+    Create it inside a coroutine, add listeners
+    ([`add_listener`][aioancillary.Acceptor.add_listener]) and workers
+    ([`listen_for_workers`][aioancillary.Acceptor.listen_for_workers] for workers that connect to a
+    Unix socket path, or [`add_worker`][aioancillary.Acceptor.add_worker] for a connected socket),
+    then serve until [`close`][aioancillary.Acceptor.close]. Workers run
+    [`Worker`][aioancillary.Worker] (or a [`WorkerPool`][aioancillary.WorkerPool] starts them).
 
     Example::
 
@@ -239,7 +242,8 @@ class Acceptor:
 
     Args:
         dispatch: ``"least-busy"`` (default: the worker with the fewest clients in flight),
-            ``"round-robin"``, or a :data:`Picker` function (e.g. sticky by client address).
+            ``"round-robin"``, or a [`Picker`][aioancillary.Picker] function (e.g. sticky by client
+            address).
         worker_limit: The most clients one worker may hold at once (handed over and not
             reported finished). When every worker is at its limit the acceptor stops
             accepting; the kernel's backlog holds new clients until one frees up.
@@ -303,8 +307,9 @@ class Acceptor:
     ) -> None:
         """Accept clients on the listening ``sock`` (TCP over IPv4 or IPv6, or Unix stream).
 
-        The acceptor owns the socket from now on and closes it in :meth:`stop_accepting`.
-        Workers get ``name`` and ``metadata`` with every client of this listener.
+        The acceptor owns the socket from now on and closes it in
+        [`stop_accepting`][aioancillary.Acceptor.stop_accepting]. Workers get ``name`` and
+        ``metadata`` with every client of this listener.
 
         Args:
             sock: A listening socket (``listen()`` already called).
@@ -353,7 +358,8 @@ class Acceptor:
         authorize: Authorize | None = None,
         mode: int = 0o600,
     ) -> AncillaryServer:
-        """Let workers register by connecting to the Unix socket ``path`` (:meth:`Worker.connect`).
+        """Let workers register by connecting to the Unix socket ``path``
+        ([`Worker.connect`][aioancillary.Worker.connect]).
 
         Args:
             path: Where to listen; the socket file is created with permissions ``mode``.
@@ -362,7 +368,7 @@ class Acceptor:
             mode: Permissions of the socket file (default: owner only).
 
         Returns:
-            The registration server (closed by :meth:`close`).
+            The registration server (closed by [`close`][aioancillary.Acceptor.close]).
         """
         server = await _registration_server(self, path, authorize, mode)
         self._servers.append(server)
@@ -371,11 +377,11 @@ class Acceptor:
     def add_worker(self, sock: socket.socket, *, pid: int | None = None) -> WorkerInfo:
         """Register the worker at the other end of the connected AF_UNIX ``sock``.
 
-        For workers started with an inherited socket (``socketpair``), as :class:`WorkerPool`
-        does. The acceptor owns ``sock`` from now on.
+        For workers started with an inherited socket (``socketpair``), as
+        [`WorkerPool`][aioancillary.WorkerPool] does. The acceptor owns ``sock`` from now on.
 
         Args:
-            sock: A connected AF_UNIX stream socket whose peer runs :class:`Worker`.
+            sock: A connected AF_UNIX stream socket whose peer runs [`Worker`][aioancillary.Worker].
             pid: The worker's process id (a socketpair's credentials name its creator).
         """
         if self._closed:
@@ -703,7 +709,8 @@ class Acceptor:
     async def drain(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Wait until no client is in flight (every worker reported its clients finished).
 
-        Call after :meth:`stop_accepting` to let in-flight clients finish.
+        Call after [`stop_accepting`][aioancillary.Acceptor.stop_accepting] to let in-flight clients
+        finish.
 
         Args:
             timeout: Give up after this many seconds (``None``: wait as long as it takes).
@@ -730,7 +737,7 @@ class Acceptor:
 
         Workers see the end of their client stream (their iterator ends) and may still report
         completions until they close. Clients waiting for a worker are closed. Use
-        :meth:`drain` first for a graceful stop.
+        [`drain`][aioancillary.Acceptor.drain] first for a graceful stop.
         """
         if self._closed:
             return
@@ -745,14 +752,16 @@ class Acceptor:
                 link.transport.write_eof()  # the worker's iterator ends; it closes the link
 
     def abort(self) -> None:
-        """Close at once: every worker's link is aborted (see :meth:`close`)."""
+        """Close at once: every worker's link is aborted (see
+        [`close`][aioancillary.Acceptor.close])."""
         self.close()
         for link in list(self._workers):
             if link.transport is not None:
                 link.transport.abort()
 
     async def wait_closed(self) -> None:
-        """Wait until :meth:`close` was called and every worker has left."""
+        """Wait until [`close`][aioancillary.Acceptor.close] was called and every worker has
+        left."""
         for server in self._servers:
             await server.wait_closed()
         await asyncio.shield(self._all_gone)
@@ -816,5 +825,5 @@ async def _registration_server(
     authorize: Authorize | None,
     mode: int,
 ) -> AncillaryServer:
-    """Listen for workers on ``path``; each one that connects becomes a :class:`_WorkerLink`."""
+    """Listen for workers on ``path``; each one that connects becomes a `_WorkerLink`."""
     return await create_unix_server(acceptor._new_link, path, authorize=authorize, mode=mode)

@@ -1,4 +1,5 @@
-"""Dispatch policies of the :class:`Acceptor`: which worker gets the next client (sans-I/O).
+"""Dispatch policies of the [`Acceptor`][aioancillary.Acceptor]: which worker gets the next client
+(sans-I/O).
 
 A policy sees the live workers as objects with ``in_flight`` (clients handed over and not yet
 reported finished) and ``cap`` (how many it may hold now: its limit, or 0 while it cannot take
@@ -24,7 +25,8 @@ __all__ = [
 class WorkerInfo(Protocol):
     """What the acceptor knows of one registered worker (read-only).
 
-    :attr:`Acceptor.workers` lists them, and a :data:`Picker` chooses among them.
+    [`Acceptor.workers`][aioancillary.Acceptor.workers] lists them, and a
+    [`Picker`][aioancillary.Picker] chooses among them.
     """
 
     @property

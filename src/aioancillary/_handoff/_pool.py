@@ -1,10 +1,12 @@
-"""A prefork pool: N worker processes serving an :class:`Acceptor`'s clients with a handler.
+"""A prefork pool: N worker processes serving an [`Acceptor`][aioancillary.Acceptor]'s clients with
+a handler.
 
 Each worker is a fresh interpreter (``python -m aioancillary._handoff._pool_child``, started with
-``asyncio.create_subprocess_exec``: never a fork of the running loop) that inherits one end of
-a ``socketpair`` as its link to the acceptor and runs :meth:`Worker.serve` with the handler,
-on the loop asked for. A worker that exits is replaced; :meth:`WorkerPool.shutdown` stops
-accepting, lets in-flight clients finish within a deadline, then ends the workers.
+``asyncio.create_subprocess_exec``: never a fork of the running loop) that inherits one end of a
+``socketpair`` as its link to the acceptor and runs [`Worker.serve`][aioancillary.Worker.serve] with
+the handler, on the loop asked for. A worker that exits is replaced;
+[`WorkerPool.shutdown`][aioancillary.WorkerPool.shutdown] stops accepting, lets in-flight clients
+finish within a deadline, then ends the workers.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def handler_reference(handler: str | ClientHandler) -> dict[str, str]:
 
 
 def resolve_handler(reference: dict[str, str]) -> ClientHandler:
-    """The handler named by :func:`handler_reference` (in the child).
+    """The handler named by `handler_reference` (in the child).
 
     A script's handler is loaded by running the script under the name ``__mp_main__``, as
     ``multiprocessing`` does, so its ``if __name__ == "__main__":`` block does not run.
@@ -102,11 +104,11 @@ class _Child:
 class WorkerPool:
     """Start ``processes`` worker processes that serve clients with ``handler``.
 
-    Create it inside a coroutine. The pool owns an :class:`Acceptor` (:attr:`acceptor`): add
-    listeners to it. Each worker
-    runs ``handler(client)`` for every :class:`HandedClient` it gets, in its own interpreter,
-    on the event loop named by ``loop``. A worker that dies is restarted (what it was serving
-    is lost with it and counted in the acceptor's stats).
+    Create it inside a coroutine. The pool owns an [`Acceptor`][aioancillary.Acceptor] (`acceptor`):
+    add listeners to it. Each worker runs ``handler(client)`` for every
+    [`HandedClient`][aioancillary.HandedClient] it gets, in its own interpreter, on the event loop
+    named by ``loop``. A worker that dies is restarted (what it was serving is lost with it and
+    counted in the acceptor's stats).
 
     Example::
 
@@ -119,10 +121,11 @@ class WorkerPool:
             function of the running script works too), or ``"module:function"``.
         processes: How many workers (default: the number of CPUs).
         loop: ``"asyncio"`` or ``"uvloop"``: the workers' event loop.
-        dispatch: As for :class:`Acceptor`.
-        worker_limit: As for :class:`Acceptor`.
+        dispatch: As for [`Acceptor`][aioancillary.Acceptor].
+        worker_limit: As for [`Acceptor`][aioancillary.Acceptor].
         env: Extra environment variables for the workers.
-        shutdown_timeout: Default deadline of :meth:`shutdown`, in seconds.
+        shutdown_timeout: Default deadline of [`shutdown`][aioancillary.WorkerPool.shutdown], in
+            seconds.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Entry point of a :class:`WorkerPool` worker process.
+"""Entry point of a [`WorkerPool`][aioancillary.WorkerPool] worker process.
 
 Run as ``python -m aioancillary._handoff._pool_child``.
 

@@ -1,4 +1,5 @@
-"""The hand-off wire format between an :class:`Acceptor` and its workers (sans-I/O).
+"""The hand-off wire format between an [`Acceptor`][aioancillary.Acceptor] and its workers
+(sans-I/O).
 
 Every message is one framed aioancillary message (see ``docs/reference/protocol.md``) whose
 first byte says what it is. Acceptor to worker::
@@ -112,7 +113,7 @@ def packer_for(family: int) -> AddressPacker:
 
 
 def decode_address(family: int, raw: bytes) -> Any:
-    """The address packed by :func:`packer_for` ``(family)``, as ``accept()`` returned it.
+    """The address packed by `packer_for` ``(family)``, as ``accept()`` returned it.
 
     Raises:
         ProtocolError: ``raw`` is not a packed address of that family.

@@ -1,12 +1,13 @@
-"""The worker side of the hand-off: clients arrive from an :class:`Acceptor` as ready sockets.
+"""The worker side of the hand-off: clients arrive from an [`Acceptor`][aioancillary.Acceptor] as
+ready sockets.
 
-A :class:`Worker` is a protocol on its link to the acceptor. Each ``C`` message becomes a
-:class:`HandedClient`: a non-blocking ``socket.socket`` built from the family, type and protocol
-the acceptor announced for its listener (passed to ``socket.socket`` with the fd, so no
-``getsockopt`` is needed), plus the listener's name and metadata and the peer's address
-(decoded only when asked for). Finishing a client (``with client:``, or :meth:`HandedClient.done`)
-closes it and reports the completion; reports are coalesced into one message per loop
-iteration.
+A [`Worker`][aioancillary.Worker] is a protocol on its link to the acceptor. Each ``C`` message
+becomes a [`HandedClient`][aioancillary.HandedClient]: a non-blocking ``socket.socket`` built from
+the family, type and protocol the acceptor announced for its listener (passed to ``socket.socket``
+with the fd, so no ``getsockopt`` is needed), plus the listener's name and metadata and the peer's
+address (decoded only when asked for). Finishing a client (``with client:``, or
+[`HandedClient.done`][aioancillary.HandedClient.done]) closes it and reports the completion; reports
+are coalesced into one message per loop iteration.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class HandedClient:
                 client.sock.sendall(b"hello\\n")
 
     Attributes:
-        sock: The client's socket, non-blocking, owned by this object until :meth:`done`.
+        sock: The client's socket, non-blocking, owned by this object until
+            [`done`][aioancillary.HandedClient.done].
     """
 
     __slots__ = ("_addr", "_info", "_transport", "_worker", "_writer", "sock")
@@ -87,12 +89,13 @@ class HandedClient:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The client as asyncio streams (``asyncio.open_connection(sock=...)``).
 
-        The streams own the socket from then on, and this object keeps the writer: :meth:`done`
-        (leaving ``with client:``, or the handler returning under :meth:`Worker.serve`) closes
-        it, so a handler need not close the writer itself.
+        The streams own the socket from then on, and this object keeps the writer:
+        [`done`][aioancillary.HandedClient.done] (leaving ``with client:``, or the handler returning
+        under [`Worker.serve`][aioancillary.Worker.serve]) closes it, so a handler need not close
+        the writer itself.
 
         Args:
-            **kwargs: Passed to :func:`asyncio.open_connection` (e.g. ``limit``).
+            **kwargs: Passed to `asyncio.open_connection` (e.g. ``limit``).
         """
         reader, writer = await asyncio.open_connection(sock=self.sock, **kwargs)
         self._transport = writer.transport
@@ -104,8 +107,9 @@ class HandedClient:
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
         """Serve the client with a protocol (``loop.connect_accepted_socket``).
 
-        The transport owns the socket from then on; :meth:`done` closes it. Call
-        :meth:`done` when the protocol is finished (e.g. from ``connection_lost``).
+        The transport owns the socket from then on; [`done`][aioancillary.HandedClient.done] closes
+        it. Call [`done`][aioancillary.HandedClient.done] when the protocol is finished (e.g. from
+        ``connection_lost``).
         """
         loop = asyncio.get_running_loop()
         transport, protocol = await loop.connect_accepted_socket(protocol_factory, self.sock)
@@ -154,11 +158,12 @@ ClientHandler = Callable[[HandedClient], Awaitable[None]]
 
 
 class Worker(AncillaryProtocol):
-    """A worker process's link to its :class:`Acceptor`: clients arrive here.
+    """A worker process's link to its [`Acceptor`][aioancillary.Acceptor]: clients arrive here.
 
-    Get one with :meth:`connect`; then iterate (``async for client in worker``) or
-    :meth:`serve` a handler. Iteration ends when the acceptor closes the link (it stops
-    handing out clients); finish the clients you hold, then close the worker.
+    Get one with [`connect`][aioancillary.Worker.connect]; then iterate (``async for client in
+    worker``) or [`serve`][aioancillary.Worker.serve] a handler. Iteration ends when the acceptor
+    closes the link (it stops handing out clients); finish the clients you hold, then close the
+    worker.
 
     Example::
 
@@ -169,7 +174,7 @@ class Worker(AncillaryProtocol):
     """
 
     def __init__(self) -> None:
-        """Use :meth:`connect`."""
+        """Use [`connect`][aioancillary.Worker.connect]."""
         self._loop = asyncio.get_running_loop()
         self._transport: AncillaryTransport | None = None
         self._listeners: dict[int, wire.ListenerInfo] = {}
@@ -195,11 +200,12 @@ class Worker(AncillaryProtocol):
         """Register with the acceptor listening on ``path`` (or over the connected ``sock``).
 
         Args:
-            path: The acceptor's worker socket (:meth:`Acceptor.listen_for_workers`).
+            path: The acceptor's worker socket
+                ([`Acceptor.listen_for_workers`][aioancillary.Acceptor.listen_for_workers]).
             sock: A connected AF_UNIX stream socket instead (e.g. inherited from a pool); the
                 worker owns it.
             authorize: Called with the acceptor's credentials; a false result closes the socket
-                and raises :class:`PeerRejectedError`.
+                and raises [`PeerRejectedError`][aioancillary.PeerRejectedError].
 
         Raises:
             PeerRejectedError: ``authorize`` refused the acceptor.
@@ -232,7 +238,8 @@ class Worker(AncillaryProtocol):
             waiter.set_result(None)
 
     def _clients(self, msg: AncillaryMessage) -> None:
-        """A ``C`` message: its clients, one fd each, become :class:`HandedClient` objects."""
+        """A ``C`` message: its clients, one fd each, become
+        [`HandedClient`][aioancillary.HandedClient] objects."""
         records = wire.client_records(msg.data)
         listeners = self._listeners
         infos = [listeners.get(lid) for lid, _addr in records]

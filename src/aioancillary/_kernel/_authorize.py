@@ -1,18 +1,18 @@
-"""Ready-made ``authorize=`` policies for :func:`start_unix_server` and
-:func:`open_unix_connection`.
+"""Ready-made ``authorize=`` policies for [`start_unix_server`][aioancillary.start_unix_server] and
+[`open_unix_connection`][aioancillary.open_unix_connection].
 
-Each policy is an :data:`Authorize` callable: it gets the peer's credentials, recorded by the
-kernel when the connection was made (``SO_PEERCRED`` on Linux, ``LOCAL_PEERCRED`` on macOS and
-FreeBSD, see ``unix(7)``), and returns true to let the peer in. The uid and gid are the peer's
-*effective* ids, which the peer cannot forge; the pid is only a hint (it can be reused after
+Each policy is an [`Authorize`][aioancillary.Authorize] callable: it gets the peer's credentials,
+recorded by the kernel when the connection was made (``SO_PEERCRED`` on Linux, ``LOCAL_PEERCRED`` on
+macOS and FreeBSD, see ``unix(7)``), and returns true to let the peer in. The uid and gid are the
+peer's *effective* ids, which the peer cannot forge; the pid is only a hint (it can be reused after
 the peer exits), so no policy here looks at it.
 
 Every policy refuses ``None``: the credentials of a platform that cannot tell who the peer is.
 To let such peers in anyway, say so in your own callable, e.g.
 ``authorize=lambda creds: creds is None or same_user(creds)``.
 
-The module imports nothing heavy: the user and group databases (:mod:`pwd`, :mod:`grp`) are
-read only by :func:`allow_group_members`, once, when the policy is made.
+The module imports nothing heavy: the user and group databases (`pwd`, `grp`) are read only by
+[`allow_group_members`][aioancillary.allow_group_members], once, when the policy is made.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def allow_uids(*uids: int) -> Authorize:
         *uids: Numeric user ids (look names up with ``pwd.getpwnam(name).pw_uid``).
 
     Returns:
-        An :data:`Authorize` callable; it refuses ``None`` credentials.
+        An [`Authorize`][aioancillary.Authorize] callable; it refuses ``None`` credentials.
 
     Raises:
         ValueError: No uid was given.
@@ -117,15 +117,16 @@ def allow_uids(*uids: int) -> Authorize:
 def allow_gids(*gids: int) -> Authorize:
     """Accept peers whose effective (primary) gid is one of ``gids``.
 
-    The kernel records only the peer's effective gid, not its supplementary groups: a user
-    who is a member of a group through ``/etc/group`` but runs with another primary group is
-    refused. Use :func:`allow_group_members` to accept the group's listed members too.
+    The kernel records only the peer's effective gid, not its supplementary groups: a user who is a
+    member of a group through ``/etc/group`` but runs with another primary group is refused. Use
+    [`allow_group_members`][aioancillary.allow_group_members] to accept the group's listed members
+    too.
 
     Args:
         *gids: Numeric group ids.
 
     Returns:
-        An :data:`Authorize` callable; it refuses ``None`` credentials.
+        An [`Authorize`][aioancillary.Authorize] callable; it refuses ``None`` credentials.
 
     Raises:
         ValueError: No gid was given.
@@ -166,7 +167,7 @@ def allow_group_members(group: str | int) -> Authorize:
         group: A group name or numeric gid.
 
     Returns:
-        An :data:`Authorize` callable; it refuses ``None`` credentials.
+        An [`Authorize`][aioancillary.Authorize] callable; it refuses ``None`` credentials.
 
     Raises:
         KeyError: No such group.

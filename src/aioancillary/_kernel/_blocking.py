@@ -1,6 +1,7 @@
-"""The blocking API: :func:`send_fds`, :func:`recv_fds`, :func:`recv_fds_into`.
+"""The blocking API: [`send_fds`][aioancillary.send_fds], [`recv_fds`][aioancillary.recv_fds],
+[`recv_fds_into`][aioancillary.recv_fds_into].
 
-Thin wrappers over the one syscall layer (:mod:`._syscalls`) that the asyncio transport uses
+Thin wrappers over the one syscall layer (`._syscalls`) that the asyncio transport uses
 too, with the same guarantees on both: control buffer sized for the kernel's cap, fds owned the
 moment ``recvmsg`` returns, surplus fds closed, send errors translated before anything is sent.
 """
@@ -24,7 +25,8 @@ _MSG_PEEK = int(socket.MSG_PEEK)
 
 
 class ReceivedInto(NamedTuple):
-    """What :func:`recv_fds_into` returns: bytes written into the buffer, and the owned fds."""
+    """What [`recv_fds_into`][aioancillary.recv_fds_into] returns: bytes written into the buffer,
+    and the owned fds."""
 
     nbytes: int
     fds: tuple[OwnedFd, ...]
@@ -61,7 +63,7 @@ def recv_fds(
 ) -> AncillaryMessage:
     """Receive one message and up to ``maxfds`` fds from ``sock``, leak-proof.
 
-    Unlike :func:`socket.recv_fds`, the control buffer is sized for the kernel's per-message
+    Unlike `socket.recv_fds`, the control buffer is sized for the kernel's per-message
     cap, not for ``maxfds``: a peer sending more cannot make the kernel drop fds into this
     process. Surplus fds are closed on arrival (counted in ``discarded_fds``). Received fds are
     close-on-exec.
@@ -98,8 +100,8 @@ def recv_fds_into(
 ) -> ReceivedInto:
     """Receive one message into a caller-owned ``buffer``; return ``(nbytes, fds)``.
 
-    The bring-your-own-buffer form of :func:`recv_fds`, with the same guarantees. Fds beyond
-    ``maxfds`` are closed on arrival.
+    The bring-your-own-buffer form of [`recv_fds`][aioancillary.recv_fds], with the same guarantees.
+    Fds beyond ``maxfds`` are closed on arrival.
 
     Example::
 
@@ -107,7 +109,7 @@ def recv_fds_into(
         nbytes, fds = recv_fds_into(sock, buf, 4)
 
     Raises:
-        The same errors as :func:`recv_fds`.
+        The same errors as [`recv_fds`][aioancillary.recv_fds].
     """
     _check_args(flags, maxfds)
     nbytes, fds, _ = receive_into(sock, buffer, flags, platform or current_platform())

@@ -16,7 +16,7 @@ NetBSD        ``SOL_LOCAL, LOCAL_PEEREID``           ``struct unpcbid {pid; uid;
 
 The decoding of each struct is a pure function of its bytes, and the ``getsockopt`` dispatch
 takes a platform name, so that every path runs on Linux under test with simulated sockets
-(the same pattern as :class:`~aioancillary._core._platform.Platform`).
+(the same pattern as `aioancillary._core._platform.Platform`).
 
 Layouts and constants checked against the kernels' own sources (read through the ``search`` tool):
 

@@ -70,13 +70,13 @@ def rights(fds: list[int]) -> AncData:
     return [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
 
 
-#: How :func:`receive_many` tells end of stream from an empty message, per socket kind.
+#: How `receive_many` tells end of stream from an empty message, per socket kind.
 EOF_NEVER = 0  # SOCK_DGRAM: a 0-byte read is an empty datagram
 EOF_ON_EMPTY = 1  # SOCK_STREAM: a 0-byte read without fds is the end
 EOF_NO_CREDENTIALS = 2  # SOCK_SEQPACKET with SO_PASSCRED (Linux): every message has a record
 EOF_PEEK = 3  # SOCK_SEQPACKET elsewhere: ask the socket (peek_is_eof)
 
-#: How :func:`receive_many` stopped.
+#: How `receive_many` stopped.
 AGAIN = 0  # the socket would block
 LIMIT = 1  # ``limit`` reads done; more may be waiting
 END = 2  # end of stream
@@ -150,12 +150,12 @@ def receive_into(
 ) -> tuple[int, list[int], bool]:
     """One ``recvmsg_into`` with a control buffer no message can overflow.
 
-    Returns ``(nbytes, fds, ancillary)``: ``fds`` are raw numbers the caller owns from the
-    moment this returns (and must close); ``ancillary`` tells whether the kernel attached any
-    control record (with ``SO_PASSCRED`` every message carries one, end of stream none).
-    ``ancbufsize`` is the platform's :meth:`Platform.receive_ancbufsize`, precomputed by a
-    caller that reads in a loop (0: computed here, as it must be per call on macOS). Every
-    error raised after the kernel delivered fds has closed them first.
+    Returns ``(nbytes, fds, ancillary)``: ``fds`` are raw numbers the caller owns from the moment
+    this returns (and must close); ``ancillary`` tells whether the kernel attached any control
+    record (with ``SO_PASSCRED`` every message carries one, end of stream none). ``ancbufsize`` is
+    the platform's [`Platform.receive_ancbufsize`][aioancillary.Platform.receive_ancbufsize],
+    precomputed by a caller that reads in a loop (0: computed here, as it must be per call on
+    macOS). Every error raised after the kernel delivered fds has closed them first.
 
     Raises:
         BlockingIOError: a non-blocking socket has nothing to read.
@@ -184,7 +184,7 @@ class Receiver:
 
     Everything that does not change between reads (the socket's ``recvmsg_into``, the buffer,
     the flags, the control-buffer size, how end of stream is told from an empty message) is
-    worked out once here, because :meth:`read` is the receive hot path: one call per wake-up
+    worked out once here, because `read` is the receive hot path: one call per wake-up
     instead of one per message.
 
     Args:
@@ -221,11 +221,11 @@ class Receiver:
     def read(
         self, limit: int, max_fds: int
     ) -> tuple[list[tuple[bytes, list[int] | None]], int, Exception | None]:
-        """Up to ``limit`` reads; stop early (:data:`LIMIT`) once they hold ``max_fds`` fds.
+        """Up to ``limit`` reads; stop early (`LIMIT`) once they hold ``max_fds`` fds.
 
         Returns ``(reads, how, error)``: each read is ``(bytes, fds or None)`` with the fds
-        owned by the caller; ``how`` is :data:`AGAIN`, :data:`LIMIT`, :data:`END` (end of
-        stream, told from an empty message by the ``eof`` rule) or :data:`FAILED`, with
+        owned by the caller; ``how`` is `AGAIN`, `LIMIT`, `END` (end of
+        stream, told from an empty message by the ``eof`` rule) or `FAILED`, with
         ``error`` the exception (the fds of the read that failed are closed; the reads before
         it are kept). The fd bound lets the caller check its fd budget at least that often.
         """

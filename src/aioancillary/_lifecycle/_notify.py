@@ -5,9 +5,9 @@ The protocol (``sd_notify(3)``): one ``SOCK_DGRAM`` datagram to the ``AF_UNIX`` 
 holding newline-separated ``VARIABLE=value`` assignments such as ``READY=1``. A datagram may
 carry fds (``SCM_RIGHTS``) with ``FDSTORE=1``: the manager keeps them across restarts of the
 service (``FileDescriptorStoreMax=``) and passes them back at the next start through
-``LISTEN_FDS``, named by ``FDNAME=`` (see :func:`aioancillary.listen_fds`).
+``LISTEN_FDS``, named by ``FDNAME=`` (see `aioancillary.listen_fds`).
 
-The fds go through the library's blocking :func:`aioancillary.send_fds` on a socket connected
+The fds go through the library's blocking `aioancillary.send_fds` on a socket connected
 to the manager's, so they are validated, capped and translated to library errors like every
 other send. Outside a service manager (no ``$NOTIFY_SOCKET``) every call is a no-op returning
 ``False``, so the same code runs under systemd and in a terminal.
@@ -242,7 +242,7 @@ def notify(
 
     The assignments are sent in one datagram, in the order of the parameters below. A full
     manager queue blocks the call, as ``sd_notify`` does; from a coroutine use
-    :func:`notify_async`.
+    [`notify_async`][aioancillary.notify_async].
 
     Example::
 
@@ -257,7 +257,8 @@ def notify(
             Send ``ready=True`` when the reload is done.
         stopping: ``STOPPING=1``: shutting down.
         status: ``STATUS=``: one line of free text shown by ``systemctl status``.
-        watchdog: ``WATCHDOG=1``: the keep-alive ping (see :func:`watchdog_interval`).
+        watchdog: ``WATCHDOG=1``: the keep-alive ping (see
+            [`watchdog_interval`][aioancillary.watchdog_interval]).
         mainpid: ``MAINPID=``: the service's main process is now this pid (e.g. after a
             reload into a new process; the unit needs ``NotifyAccess=all``).
         fdstore: Fds to store (``FDSTORE=1``), sent with ``SCM_RIGHTS``. Borrowed: they stay
@@ -268,7 +269,7 @@ def notify(
         fdpoll: ``False`` sends ``FDPOLL=0``: the manager does not drop the stored fds when
             they report ``EPOLLHUP``/``EPOLLERR`` (needed for fds that cannot be polled).
         extra: Further assignments, e.g. ``{"ERRNO": 2}`` or ``{"EXTEND_TIMEOUT_USEC": ...}``.
-        environ: Where to read ``NOTIFY_SOCKET`` (default :data:`os.environ`).
+        environ: Where to read ``NOTIFY_SOCKET`` (default `os.environ`).
 
     Returns:
         ``True`` once sent; ``False`` when ``$NOTIFY_SOCKET`` is not set (not under a manager).
@@ -308,7 +309,7 @@ async def notify_async(
     extra: Mapping[str, object] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> bool:
-    """:func:`notify` for coroutines: never blocks the event loop.
+    """[`notify`][aioancillary.notify] for coroutines: never blocks the event loop.
 
     When the manager's queue is full the datagram waits for room (the socket polls writable
     once the manager reads) while the loop runs other tasks; wrap the call in
@@ -319,7 +320,7 @@ async def notify_async(
 
         await notify_async(ready=True, status="serving")
 
-    Returns and raises as :func:`notify`.
+    Returns and raises as [`notify`][aioancillary.notify].
     """
     # Every parameter goes to _build, which validates all of them before anything is sent.
     data, fds, address = _prepare(**locals())
@@ -390,7 +391,7 @@ def watchdog_interval(
 
     Args:
         unset_environment: Remove both variables afterwards (children do not inherit them).
-        environ: The environment to read (default :data:`os.environ`).
+        environ: The environment to read (default `os.environ`).
 
     Raises:
         ValueError: a variable is not a positive integer.

@@ -24,11 +24,11 @@ Every message is one framed aioancillary message holding one JSON object; fds ri
 close; instead of ``released`` it may send ``{"op": "abort", "reason": ...}`` (the successor
 was not ready in time) and close.
 
-Failure handling: until the running generation has read ``ready`` it serves as before. A
-successor that dies, stalls or sends garbage at any step only loses its own copies of the fds:
-the running generation closes that connection, logs why, and waits for the next successor. A
-successor whose predecessor does not answer in time gets :class:`HandoffTimeoutError` and
-holds nothing.
+Failure handling: until the running generation has read ``ready`` it serves as before. A successor
+that dies, stalls or sends garbage at any step only loses its own copies of the fds: the running
+generation closes that connection, logs why, and waits for the next successor. A successor whose
+predecessor does not answer in time gets [`HandoffTimeoutError`][aioancillary.HandoffTimeoutError]
+and holds nothing.
 """
 
 from __future__ import annotations
@@ -117,15 +117,18 @@ def _fd_list(fds: FdLike | Sequence[FdLike]) -> list[FdLike]:
 class Generation:
     """One generation of a server: inherits named fds, offers them to its successor.
 
-    Made by :func:`start_generation`, which has already fetched the fds of the predecessor (or
-    of systemd). Then:
+    Made by [`start_generation`][aioancillary.start_generation], which has already fetched the fds
+    of the predecessor (or of systemd). Then:
 
-    1. take what you need by name with :meth:`take_socket` / :meth:`take_fd` (each also offers
-       the fd to the next generation), or :meth:`offer` anything else;
-    2. start serving, then ``await`` :meth:`ready`: the predecessor is told, inherited fds
-       nobody took are closed, and the handoff socket opens for the next generation;
-    3. ``await`` :meth:`handed_over` (it returns when a successor is serving), stop accepting,
-       finish in-flight connections within your deadline, and :meth:`close`.
+    1. take what you need by name with [`take_socket`][aioancillary.Generation.take_socket] /
+       [`take_fd`][aioancillary.Generation.take_fd] (each also offers the fd to the next
+       generation), or [`offer`][aioancillary.Generation.offer] anything else;
+    2. start serving, then ``await`` [`ready`][aioancillary.Generation.ready]: the predecessor is
+       told, inherited fds nobody took are closed, and the handoff socket opens for the next
+       generation;
+    3. ``await`` [`handed_over`][aioancillary.Generation.handed_over] (it returns when a successor
+       is serving), stop accepting, finish in-flight connections within your deadline, and
+       [`close`][aioancillary.Generation.close].
 
     Example::
 
@@ -149,7 +152,7 @@ class Generation:
         timeout: float,
         ready_timeout: float,
     ) -> None:
-        """Use :func:`start_generation`."""
+        """Use [`start_generation`][aioancillary.start_generation]."""
         self._path = path
         self._inherited = inherited
         self._predecessor = predecessor
@@ -188,9 +191,9 @@ class Generation:
     def offer(self, name: str, fds: FdLike | Sequence[FdLike]) -> None:
         """Offer ``fds`` to the next generation under ``name`` (one fd or several).
 
-        A close-on-exec duplicate of each is kept until the handoff or :meth:`close`, so the
-        caller's objects may be closed at any time (``asyncio.Server.close()`` closes the
-        socket it was given).
+        A close-on-exec duplicate of each is kept until the handoff or
+        [`close`][aioancillary.Generation.close], so the caller's objects may be closed at any time
+        (``asyncio.Server.close()`` closes the socket it was given).
 
         Raises:
             ValueError: the name is already offered (names are unique per generation), is not
@@ -402,8 +405,9 @@ class Generation:
     async def handed_over(self) -> None:
         """Wait until a successor has taken over and is serving.
 
-        Then stop accepting (closing your copies of the listeners: the successor has its
-        own), finish in-flight connections within your deadline, and :meth:`close`.
+        Then stop accepting (closing your copies of the listeners: the successor has its own),
+        finish in-flight connections within your deadline, and
+        [`close`][aioancillary.Generation.close].
         """
         await self._handed_over.wait()
 
@@ -521,9 +525,11 @@ async def start_generation(
 ) -> Generation:
     """Start a server generation: fetch the named fds of the running one, if any.
 
-    If a generation listens on the handoff socket ``path``, its fds are fetched (it keeps
-    serving until this one calls :meth:`Generation.ready`). Otherwise this is the first
-    generation: its fds come from systemd socket activation (:func:`listen_fds`) when the
+    If a generation listens on the handoff socket ``path``, its fds are fetched (it keeps serving
+    until this one calls [`Generation.ready`][aioancillary.Generation.ready]). Otherwise this is the
+    first
+    generation: its fds come from systemd socket activation
+        ([`listen_fds`][aioancillary.listen_fds]) when the
     process was activated, else it has none and creates them (``create=``).
 
     Example::

@@ -11,12 +11,13 @@ the environment (``sd_listen_fds(3)``):
   ``--fdname=``); several fds may share a name (a socket unit listening on an IPv4 and an IPv6
   address gives two fds of the same name). Without it every fd is named ``"unknown"``.
 
-:func:`listen_fds` reads them once, sets close-on-exec on the fds, unsets the variables (as
-``sd_listen_fds(unset_environment=1)`` does, so children do not see them) and returns a
-:class:`NamedFds`: owned fds looked up by name, taken as :class:`OwnedFd` or as
-:class:`socket.socket` of the detected family and type. Fds nobody takes are closed by
-:meth:`NamedFds.close`. The same class carries the fds a reload predecessor hands over
-(``_reload.py``), so a service finds its listeners by name wherever they came from.
+[`listen_fds`][aioancillary.listen_fds] reads them once, sets close-on-exec on the fds, unsets the
+variables (as ``sd_listen_fds(unset_environment=1)`` does, so children do not see them) and returns
+a [`NamedFds`][aioancillary.NamedFds]: owned fds looked up by name, taken as
+[`OwnedFd`][aioancillary.OwnedFd] or as `socket.socket` of the detected family and type. Fds nobody
+takes are closed by [`NamedFds.close`][aioancillary.NamedFds.close]. The same class carries the fds
+a reload predecessor hands over (``_reload.py``), so a service finds its listeners by name wherever
+they came from.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def _kind(mode: int) -> str:
 
 
 def _check_socket(num: int, name: str, family: int | None, sock_type: int | None) -> None:
-    """Raise :class:`FdTypeError` unless fd ``num`` is a socket of the family/type asked for."""
+    """Raise [`FdTypeError`][aioancillary.FdTypeError] unless fd ``num`` is a socket of the
+    family/type asked for."""
     mode = os.fstat(num).st_mode
     if not stat.S_ISSOCK(mode):
         raise FdTypeError(
@@ -118,12 +120,16 @@ def _check_socket(num: int, name: str, family: int | None, sock_type: int | None
 
 
 class NamedFds:
-    """Owned fds looked up by name: from systemd (:func:`listen_fds`) or a predecessor.
+    """Owned fds looked up by name: from systemd ([`listen_fds`][aioancillary.listen_fds]) or a
+    predecessor.
 
-    Names may repeat (systemd gives several fds the same name when a unit has several
-    ``Listen*=`` lines): :meth:`take_fds` and :meth:`take_sockets` take all fds of a name, in
-    order; :meth:`take_fd` and :meth:`take_socket` insist on exactly one. Taking moves the fd
-    out: the caller owns it. :meth:`close` (or leaving ``with``) closes every fd not taken.
+    Names may repeat (systemd gives several fds the same name when a unit has several ``Listen*=``
+    lines): [`take_fds`][aioancillary.NamedFds.take_fds] and
+    [`take_sockets`][aioancillary.NamedFds.take_sockets] take all fds of a name, in order;
+    [`take_fd`][aioancillary.NamedFds.take_fd] and
+    [`take_socket`][aioancillary.NamedFds.take_socket] insist on exactly one. Taking moves the fd
+    out: the caller owns it. [`close`][aioancillary.NamedFds.close] (or leaving ``with``) closes
+        every fd not taken.
 
     Example::
 
@@ -178,7 +184,7 @@ class NamedFds:
 
         Raises:
             FdNameError: no fd, or several fds, have that name (nothing is taken then; use
-                :meth:`take_fds` for several).
+                [`take_fds`][aioancillary.NamedFds.take_fds] for several).
         """
         count = sum(1 for item_name, _ in self._items if item_name == name)
         if count > 1:
@@ -198,7 +204,7 @@ class NamedFds:
     ) -> socket.socket:
         """Take the one socket named ``name``; or, when no fd has that name, ``create()`` one.
 
-        The returned :class:`socket.socket` has the family and type of the fd (detected);
+        The returned `socket.socket` has the family and type of the fd (detected);
         ``family``/``type`` make the call refuse anything else. ``create`` gives "inherit by
         name, or bind if absent" in one call: the first process binds, later ones inherit.
 
@@ -354,9 +360,10 @@ def listen_fds(
     """Adopt the fds a service manager passed (``LISTEN_FDS``), by name; see ``sd_listen_fds(3)``.
 
     Each fd is set close-on-exec (as ``sd_listen_fds`` does) and owned by the returned
-    :class:`NamedFds` (``source="systemd"``). Without ``LISTEN_PID``/``LISTEN_FDS`` in the
-    environment the result is empty (``source="none"``): the process was not socket-activated.
-    Call it once, early: the variables are unset by default, so a second call finds nothing.
+    [`NamedFds`][aioancillary.NamedFds] (``source="systemd"``). Without
+    ``LISTEN_PID``/``LISTEN_FDS`` in the environment the result is empty (``source="none"``): the
+    process was not socket-activated. Call it once, early: the variables are unset by default, so a
+    second call finds nothing.
 
     Example::
 
@@ -368,7 +375,7 @@ def listen_fds(
         unset_environment: Remove ``LISTEN_PID``, ``LISTEN_FDS``, ``LISTEN_FDNAMES`` (and
             ``LISTEN_PIDFDID``) from the environment, also when an error is raised, as
             ``sd_listen_fds(1)`` does; ``False`` leaves them.
-        environ: The environment to read (default :data:`os.environ`).
+        environ: The environment to read (default `os.environ`).
 
     Raises:
         ActivationError: ``LISTEN_PID`` names another process (or, where the kernel has pidfs,

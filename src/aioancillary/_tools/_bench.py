@@ -18,7 +18,7 @@ The clock is ``CLOCK_MONOTONIC``, shared by every process: a throughput cell run
 sender's start to the receiver's last message.
 
 Run as a module (``python -m aioancillary._tools._bench ROLE IMPL FD N [CPU]``) it is one side of a
-cell, started by :func:`run_cell`.
+cell, started by `run_cell`.
 """
 
 from __future__ import annotations

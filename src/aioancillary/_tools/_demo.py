@@ -5,9 +5,9 @@ process B over an aioancillary connection (a Unix socket pair) and closes its ow
 B answers the client through the socket it received. Every step is narrated with pids and fd
 numbers, and both processes finish by counting their open fds to show that nothing leaked.
 
-B is a fresh interpreter started with :mod:`subprocess` (``python -m aioancillary demo-worker
+B is a fresh interpreter started with `subprocess` (``python -m aioancillary demo-worker
 FD LOOP``), so it provably never had the client's socket until A sent it. Both run on the loop
-chosen with ``--loop`` (see :mod:`aioancillary._tools._cli`).
+chosen with ``--loop`` (see `aioancillary._tools._cli`).
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def demo(loop: str) -> int:
 
 
 def worker_main(argv: list[str]) -> int:
-    """Process B: ``demo-worker FD LOOP``, started by :func:`demo` with the socket at ``FD``."""
+    """Process B: ``demo-worker FD LOOP``, started by `demo` with the socket at ``FD``."""
     if len(argv) != 2 or not argv[0].isdigit() or argv[1] not in ("asyncio", "uvloop"):
         print("demo-worker is started by the demo itself", file=sys.stderr)
         return 2
