@@ -153,8 +153,7 @@ async def create_unix_connection(
         max_message_size: As for [`open_unix_connection`][aioancillary.open_unix_connection].
         max_fds_per_send: As for [`open_unix_connection`][aioancillary.open_unix_connection].
 
-    Raises:
-        The same errors as [`open_unix_connection`][aioancillary.open_unix_connection].
+    Raises the same errors as [`open_unix_connection`][aioancillary.open_unix_connection].
     """
     conn_sock = await _connected(path, sock, sock_type, authorize)
     try:

@@ -332,9 +332,8 @@ class AncillaryConnection:
 
             await conn.send_batch([(b"client", [sock1]), (b"client", [sock2])], close_fds=True)
 
-        Raises:
-            The same errors as [`send_fds`][aioancillary.AncillaryConnection.send_fds], for any of
-            the messages.
+        Raises the same errors as [`send_fds`][aioancillary.AncillaryConnection.send_fds], for any
+        of the messages.
         """
         self._transport.write_batch(messages, close_fds=close_fds)
         if self._write_paused:

@@ -446,8 +446,7 @@ async def create_unix_server(
         max_fds_per_send: As for [`start_unix_server`][aioancillary.start_unix_server].
         peer_error_level: As for [`start_unix_server`][aioancillary.start_unix_server].
 
-    Raises:
-        The same errors as [`start_unix_server`][aioancillary.start_unix_server].
+    Raises the same errors as [`start_unix_server`][aioancillary.start_unix_server].
     """
     listener, fspath = _listening_socket(path, sock, sock_type, mode, backlog)
     loop = asyncio.get_running_loop()

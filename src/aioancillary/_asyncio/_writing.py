@@ -216,8 +216,7 @@ class WriteSide:
 
             transport.write_batch([(b"a", [fd_a]), (b"b", [fd_b, fd_c]), (b"no fds", [])])
 
-        Raises:
-            The same errors as `write_fds`, for any message of the batch.
+        Raises the same errors as `write_fds`, for any message of the batch.
         """
         items = list(messages)
         if not self._writable:

@@ -179,7 +179,7 @@ class FrameDecoder(Decoder):
 
     Feed it what each ``recvmsg`` returned, in order; it returns the messages completed so far.
     Partial frames are kept for the next call. If the peer breaks the protocol, the messages decoded
-    before the fault are still returned, [`failure`][aioancillary.FrameDecoder.failure] is set, and
+    before the fault are still returned, ``failure`` is set, and
     every fd the decoder held is closed; later input is refused (its fds closed).
 
     Example::

@@ -108,8 +108,7 @@ def recv_fds_into(
         buf = bytearray(65536)
         nbytes, fds = recv_fds_into(sock, buf, 4)
 
-    Raises:
-        The same errors as [`recv_fds`][aioancillary.recv_fds].
+    Raises the same errors as [`recv_fds`][aioancillary.recv_fds].
     """
     _check_args(flags, maxfds)
     nbytes, fds, _ = receive_into(sock, buffer, flags, platform or current_platform())
