@@ -48,12 +48,9 @@ class Supervisor:
             self.sock.recv(1)
 
 
-@pytest.fixture(params=["path", "abstract"])
-def supervisor(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Supervisor]:
+def _bind(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Supervisor:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    if request.param == "path":
+    if kind == "path":
         address = str(tmp_path / "notify.sock")
         sock.bind(address)
         value = address
@@ -62,8 +59,25 @@ def supervisor(
         sock.bind("\0" + name)
         value = "@" + name
     monkeypatch.setenv("NOTIFY_SOCKET", value)
-    with sock:
-        yield Supervisor(sock, value)
+    return Supervisor(sock, value)
+
+
+@pytest.fixture(params=["path", "abstract"])
+def supervisor(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Supervisor]:
+    """The manager's socket at a path or an abstract name."""
+    supervisor = _bind(request.param, tmp_path, monkeypatch)
+    with supervisor.sock:
+        yield supervisor
+
+
+@pytest.fixture
+def fd_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Supervisor]:
+    """The manager's socket at a path, the only kind fds are sent to (test_notify_receiver)."""
+    supervisor = _bind("path", tmp_path, monkeypatch)
+    with supervisor.sock:
+        yield supervisor
 
 
 # -- the datagram ---------------------------------------------------------------------------
@@ -104,7 +118,8 @@ def test_reloading_carries_the_monotonic_clock(supervisor: Supervisor) -> None:
     assert before <= int(value) <= after
 
 
-def test_fdstore_sends_the_same_open_files(supervisor: Supervisor) -> None:
+def test_fdstore_sends_the_same_open_files(fd_store: Supervisor) -> None:
+    supervisor = fd_store
     listener = socket.create_server(("127.0.0.1", 0))
     memfd = os.memfd_create("state")
     os.write(memfd, b"counter=7")
@@ -133,7 +148,8 @@ def test_fdstore_remove(supervisor: Supervisor) -> None:
         assert msg.data == b"FDSTOREREMOVE=1\nFDNAME=state"
 
 
-def test_several_fds_under_systemds_default_name(supervisor: Supervisor) -> None:
+def test_several_fds_under_systemds_default_name(fd_store: Supervisor) -> None:
+    supervisor = fd_store
     r, w = os.pipe()
     try:
         notify(fdstore=[r, w])
@@ -244,10 +260,8 @@ def test_malformed_notify_socket(value: str, monkeypatch: pytest.MonkeyPatch) ->
         notify(ready=True)
 
 
-@pytest.mark.parametrize("address", ["/" + "d" * 200 + "/notify.sock", "@" + "a" * 120])
-async def test_too_long_notify_socket_says_so(
-    address: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_too_long_abstract_notify_socket_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    address = "@" + "a" * 120
     monkeypatch.setenv("NOTIFY_SOCKET", address)
     with pytest.raises(NotifyError) as blocking:
         notify(ready=True)
@@ -255,8 +269,34 @@ async def test_too_long_notify_socket_says_so(
         await notify_async(ready=True)
     for info in (blocking, not_blocking):
         assert info.value.errno == errno.ENAMETOOLONG
-        assert f"bytes long: an AF_UNIX address holds at most {108}" in str(info.value)
+        assert f"is 121 bytes long: an AF_UNIX address holds at most {108}" in str(info.value)
         assert "None" not in str(info.value)
+
+
+async def test_a_path_beyond_sun_path_is_reached(tmp_path: Path) -> None:
+    """The path is connected to through its pinned file: over 108 bytes works too."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = str(deep / "notify.sock")
+    assert len(os.fsencode(path)) > 108
+    dirfd = os.open(deep, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+            manager.bind(f"/proc/self/fd/{dirfd}/notify.sock")  # bind() has the same limit
+            env = {"NOTIFY_SOCKET": path}
+            memfd = os.memfd_create("state")
+            try:
+                assert await within(notify_async(fdstore=[memfd], environ=env)) is True
+                assert notify(ready=True, environ=env) is True
+            finally:
+                os.close(memfd)
+            supervisor = Supervisor(manager, path)
+            with supervisor.receive() as msg:
+                assert (msg.data, len(msg.fds)) == (b"FDSTORE=1", 1)
+            with supervisor.receive() as msg:
+                assert msg.data == b"READY=1"
+    finally:
+        os.close(dirfd)
 
 
 # -- other people's exceptions pass through unchanged -----------------------------------------
@@ -311,7 +351,8 @@ async def test_an_exception_from_inside_the_send_passes_through(
 # -- async ------------------------------------------------------------------------------------
 
 
-async def test_async_sends_the_same_datagram_and_fds(supervisor: Supervisor) -> None:
+async def test_async_sends_the_same_datagram_and_fds(fd_store: Supervisor) -> None:
+    supervisor = fd_store
     memfd = os.memfd_create("state")
     inode = os.fstat(memfd).st_ino
     try:
@@ -359,7 +400,8 @@ async def test_async_cancelled_while_waiting_sends_nothing(supervisor: Superviso
 
 
 @pytest.mark.parametrize("mode", ["blocking", *LOOP_NAMES])
-def test_child_parks_its_state_and_leaks_nothing(mode: str, supervisor: Supervisor) -> None:
+def test_child_parks_its_state_and_leaks_nothing(mode: str, fd_store: Supervisor) -> None:
+    supervisor = fd_store
     env = {**os.environ, "NOTIFY_SOCKET": supervisor.env_value}
     proc = subprocess.run(
         [sys.executable, str(APPS / "notifier.py"), mode],

@@ -9,8 +9,11 @@ service (``FileDescriptorStoreMax=``) and passes them back at the next start thr
 
 The fds go through the library's blocking `aioancillary.send_fds` on a socket connected
 to the manager's, so they are validated, capped and translated to library errors like every
-other send. Outside a service manager (no ``$NOTIFY_SOCKET``) every call is a no-op returning
-``False``, so the same code runs under systemd and in a terminal.
+other send. They go only to a socket file of root or of this process's user (the user who
+binds a socket file owns it, and a service manager's is one of those): never to an abstract
+name, which any local process may have bound first. Outside a service manager (no
+``$NOTIFY_SOCKET``) every call is a no-op returning ``False``, so the same code runs under
+systemd and in a terminal.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import re
 import socket
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from .._core._errors import AncillaryError, InvalidFdError, NotifyError, TooManyFdsError
 from .._core._fd import FdLike, fd_number
@@ -153,9 +156,13 @@ def _shown(address: str) -> str:
 
 #: ``sizeof(sun_path)`` on Linux (``unix(7)``): an address that does not fit cannot be used.
 _SUN_PATH_MAX = 108
+#: ``open(2)``'s O_PATH (Linux): a reference to a file that can be checked and connected to.
+_O_PATH: int = getattr(os, "O_PATH", 0)
+#: Where an open fd has a name that ``connect(2)`` follows to its file.
+_PROC_FDS = "/proc/self/fd"
 
 
-def _socket_error(exc: BaseException) -> bool:
+def _socket_error(exc: BaseException) -> TypeGuard[OSError]:
     """True when ``exc`` is the notification socket's own error, raised by a system call.
 
     Anything else passes through unchanged: a signal handler that raises while the blocking
@@ -180,32 +187,90 @@ def _check_length(address: str) -> None:
             errno.ENAMETOOLONG,
             f"NOTIFY_SOCKET={_shown(address)!r} is {size} bytes long: an AF_UNIX address "
             f"holds at most {_SUN_PATH_MAX} (sun_path, unix(7)), so nothing can be sent "
-            "there; point it at a shorter path",
+            "there; use a shorter address",
         )
 
 
-def _connect(address: str, *, blocking: bool) -> socket.socket:
-    _check_length(address)
+def _unreachable(address: str, exc: OSError) -> NotifyError:
+    return NotifyError(
+        exc.errno,
+        f"NOTIFY_SOCKET={_shown(address)!r} is unreachable ({exc.strerror}): the service "
+        "manager is gone or the variable is stale; unset NOTIFY_SOCKET when not running "
+        "under systemd",
+    )
+
+
+def _connected(target: str, address: str, *, blocking: bool) -> socket.socket:
+    """A datagram socket connected to ``target`` (``address``, or a name of the same file)."""
+    _check_length(target)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # close-on-exec, like SOCK_CLOEXEC
     try:
         sock.setblocking(blocking)
         # A connected datagram socket lets send_fds (which takes no address) reach the manager,
         # and turns "nobody listens there" into an error now (ENOENT, ECONNREFUSED).
-        sock.connect(address)
+        sock.connect(target)
     except OSError as exc:
         sock.close()
         if not _socket_error(exc):
             raise
-        raise NotifyError(
-            exc.errno,
-            f"NOTIFY_SOCKET={_shown(address)!r} is unreachable ({exc.strerror}): the service "
-            "manager is gone or the variable is stale; unset NOTIFY_SOCKET when not running "
-            "under systemd",
-        ) from exc
+        raise _unreachable(address, exc) from exc
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _check_owner(address: str, uid: int) -> None:
+    if uid not in (0, os.geteuid()):
+        raise NotifyError(
+            f"NOTIFY_SOCKET={address!r} is a socket file of uid {uid}, not of root or of this "
+            f"process's user ({os.geteuid()}), as a service manager's is: another user may "
+            "have bound it to receive the fds. Nothing was sent; check the variable"
+        )
+
+
+def _connect(address: str, *, blocking: bool, with_fds: bool) -> socket.socket:
+    """A datagram socket connected to the manager; with fds, only to one it can trust.
+
+    The owner of a socket file is the user who bound it, so a file of root or of this user
+    was bound by a manager of this service, not by another local user. An abstract name
+    (``unix(7)``) has no owner: any process may bind it first, so fds never go there.
+    """
+    if address.startswith("\0"):
+        if with_fds:
+            raise NotifyError(
+                f"NOTIFY_SOCKET={_shown(address)!r} is an abstract address: any local "
+                "process may have bound that name first, and nothing tells who did, so fds "
+                "are not sent there (systemd's notification socket is a path, "
+                "/run/systemd/notify). Nothing was sent"
+            )
+        return _connected(address, address, blocking=blocking)
+    pinned = None
+    try:
+        if _O_PATH and os.path.isdir(_PROC_FDS):
+            # O_PATH pins the file that is checked; connecting through /proc/self/fd/N reaches
+            # the socket bound to that very file (as systemd's connect_unix_path does),
+            # whatever happens to the path meanwhile, and lifts sun_path's length limit.
+            pinned = os.open(address, _O_PATH | os.O_CLOEXEC)
+            owner = os.fstat(pinned).st_uid
+        else:
+            # Checked, then connected by name: replacing the file in between takes write
+            # access to a directory of the path (for /run/systemd/notify, root's).
+            owner = os.stat(address).st_uid
+    except BaseException as exc:
+        if pinned is not None:
+            os.close(pinned)
+        if _socket_error(exc):
+            raise _unreachable(address, exc) from exc
+        raise
+    try:
+        if with_fds:
+            _check_owner(address, owner)
+        target = address if pinned is None else f"{_PROC_FDS}/{pinned}"
+        return _connected(target, address, blocking=blocking)
+    finally:
+        if pinned is not None:
+            os.close(pinned)
 
 
 def _send(sock: socket.socket, address: str, data: bytes, fds: list[int]) -> None:
@@ -262,7 +327,8 @@ def notify(
         mainpid: ``MAINPID=``: the service's main process is now this pid (e.g. after a
             reload into a new process; the unit needs ``NotifyAccess=all``).
         fdstore: Fds to store (``FDSTORE=1``), sent with ``SCM_RIGHTS``. Borrowed: they stay
-            open here; the manager keeps its own copies.
+            open here; the manager keeps its own copies. Sent only to a socket file owned by
+            root or by this process's user, never to an abstract ``@name``.
         fdname: ``FDNAME=``: the name of the stored fds (systemd's default is ``"stored"``),
             or of the fds to remove. Printable ASCII without ``:``, at most 255 characters.
         fdstore_remove: ``FDSTOREREMOVE=1``: drop the stored fds named ``fdname``.
@@ -279,8 +345,9 @@ def notify(
             nothing is sent, even outside a service manager.
         NotifyError: ``$NOTIFY_SOCKET`` is set but malformed, too long for an ``AF_UNIX``
             address, or unreachable, or the send failed: errors of the notification socket
-            only. Anything else raised while the call waits (a ``TimeoutError`` from the
-            caller's ``SIGALRM`` handler) passes through unchanged.
+            only; or fds were to go to an abstract address or to another user's socket file
+            (nothing was sent). Anything else raised while the call waits (a
+            ``TimeoutError`` from the caller's ``SIGALRM`` handler) passes through unchanged.
         InvalidFdError: an fd of ``fdstore`` is not open; nothing was sent.
         TooManyFdsError: more than 253 fds.
         MessageTooLargeError: the datagram is over the socket's size limit.
@@ -289,7 +356,7 @@ def notify(
     data, fds, address = _prepare(**locals())
     if address is None:
         return False
-    with _connect(address, blocking=True) as sock:
+    with _connect(address, blocking=True, with_fds=bool(fds)) as sock:
         _send(sock, address, data, fds)
     return True
 
@@ -327,7 +394,7 @@ async def notify_async(
     if address is None:
         return False
     loop = asyncio.get_running_loop()
-    with _connect(address, blocking=False) as sock:
+    with _connect(address, blocking=False, with_fds=bool(fds)) as sock:
         while True:
             try:
                 _send(sock, address, data, fds)
