@@ -283,6 +283,33 @@ async def test_a_client_fd_that_is_not_a_socket_is_closed_and_reported_the_rest_
     await within(fake.wait_closed())
 
 
+async def test_completions_pending_when_the_acceptor_is_gone_are_dropped_quietly() -> None:
+    """A worker closing (or flushing its reports) after the acceptor died does not raise."""
+    ours, theirs = socket.socketpair()
+    listener = socket.create_server(("127.0.0.1", 0))
+    fake = AncillaryConnection(ours)
+    worker = await Worker.connect(sock=theirs)
+    await fake.send(wire.welcome_message())
+    await fake.send(wire.listener_message(0, listener, "web", {}))
+    accepted, peer = _tcp_pair(listener)
+    record = wire.record_packer(0, socket.AF_INET)(("127.0.0.1", 1))
+    await fake.send_fds(wire.client_message([record]), [accepted], close_fds=True)
+    client = await within(worker.__anext__())
+    fake.abort()  # the acceptor dies
+    await within(fake.wait_closed())
+    await within(_end(worker))  # the worker saw the end of the link
+    client.done()  # a report for nobody
+    worker.close()  # sends what is pending: fails with EPIPE, quietly
+    await within(worker.wait_closed())
+    for sock in (peer, listener):
+        sock.close()
+
+
+async def _end(worker: Worker) -> None:
+    with pytest.raises(StopAsyncIteration):
+        await worker.__anext__()
+
+
 def _tcp_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
     peer = socket.create_connection(listener.getsockname())
     accepted, _addr = listener.accept()

@@ -25,9 +25,11 @@ from typing import Any, Self
 from .._asyncio._client import create_unix_connection
 from .._asyncio._protocol import AncillaryProtocol
 from .._asyncio._transport import AncillaryTransport
-from .._core._errors import ConnectionClosedError, ProtocolError
+from .._core._cmsg import Credentials
+from .._core._errors import ConnectionClosedError, PeerRejectedError, ProtocolError
 from .._core._fd import close_raw
 from .._core._message import AncillaryMessage, take_raw_fds
+from .._kernel._authorize import same_user
 from .._kernel._unix import Authorize
 from . import _wire as wire
 
@@ -195,9 +197,18 @@ class Worker(AncillaryProtocol):
         path: str | os.PathLike[str] | None = None,
         *,
         sock: socket.socket | None = None,
-        authorize: Authorize | None = None,
+        authorize: Authorize = same_user,
     ) -> Worker:
         """Register with the acceptor listening on ``path`` (or over the connected ``sock``).
+
+        The acceptor decides what this worker serves: every fd it sends becomes a client
+        socket here, with the address it claims. So the acceptor's credentials (recorded by
+        the kernel when the link was made, ``SO_PEERCRED``) are checked before anything is
+        read from it; by default only an acceptor running as this process's own user is
+        trusted. A process of another user that bound the path first (an abstract name has
+        no permissions; a path in a directory others can write can be taken before the
+        acceptor starts) is refused, and whatever it already sent is freed by the kernel
+        unread.
 
         Args:
             path: The acceptor's worker socket
@@ -205,12 +216,22 @@ class Worker(AncillaryProtocol):
             sock: A connected AF_UNIX stream socket instead (e.g. inherited from a pool); the
                 worker owns it.
             authorize: Called with the acceptor's credentials; a false result closes the socket
-                and raises [`PeerRejectedError`][aioancillary.PeerRejectedError].
+                and raises [`PeerRejectedError`][aioancillary.PeerRejectedError]. Default
+                [`same_user`][aioancillary.same_user]; widen it for an acceptor that runs as
+                another user, e.g. ``root_or_same_user`` for a worker that dropped root, or
+                ``allow_uids(uid)``.
 
         Raises:
-            PeerRejectedError: ``authorize`` refused the acceptor.
+            PeerRejectedError: ``authorize`` refused the acceptor (nothing was read from it).
+            TypeError: ``authorize`` is ``None``.
             OSError: the connection failed.
         """
+        if authorize is None:
+            raise TypeError(
+                "Worker.connect(authorize=None) would take clients from any process that "
+                "answers: pass a policy (the default, same_user, trusts an acceptor of this "
+                "user; allow_uids(...) or root_or_same_user widen it)"
+            )
         worker = cls()
         await _open_link(worker, path, sock, authorize)
         return worker
@@ -329,7 +350,12 @@ class Worker(AncillaryProtocol):
         count, self._done_count = self._done_count, 0
         transport = self._transport
         if count and transport is not None and not transport.is_closing():
-            transport.write(wire.done_message(count))
+            try:
+                transport.write(wire.done_message(count))
+            except ConnectionError as exc:
+                # The acceptor is gone (EPIPE, ECONNRESET): nobody is left to count these
+                # clients. The transport stopped its write side; the read side sees the end.
+                logger.debug("completion report for %d client(s) not sent: %s", count, exc)
 
     # -- iteration --------------------------------------------------------------------------
 
@@ -458,7 +484,36 @@ async def _open_link(
     worker: Worker,
     path: str | os.PathLike[str] | None,
     sock: socket.socket | None,
-    authorize: Authorize | None,
+    authorize: Authorize,
 ) -> None:
-    """Connect ``worker`` (the link's protocol) to its acceptor."""
-    await create_unix_connection(lambda: worker, path, sock=sock, authorize=authorize)
+    """Connect ``worker`` (the link's protocol) to its acceptor, once ``authorize`` trusts it.
+
+    The check runs on the connected socket before the transport exists, so before any byte
+    or fd is read: a refused peer's socket is closed with whatever it sent still queued, and
+    the kernel frees those fds without installing them here (``unix(7)``: fds in flight in a
+    closed socket are released with it).
+    """
+    seen: list[Credentials | None] = []
+
+    def check(credentials: Credentials | None) -> bool:
+        seen.append(credentials)
+        return bool(authorize(credentials))
+
+    try:
+        await create_unix_connection(lambda: worker, path, sock=sock, authorize=check)
+    except PeerRejectedError as exc:
+        where = "over the socket given" if path is None else f"at {os.fsdecode(path)!r}"
+        creds = seen[0] if seen else None
+        who = "an unknown user" if creds is None else f"uid {creds.uid} (pid {creds.pid})"
+        raise PeerRejectedError(
+            f"the acceptor {where} runs as {who} and authorize={_policy_name(authorize)} "
+            f"does not trust it (this worker runs as uid {os.geteuid()}); the link was "
+            "closed before any fd was taken. Another user's process may have bound the "
+            "socket before the acceptor: check who owns it, or widen authorize= if the "
+            "acceptor is meant to run as that user"
+        ) from exc
+
+
+def _policy_name(authorize: Authorize) -> str:
+    name = getattr(authorize, "__name__", None)
+    return name if isinstance(name, str) and name != "<lambda>" else repr(authorize)
