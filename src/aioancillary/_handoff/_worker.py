@@ -20,7 +20,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from .._asyncio._client import create_unix_connection
 from .._asyncio._protocol import AncillaryProtocol
@@ -38,6 +38,9 @@ __all__ = ["ClientHandler", "HandedClient", "Worker"]
 logger = logging.getLogger("aioancillary")
 
 _EAGER = sys.version_info >= (3, 12)
+
+#: The protocol type a ``connect_protocol`` factory makes (as ``loop.connect_accepted_socket``).
+_ProtocolT = TypeVar("_ProtocolT", bound=asyncio.BaseProtocol)
 
 
 class HandedClient:
@@ -105,13 +108,17 @@ class HandedClient:
         return reader, writer
 
     async def connect_protocol(
-        self, protocol_factory: Callable[[], asyncio.Protocol]
-    ) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        self, protocol_factory: Callable[[], _ProtocolT]
+    ) -> tuple[asyncio.Transport, _ProtocolT]:
         """Serve the client with a protocol (``loop.connect_accepted_socket``).
 
         The transport owns the socket from then on; [`done`][aioancillary.HandedClient.done] closes
         it. Call [`done`][aioancillary.HandedClient.done] when the protocol is finished (e.g. from
         ``connection_lost``).
+
+        Returns:
+            The transport and the protocol ``protocol_factory`` made, typed as the factory's
+            return type (``connect_protocol(MyProtocol)`` gives a ``MyProtocol``).
         """
         loop = asyncio.get_running_loop()
         transport, protocol = await loop.connect_accepted_socket(protocol_factory, self.sock)
