@@ -1,10 +1,12 @@
-"""Reload handoff: start_generation() / Generation.
+"""Reload handoff end to end: start_generation() / Generation, generation after generation.
 
-Process tests run tests/helpers/lifecycle_apps/reload_app.py generations on the test's own loop kind
-(asyncio or uvloop) while client tasks connect over 127.0.0.1 TCP without pause, and check
+Process tests run tests/helpers/lifecycle_apps/reload_app.py generations on the test's own loop
+kind (asyncio or uvloop) while client tasks connect over 127.0.0.1 TCP without pause, and check
 that no client is refused or cut, and that each generation exits with the fd count it started
-with. In-process tests drive the protocol's edges: timeouts at each step, refusals, garbage,
-duplicate names, unclaimed fds, more fds than one message carries.
+with. In-process tests check the Generation API: inherit by name, unclaimed fds, duplicate
+names, a third generation while the first drains, more fds than one message carries. The
+running generation's side under bad peers is in test_reload_offer.py, the successor's side
+under bad predecessors in test_reload_fetch.py, the states in test_reload_state.py.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -24,21 +25,10 @@ from typing import Any
 
 import pytest
 from helpers import is_open, nofile_at_least, wait_until, within
+from helpers.reload import closing, first_generation, listener
 
-from aioancillary import (
-    AncillaryConnection,
-    OwnedFd,
-    PeerRejectedError,
-    open_unix_connection,
-    start_unix_server,
-)
-from aioancillary._lifecycle._reload import (
-    Generation,
-    HandoffBusyError,
-    HandoffError,
-    HandoffTimeoutError,
-    start_generation,
-)
+from aioancillary import AncillaryConnection, PeerRejectedError, start_unix_server
+from aioancillary._lifecycle._reload import HandoffBusyError, HandoffError, start_generation
 from aioancillary._lifecycle._systemd import FdNameError
 
 APP = Path(__file__).resolve().parents[1] / "helpers" / "lifecycle_apps" / "reload_app.py"
@@ -266,55 +256,29 @@ async def test_old_generation_that_never_answers_times_the_successor_out(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "handoff.sock"
-    accepted = asyncio.Event()
 
     async def mute(conn: AncillaryConnection) -> None:
-        accepted.set()
         async for msg in conn:  # reads the hello, answers nothing, until the peer leaves
             msg.close()
 
-    async with await start_unix_server(mute, path):
-        async with generations(path) as children:
-            successor = await spawn(children, path, "g2", "--timeout", "0.3")
-            failed = await successor.event("failed")
-            assert await successor.returncode() == 2
-        assert accepted.is_set()
+    async with await start_unix_server(mute, path), generations(path) as children:
+        successor = await spawn(children, path, "g2", "--timeout", "0.3")
+        failed = await successor.event("failed")
+        assert await successor.returncode() == 2
     assert failed["error"] == "HandoffTimeoutError"
-    assert (
-        "no answer within 0.3 s while waiting for the running generation's fds"
-        in (failed["message"])
-    )
+    # However slow this machine, the fetch can only end at its deadline: nobody answers. (On
+    # a loaded machine the deadline may pass while still connecting: the same error.)
+    assert "within 0.3 s" in failed["message"] or "took over 0.3 s" in failed["message"]
+    assert failed["message"].endswith("nothing was taken")
 
 
-# -- in-process: the protocol's edges ---------------------------------------------------------
-
-
-def listener() -> socket.socket:
-    return socket.create_server(("127.0.0.1", 0))
-
-
-async def first_generation(path: Path, **kwargs: Any) -> Generation:
-    gen = await within(start_generation(path, systemd=False, **kwargs))
-    # The generation keeps its own copies for the successor: ours can go at once.
-    gen.take_socket("web", create=listener).close()
-    gen.take_fd("state", create=lambda: OwnedFd(os.memfd_create("state"))).close()
-    await within(gen.ready())
-    return gen
-
-
-@contextlib.asynccontextmanager
-async def closing(*gens: Generation) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        for gen in gens:
-            await within(gen.close())
+# -- in-process: the Generation API -----------------------------------------------------------
 
 
 async def test_inherit_by_name_and_hand_over(tmp_path: Path) -> None:
     path = tmp_path / "handoff.sock"
     g1 = await first_generation(path)
-    g1_web = g1._offered["web"][0]
+    g1_web = g1._offering.fds("web")[0]
     async with closing(g1):
         g2 = await within(start_generation(path))
         async with closing(g2):
@@ -371,44 +335,6 @@ async def test_duplicate_names_are_refused(tmp_path: Path) -> None:
                 gen.take_fd("other")
 
 
-async def raw_successor(path: Path) -> tuple[AncillaryConnection, list[Any]]:
-    """Connect, say hello, read the fds message; return the connection and (names, fds)."""
-    conn = await within(open_unix_connection(path))
-    await conn.send(json.dumps({"op": "hello", "version": 1, "pid": os.getpid()}).encode())
-    msg = await within(conn.recv())
-    body = json.loads(msg.data)
-    return conn, [body, msg]
-
-
-async def test_second_upgrade_is_refused_while_one_is_in_progress(tmp_path: Path) -> None:
-    path = tmp_path / "handoff.sock"
-    g1 = await first_generation(path)
-    async with closing(g1):
-        conn, (body, msg) = await raw_successor(path)  # holds the fds, no "ready" yet
-        with msg:
-            assert body["names"] == ["web", "state"]
-            assert len(msg.fds) == 2
-        with pytest.raises(HandoffBusyError, match="another successor is taking over right now"):
-            await within(start_generation(path))
-        conn.close()  # the first successor gives up: g1 serves on, and accepts the next
-        await within(conn.wait_closed())
-        g2 = await within(_retry_busy(path))
-        async with closing(g2):
-            g2.take_socket("web").close()
-            g2.take_fd("state").close()
-            await within(g2.ready())
-            await within(g1.handed_over())
-
-
-async def _retry_busy(path: Path) -> Generation:
-    """start_generation until the running one is no longer busy with a failed successor."""
-    while True:
-        try:
-            return await start_generation(path)
-        except HandoffBusyError:
-            await asyncio.sleep(0.01)  # the failed successor's cleanup has not reached it yet
-
-
 async def test_upgrade_is_refused_while_the_predecessor_drains(tmp_path: Path) -> None:
     path = tmp_path / "handoff.sock"
     g1 = await first_generation(path)
@@ -426,121 +352,6 @@ async def test_upgrade_is_refused_while_the_predecessor_drains(tmp_path: Path) -
         async with closing(g3):
             assert g3.inherited.names() == ["web", "state"]
             g3.inherited.close()
-
-
-async def test_ready_timeout_aborts_and_the_successor_is_told(tmp_path: Path) -> None:
-    path = tmp_path / "handoff.sock"
-    g1 = await first_generation(path, ready_timeout=0.2)
-    async with closing(g1):
-        g2 = await within(start_generation(path))
-        async with closing(g2):
-            g2.take_socket("web").close()
-            # Too slow: by the time it says ready, g1 has aborted and closed the connection.
-            await within(_wait_closed_by_peer(g2))
-            with pytest.raises(HandoffError, match=r"gave up this handoff .* keeps serving"):
-                await within(g2.ready())
-        assert not g1.is_handed_over()
-        g3 = await within(start_generation(path))  # g1 still offers everything
-        async with closing(g3):
-            assert g3.inherited.names() == ["web", "state"]
-            g3.inherited.close()
-
-
-async def _wait_closed_by_peer(gen: Generation) -> None:
-    conn = gen._predecessor
-    assert conn is not None
-    await wait_until(lambda: not conn.transport.is_reading())  # its EOF was read
-
-
-async def test_predecessor_that_fetches_fds_but_never_releases(tmp_path: Path) -> None:
-    path = tmp_path / "handoff.sock"
-    sent = asyncio.Event()
-
-    async def half_old(conn: AncillaryConnection) -> None:
-        with await conn.recv():
-            pass
-        with listener() as sock:
-            await conn.send_fds(b'{"op":"fds","names":["web"],"last":true}', [sock])
-        sent.set()
-        async for msg in conn:  # never answers "ready"; ends when the successor closes
-            msg.close()
-
-    async with await start_unix_server(half_old, path):
-        gen = await within(start_generation(path, timeout=0.2))
-        async with closing(gen):
-            gen.take_socket("web").close()
-            with pytest.raises(HandoffTimeoutError, match="waiting for the predecessor to release"):
-                await within(gen.ready())
-        assert sent.is_set()
-
-
-async def test_hello_never_sent_times_out_then_serves_again(tmp_path: Path) -> None:
-    path = tmp_path / "handoff.sock"
-    g1 = await first_generation(path, timeout=0.2)
-    async with closing(g1):
-        silent = await within(open_unix_connection(path))
-        async with silent:
-            with pytest.raises(Exception, match="closed"):
-                await within(silent.recv())  # g1 gave up on it and hung up
-        g2 = await within(start_generation(path))
-        async with closing(g2):
-            assert g2.inherited.names() == ["web", "state"]
-            g2.inherited.close()
-
-
-@pytest.mark.parametrize(
-    "garbage",
-    [b"not json", b"[1, 2]", b'{"op": "ready"}', b'{"op": "hello", "version": 99}'],
-)
-async def test_garbage_from_a_successor_leaves_the_old_one_serving(
-    tmp_path: Path, garbage: bytes
-) -> None:
-    path = tmp_path / "handoff.sock"
-    g1 = await first_generation(path)
-    async with closing(g1):
-        conn = await within(open_unix_connection(path))
-        async with conn:
-            await conn.send(garbage)
-            async for msg in conn:  # an "abort" at most, never fds
-                with msg:
-                    assert json.loads(msg.data)["op"] == "abort"
-                    assert msg.fds == ()
-        g2 = await within(_retry_busy(path))
-        async with closing(g2):
-            assert g2.inherited.names() == ["web", "state"]
-            g2.inherited.close()
-
-
-@pytest.mark.parametrize(
-    "reply",
-    [
-        (b'{"op":"fds","names":["a","b"],"last":true}', 1),
-        (b'{"op":"fds","names":"web","last":true}', 1),
-        (b'{"op":"fds","names":["a:b"],"last":true}', 1),
-        (b'{"op":"released"}', 1),
-        (b"\xff", 0),
-    ],
-)
-async def test_garbage_from_the_old_one_closes_every_fd(
-    tmp_path: Path, reply: tuple[bytes, int]
-) -> None:
-    path = tmp_path / "handoff.sock"
-    data, nfds = reply
-
-    async def bad_old(conn: AncillaryConnection) -> None:
-        with await conn.recv():
-            pass
-        pipes = [os.pipe() for _ in range(nfds)]
-        await conn.send_fds(data, [r for r, _ in pipes])
-        for r, w in pipes:
-            os.close(r)
-            os.close(w)
-        async for msg in conn:
-            msg.close()
-
-    async with await start_unix_server(bad_old, path):
-        with pytest.raises(HandoffError, match="protocol error"):
-            await within(start_generation(path))
 
 
 async def test_authorize_refusal_moves_nothing(tmp_path: Path) -> None:

@@ -94,9 +94,15 @@ def _kind(mode: int) -> str:
     return "not a socket"
 
 
-def _check_socket(num: int, name: str, family: int | None, sock_type: int | None) -> None:
+# The socket types that listen(2) applies to; SO_ACCEPTCONN tells whether it was called.
+_LISTENING_KINDS = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
+
+
+def _check_socket(
+    num: int, name: str, family: int | None, sock_type: int | None, listening: bool
+) -> None:
     """Raise [`FdTypeError`][aioancillary.FdTypeError] unless fd ``num`` is a socket of the
-    family/type asked for."""
+    family/type asked for (and listening, if asked)."""
     mode = os.fstat(num).st_mode
     if not stat.S_ISSOCK(mode):
         raise FdTypeError(
@@ -106,6 +112,9 @@ def _check_socket(num: int, name: str, family: int | None, sock_type: int | None
     # socket.socket(fileno=) reads SO_DOMAIN/SO_TYPE itself; detach() leaves the fd untouched.
     probe = socket.socket(fileno=num)
     got_family, got_type = probe.family, probe.type
+    accepts = got_type in _LISTENING_KINDS and probe.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    )
     probe.detach()
     if family is not None and got_family != family:
         raise FdTypeError(
@@ -116,6 +125,13 @@ def _check_socket(num: int, name: str, family: int | None, sock_type: int | None
         raise FdTypeError(
             f"fd {num} named {name!r} is a {socket.SocketKind(got_type).name} socket, "
             f"not {socket.SocketKind(sock_type).name}: check the unit's Listen*= lines"
+        )
+    if listening and got_type in _LISTENING_KINDS and not accepts:
+        raise FdTypeError(
+            f"fd {num} named {name!r} is a {socket.SocketKind(got_type).name} socket that is "
+            "not listening (SO_ACCEPTCONN is off: a connected socket, or one that never "
+            "listened) where a listener was asked for; take a connected socket with "
+            "listening=False"
         )
 
 
@@ -201,12 +217,15 @@ class NamedFds:
         family: int | None = None,
         type: int | None = None,
         create: Callable[[], socket.socket] | None = None,
+        listening: bool = False,
     ) -> socket.socket:
         """Take the one socket named ``name``; or, when no fd has that name, ``create()`` one.
 
         The returned `socket.socket` has the family and type of the fd (detected);
-        ``family``/``type`` make the call refuse anything else. ``create`` gives "inherit by
-        name, or bind if absent" in one call: the first process binds, later ones inherit.
+        ``family``/``type`` make the call refuse anything else, and ``listening=True`` a
+        stream or seqpacket socket that is not listening (``SO_ACCEPTCONN``; datagram
+        sockets never listen and are not checked). ``create`` gives "inherit by name, or
+        bind if absent" in one call: the first process binds, later ones inherit.
 
         Example::
 
@@ -216,15 +235,15 @@ class NamedFds:
 
         Raises:
             FdNameError: no fd has that name (and no ``create``), or several have.
-            FdTypeError: the fd is not a socket, or not of ``family``/``type``; it is left
-                in this object.
+            FdTypeError: the fd is not a socket, or not of ``family``/``type``, or not
+                listening; it is left in this object.
         """
         if create is not None and name not in self:
             return create()
         count = sum(1 for item_name, _ in self._items if item_name == name)
         if count > 1:
             raise FdNameError(f"{count} fds are named {name!r}: take them with take_sockets()")
-        return self.take_sockets(name, family=family, type=type)[0]
+        return self.take_sockets(name, family=family, type=type, listening=listening)[0]
 
     def take_sockets(
         self,
@@ -232,18 +251,21 @@ class NamedFds:
         *,
         family: int | None = None,
         type: int | None = None,
+        listening: bool = False,
     ) -> list[socket.socket]:
         """Take every fd named ``name`` as a socket (all checked before any is taken).
 
         Raises:
             FdNameError: no fd has that name.
-            FdTypeError: one of them is not a socket of ``family``/``type``; none is taken.
+            FdTypeError: one of them is not a socket of ``family``/``type`` (or not
+                listening, with ``listening=True``); none is taken.
         """
         fds = [fd for item_name, fd in self._items if item_name == name]
         if not fds:
             raise self._missing(name)
         for fd in fds:
-            _check_socket(fd.fileno(), name, family, type)  # all checked before any is taken
+            # All checked before any is taken.
+            _check_socket(fd.fileno(), name, family, type, listening)
         self.take_fds(name)
         return [fd.into_socket() for fd in fds]
 

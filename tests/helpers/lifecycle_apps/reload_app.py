@@ -13,7 +13,9 @@ in-flight connections finished. It prints JSON lines on stdout, one per event:
 
 Options: ``--crash-after-fds`` (``os._exit(3)`` right after fetching the fds),
 ``--never-ready`` (fetch, serve, never call ``ready()``), ``--timeout S``,
-``--ready-timeout S``, ``--drain S`` (deadline for in-flight connections).
+``--ready-timeout S``, ``--drain S`` (deadline for in-flight connections). Every deadline is
+30 s by default, far beyond what any step takes on a loaded machine: a test that needs one to
+fire sets it, and drives that step with a peer that never answers.
 """
 
 from __future__ import annotations
@@ -170,9 +172,9 @@ def cli() -> None:
     parser.add_argument("label")
     parser.add_argument("--crash-after-fds", action="store_true")
     parser.add_argument("--never-ready", action="store_true")
-    parser.add_argument("--timeout", type=float, default=5.0)
-    parser.add_argument("--ready-timeout", type=float, default=5.0)
-    parser.add_argument("--drain", type=float, default=5.0)
+    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--ready-timeout", type=float, default=30.0)
+    parser.add_argument("--drain", type=float, default=30.0)
     args = parser.parse_args()
     log = logging.getLogger("aioancillary")
     log.addHandler(EmitWarnings(logging.WARNING))
