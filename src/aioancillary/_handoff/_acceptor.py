@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import logging
 import os
 import socket
@@ -39,6 +38,7 @@ from .._core._fd import close_raw
 from .._core._message import AncillaryMessage, take_raw_fds
 from .._core._platform import SCM_MAX_FD
 from .._kernel import _fork
+from .._kernel._accept import AcceptErrorKind, AcceptFailure, ResourcePause, accept_burst
 from .._kernel._unix import Authorize
 from . import _wire as wire
 from ._dispatch import DispatchPolicy, Picker, WorkerInfo, make_policy
@@ -53,9 +53,6 @@ _Item = tuple[bytes, int]
 
 #: Seconds before a worker whose socket refused a hand-off (not because it left) gets more.
 _RETRY_DELAY = 0.1
-_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# accept(2): the client went away before we took it; nothing to hand over.
-_TRANSIENT_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +70,9 @@ class AcceptorStats:
             and handed to another.
         workers: Workers registered now.
         accepting: Whether the listeners are being read now.
+        failed_listeners: Names of the listeners dropped because ``accept()`` failed on them
+            for good (e.g. ``EINVAL``: shut down underneath the acceptor); the others are
+            still served.
     """
 
     accepted: int
@@ -83,6 +83,7 @@ class AcceptorStats:
     requeued: int
     workers: int
     accepting: bool
+    failed_listeners: tuple[str, ...] = ()
 
 
 class _Listener:
@@ -118,6 +119,7 @@ class _WorkerLink(AncillaryProtocol):
         "paused",
         "pending",
         "pid",
+        "refusing",
         "transport",
     )
 
@@ -134,6 +136,7 @@ class _WorkerLink(AncillaryProtocol):
         self.transport: AncillaryTransport | None = None
         self.gone = False
         self.paused = False  # its socket is full (pause_writing)
+        self.refusing = False  # its last hand-off failed (logged once until one succeeds)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, AncillaryTransport)
@@ -189,8 +192,11 @@ class _WorkerLink(AncillaryProtocol):
         )
 
 
-def _send_clients(transport: AncillaryTransport, items: list[_Item]) -> int:
-    """Hand ``items`` to the worker's transport; return how many it took (a prefix).
+def _send_clients(
+    transport: AncillaryTransport, items: list[_Item]
+) -> tuple[int, AncillaryError | OSError | None]:
+    """Hand ``items`` to the worker's transport; return how many it took (a prefix) and the
+    error that stopped it, if any.
 
     One ``C`` message carries the clients, with their fds, in one ``sendmsg`` (more than
     ``SCM_MAX_FD`` clients take several). The fds are borrowed: the caller closes its copies
@@ -210,11 +216,8 @@ def _send_clients(transport: AncillaryTransport, items: list[_Item]) -> int:
             )
             taken += len(chunk)
     except (AncillaryError, OSError) as exc:
-        level = logging.DEBUG if transport.is_closing() else logging.WARNING
-        logger.log(
-            level, "hand-off to %r stopped after %d of %d: %s", transport, taken, len(items), exc
-        )
-    return taken
+        return taken, exc
+    return taken, None
 
 
 def _close_fds(items: list[_Item]) -> None:
@@ -269,6 +272,10 @@ class Acceptor:
         self._limit = worker_limit
         self._burst = accept_burst
         self._listeners: list[_Listener] = []
+        self._listener_ids = 0  # wire ids are never reused: workers keep what they were told
+        self._failed_listeners: list[str] = []
+        self._resource = ResourcePause(logger, "the acceptor")
+        self._cooling = False  # after a resource failure, until the paced retry
         self._workers: list[_WorkerLink] = []
         self._next_index = 0
         self._dirty: list[_WorkerLink] = []
@@ -328,9 +335,8 @@ class Acceptor:
             socket.SOL_SOCKET, socket.SO_ACCEPTCONN
         ):
             raise ValueError(f"{sock!r} is not a listening stream socket: call listen() first")
-        listener = _Listener(
-            sock, len(self._listeners), name or _address_name(sock), metadata or {}
-        )
+        listener = _Listener(sock, self._listener_ids, name or _address_name(sock), metadata or {})
+        self._listener_ids += 1
         sock.setblocking(False)
         self._listeners.append(listener)
         for link in self._workers:
@@ -505,42 +511,53 @@ class Acceptor:
     # -- accepting --------------------------------------------------------------------------
 
     def _on_acceptable(self, listener: _Listener) -> None:
+        # Never more than the workers have room for: the rest wait in the kernel's backlog.
+        room = self._room()
+        if not room:
+            self._pause_accepting()
+            return
+        accepted: list[tuple[int, Any]] = []
+        failure = accept_burst(listener.accept, room, accepted)
+        if accepted:
+            self._accepted += len(accepted)
+            self._assign(accepted, listener)
+        if failure is not None:
+            self._accept_failed(listener, failure)
+        elif self._resource.active:
+            self._resource.recovered()
+
+    def _assign(self, accepted: list[tuple[int, Any]], listener: _Listener) -> None:
         workers = self._workers
         pick = self._policy.pick
         picker = self._picker
-        accept = listener.accept
         record = listener.record
         dirty = self._dirty
-        accepted = 0
-        for _ in range(self._burst):
-            try:
-                fd, addr = accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                if exc.errno in _TRANSIENT_ACCEPT:
-                    continue
-                self._accept_failed(exc)
-                break
-            accepted += 1
+        for fd, addr in accepted:
             item = (record(addr), fd)
             worker = pick(workers) if picker is None else self._choose(picker, addr, listener)
             if worker is None:
-                # Every worker is at its limit: this one waits here, the next ones in the
-                # kernel's backlog, until a worker frees up.
-                self._held.append(item)
-                self._pause_accepting()
-                break
+                self._held.append(item)  # no worker has room (they all left): wait here
+                continue
             if not worker.pending:
                 dirty.append(worker)
             worker.pending.append(item)
             worker.in_flight += 1
-            if worker.in_flight >= worker.cap and not self._has_room():
-                self._pause_accepting()  # the kernel's backlog holds the next ones
-                break
-        self._accepted += accepted
+        if not self._has_room():
+            self._pause_accepting()  # the kernel's backlog holds the next ones
         if dirty:
             self._flush()
+
+    def _room(self) -> int:
+        """How many clients to accept now: the workers' free places, at most one burst."""
+        room = 0
+        burst = self._burst
+        for link in self._workers:
+            free = link.cap - link.in_flight
+            if free > 0:
+                room += free
+                if room >= burst:
+                    return burst
+        return room
 
     def _choose(self, picker: Picker, addr: Any, listener: _Listener) -> _WorkerLink | None:
         workers = self._workers
@@ -566,15 +583,40 @@ class Acceptor:
             return self._policy.pick(workers)
         return chosen
 
-    def _accept_failed(self, exc: OSError) -> None:
-        if exc.errno in _RESOURCE_ERRORS:
-            # Out of fds or memory: stop for a moment instead of spinning on readiness;
-            # pending clients wait in the backlog.
-            logger.error("accept failed (%s); retrying in 100 ms", exc)
+    def _accept_failed(self, listener: _Listener, failure: AcceptFailure) -> None:
+        if failure.kind is AcceptErrorKind.RESOURCE:
+            # Out of fds or memory: stop for a moment instead of spinning on readiness (the
+            # clients wait in the backlog), logged once per episode.
+            delay = self._resource.failed(failure.error)
             self._pause_accepting()
-            self._loop.call_later(0.1, self._on_room)
+            if not self._cooling:
+                self._cooling = True
+                self._loop.call_later(delay, self._cooled)
             return
-        logger.error("accept failed (%s); this listener is no longer served", exc)
+        self._drop_listener(listener, failure.error)
+
+    def _cooled(self) -> None:
+        self._cooling = False
+        self._on_room()
+
+    def _drop_listener(self, listener: _Listener, exc: OSError) -> None:
+        # accept() on it will never work again (e.g. EINVAL: it no longer listens): keeping
+        # its reader would make the loop call it again at once, forever.
+        if listener not in self._listeners:
+            return
+        self._listeners.remove(listener)
+        if self._accepting and os.getpid() == self._pid:
+            self._loop.remove_reader(listener.fd)
+        listener.sock.close()
+        self._failed_listeners.append(listener.name)
+        logger.error(
+            "accept() on listener %r failed (%s): it is no longer served (its socket is "
+            "closed); %d other listener(s) still served. Add a new listening socket to serve "
+            "that address again",
+            listener.name,
+            exc,
+            len(self._listeners),
+        )
 
     def _flush(self) -> None:
         dirty = self._dirty
@@ -582,9 +624,9 @@ class Acceptor:
         for link in dirty:
             items, link.pending = link.pending, []
             if link.gone or link.transport is None:
-                taken = 0
+                taken, error = 0, None
             else:
-                taken = _send_clients(link.transport, items)
+                taken, error = _send_clients(link.transport, items)
             if taken:
                 link.handed += taken
                 self._handed += taken
@@ -597,13 +639,35 @@ class Acceptor:
                 if link.transport is not None and not link.transport.is_closing():
                     # Refused but alive (e.g. ETOOMANYREFS: too many fds in flight for this
                     # user, unix(7)): try it again a little later rather than spin.
+                    self._refused(link, error, taken, len(items))
                     self._loop.call_later(_RETRY_DELAY, self._reopen, link)
+            elif link.refusing:
+                link.refusing = False
+                logger.warning("worker #%d (pid %s) takes clients again", link.index, link.pid)
         dirty.clear()
         # The workers' sockets hold these clients now. Closed together: a wake's clients are
         # consecutive fd numbers whichever worker they went to.
         _close_fds(sent)
         if self._held:
             self._loop.call_soon(self._dispatch_held)
+
+    def _refused(self, link: _WorkerLink, error: Exception | None, taken: int, total: int) -> None:
+        # Logged once per episode: the retry every _RETRY_DELAY would repeat it ten times a
+        # second for as long as the condition lasts.
+        if link.refusing:
+            logger.debug("worker #%d still refuses clients: %s", link.index, error)
+            return
+        link.refusing = True
+        logger.warning(
+            "handing clients to worker #%d (pid %s) failed after %d of %d (%s): they go to "
+            "other workers; retrying it every %d ms",
+            link.index,
+            link.pid,
+            taken,
+            total,
+            error,
+            _RETRY_DELAY * 1000,
+        )
 
     def _reopen(self, link: _WorkerLink) -> None:
         transport = link.transport
@@ -661,7 +725,9 @@ class Acceptor:
 
     def _resume_accepting(self) -> None:
         self._resume_scheduled = False
-        if self._accepting or self._stopped or self._held or not self._listeners:
+        if self._accepting or self._stopped or self._cooling or self._held:
+            return
+        if not self._listeners:
             return
         if os.getpid() != self._pid:
             return
@@ -784,6 +850,7 @@ class Acceptor:
             requeued=self._requeued,
             workers=len(self._workers),
             accepting=self._accepting,
+            failed_listeners=tuple(self._failed_listeners),
         )
 
     async def __aenter__(self) -> Self:

@@ -1,0 +1,165 @@
+"""The acceptor when accept() fails: a broken listener is dropped, resources are waited for,
+a worker that refuses clients is retried, and none of it floods the log or spins."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from helpers import wait_until
+from helpers.acceptor import acceptor_with_workers, request
+
+from aioancillary import Acceptor
+
+LOGGER = "aioancillary"
+
+
+def records(caplog: pytest.LogCaptureFixture, level: int, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level and text in r.getMessage()]
+
+
+async def spin_a_little(turns: int = 200) -> None:
+    """Let the loop run ``turns`` iterations: a reader left registered on a broken listener
+    would be called on each of them (and log each time)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+def failing_accept(acceptor: Acceptor, name: str, code: int) -> dict[str, int]:
+    """Make the listener ``name`` fail with ``code`` while ``state["fail"]`` is true; count the
+    failed calls in ``state["failed"]``."""
+    state = {"fail": 1, "failed": 0}
+    listener = next(entry for entry in acceptor._listeners if entry.name == name)
+    real: Callable[[], Any] = listener.accept
+
+    def accept() -> Any:
+        if state["fail"]:
+            state["failed"] += 1
+            raise OSError(code, "injected")
+        return real()
+
+    listener.accept = accept
+    return state
+
+
+async def test_a_listener_failing_for_good_is_dropped_once_and_the_others_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.get_running_loop()
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    async with acceptor_with_workers(1) as (acceptor, _workers, addr):
+        doomed = socket.create_server(("127.0.0.1", 0))
+        doomed_fd = doomed.fileno()
+        acceptor.add_listener(doomed, name="doomed")
+        served = acceptor.listeners[0]
+        # Shut down underneath the acceptor: accept() fails with EINVAL for good, and the
+        # poller keeps reporting the socket readable.
+        doomed.shutdown(socket.SHUT_RD)
+        await wait_until(lambda: bool(records(caplog, logging.ERROR, "")))
+        await spin_a_little()
+        errors = records(caplog, logging.ERROR, "")
+        assert len(errors) == 1
+        assert "'doomed'" in errors[0]
+        assert "Invalid argument" in errors[0]
+        assert acceptor.stats().failed_listeners == ("doomed",)
+        assert acceptor.listeners == (served,)
+        assert doomed.fileno() == -1  # the acceptor owned it: closed
+        assert not loop.remove_reader(doomed_fd)  # its reader was removed
+        # The other listener is still served, and accepting goes on.
+        assert (await request(addr))["worker"] == "w0"
+        assert acceptor.stats().accepting
+        await spin_a_little()
+        assert len(records(caplog, logging.ERROR, "")) == 1
+
+
+async def test_a_dropped_listeners_id_is_not_reused() -> None:
+    async with acceptor_with_workers(1) as (acceptor, _workers, _addr):
+        doomed = socket.create_server(("127.0.0.1", 0))
+        acceptor.add_listener(doomed, name="doomed", metadata={"which": "doomed"})
+        doomed.shutdown(socket.SHUT_RD)
+        await wait_until(lambda: acceptor.stats().failed_listeners == ("doomed",))
+        fresh = socket.create_server(("127.0.0.1", 0))
+        acceptor.add_listener(fresh, name="fresh", metadata={"which": "fresh"})
+        answer = await request(fresh.getsockname())
+        assert (answer["listener"], answer["metadata"]) == ("fresh", {"which": "fresh"})
+
+
+async def test_resource_errors_pause_and_log_once_per_episode(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    async with acceptor_with_workers(1) as (acceptor, _workers, addr):
+        for episode in (1, 2):
+            state = failing_accept(acceptor, "tcp", errno.EMFILE)
+            pending = asyncio.ensure_future(request(addr, f"episode {episode}"))
+            # Paced retries (every 100 ms): wait for several of them.
+            await wait_until(lambda s=state: s["failed"] >= 4)  # type: ignore[misc]
+            assert not pending.done()
+            assert len(records(caplog, logging.ERROR, "")) == episode
+            assert not acceptor.stats().accepting  # paused between tries, not spinning
+            state["fail"] = 0
+            answer = await pending
+            assert answer["request"] == f"episode {episode}"
+            assert len(records(caplog, logging.WARNING, "accepts again")) == episode
+        errors = records(caplog, logging.ERROR, "")
+        assert len(errors) == 2
+        assert "Too many open files" in errors[0] or "injected" in errors[0]
+        # Nothing was dropped for a resource error.
+        assert acceptor.stats().failed_listeners == ()
+        assert len(acceptor.listeners) == 1
+
+
+async def test_transient_errors_are_skipped_silently(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    async with acceptor_with_workers(1) as (acceptor, _workers, addr):
+        listener = acceptor._listeners[0]
+        real = listener.accept
+        failures = [errno.ECONNABORTED, errno.EPROTO]
+
+        def accept() -> Any:
+            if failures:
+                raise OSError(failures.pop(), "injected")
+            return real()
+
+        listener.accept = accept
+        assert (await request(addr))["request"] == "hi"
+        assert failures == []
+        assert records(caplog, logging.ERROR, "") == []
+        assert acceptor.stats().failed_listeners == ()
+
+
+async def test_a_worker_refusing_clients_is_retried_and_logged_once_per_episode(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    async with acceptor_with_workers(1) as (acceptor, _workers, addr):
+        transport = acceptor._workers[0].transport
+        assert transport is not None
+        real = transport.write_fds
+        state = {"fail": 1, "failed": 0}
+
+        def write_fds(data: bytes, fds: Any) -> None:
+            if state["fail"]:
+                state["failed"] += 1
+                # unix(7): too many fds in flight for this user; the worker is alive.
+                raise OSError(errno.ETOOMANYREFS, "Too many references")
+            real(data, fds)
+
+        transport.write_fds = write_fds  # type: ignore[method-assign,assignment]
+        pending = asyncio.ensure_future(request(addr, "refused at first"))
+        await wait_until(lambda: state["failed"] >= 4)  # paced retries (every 100 ms)
+        assert not pending.done()
+        warnings = records(caplog, logging.WARNING, "")
+        assert len(warnings) == 1, warnings
+        assert "Too many references" in warnings[0]
+        assert acceptor.stats().in_flight == 1  # held here, not lost
+        state["fail"] = 0
+        assert (await pending)["request"] == "refused at first"
+        assert len(records(caplog, logging.WARNING, "takes clients again")) == 1
+        assert acceptor.stats().lost == 0
+        del transport.write_fds
