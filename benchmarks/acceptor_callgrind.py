@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import socket
 import subprocess
@@ -78,10 +79,8 @@ async def drive(listener_addr: tuple[str, int], sock: socket.socket, total: int,
         for _ in range(n):
             c = socket.socket()
             c.setblocking(False)
-            try:
+            with contextlib.suppress(BlockingIOError):
                 c.connect(listener_addr)
-            except BlockingIOError:
-                pass
             clients.append(c)
         sent += n
         while served < sent:
