@@ -11,15 +11,15 @@ registered, the poller reports the socket ready at once, the call fails again):
   and the next one may be fine: go on.
 * **resource**: this process or the system is out of fds or memory (``EMFILE``, ``ENFILE``,
   ``ENOBUFS``, ``ENOMEM``). The client stays in the backlog; retrying at once fails again.
-  Stop reading the listener and retry after a pause (:data:`RETRY_DELAY`); log the episode
-  once (:class:`ResourcePause`), not every retry.
+  Stop reading the listener and retry after a pause (``RETRY_DELAY``); log the episode once
+  (``ResourcePause``), not every retry.
 * **fatal**: anything else (``EINVAL``: the socket no longer listens, e.g. it was shut down
   underneath the loop; ``EBADF``, ``ENOTSOCK``...). The listener will never accept again: stop
   serving it (remove its reader) and say so once.
 
 A burst in which *every* attempt failed with a transient error is not about one client (a
 seccomp filter or an LSM can fail every ``accept4`` the same way, leaving the queue as it is):
-:func:`accept_burst` reports it as a resource failure, so the loop pauses instead of spinning.
+``accept_burst`` reports it as a resource failure, so the loop pauses instead of spinning.
 
 Sans-loop: the callers own their readers and timers; this module only calls ``accept`` and
 decides.
@@ -83,7 +83,7 @@ class AcceptErrorKind(enum.Enum):
 
     #: One pending client is gone: go on with the next.
     TRANSIENT = "transient"
-    #: Out of fds or memory: stop reading the listener, retry after :data:`RETRY_DELAY`.
+    #: Out of fds or memory: stop reading the listener, retry after `RETRY_DELAY`.
     RESOURCE = "resource"
     #: The listener is broken for good: stop serving it.
     FATAL = "fatal"
@@ -100,7 +100,7 @@ def classify_accept_error(exc: OSError) -> AcceptErrorKind:
 
 
 class AcceptFailure(NamedTuple):
-    """Why :func:`accept_burst` stopped before the queue was empty (a resource or fatal error)."""
+    """Why `accept_burst` stopped before the queue was empty (a resource or fatal error)."""
 
     kind: AcceptErrorKind
     error: OSError
