@@ -18,9 +18,15 @@ Every error the library raises on purpose derives from
     ├── FdNameError             no fd (or several) under the name asked for (LookupError)
     ├── FdTypeError             the fd is not the socket asked for (TypeError)
     ├── NotifyError             NOTIFY_SOCKET set but unreachable (OSError)
-    └── HandoffError            a reload handoff failed; the old generation serves on
-        ├── HandoffTimeoutError     a handoff step timed out (TimeoutError)
-        └── HandoffBusyError        another upgrade is in progress: retry later
+    ├── HandoffError            a reload handoff failed; the old generation serves on
+    │   ├── HandoffTimeoutError     a handoff step timed out (TimeoutError)
+    │   └── HandoffBusyError        another upgrade is in progress: retry later
+    ├── SpawnError              a program could not be started with its named fds (OSError)
+    └── FdHolderError           the fd holder refused a request, or broke its protocol
+        ├── FdHolderRefusedError    the holder does not admit this process (PermissionError)
+        ├── FdHolderNotFoundError   no entry of that name (LookupError)
+        ├── FdHolderExistsError     an entry of that name is already stored
+        └── FdHolderFullError       the holder's store is at its bound (entries or fds)
 
 Whenever one of these is raised on the receive path, every fd that arrived with the faulty
 message has already been closed: catching the error never leaves an fd open in the process.
@@ -34,6 +40,11 @@ __all__ = [
     "CloexecError",
     "ConnectionClosedError",
     "DataTruncatedError",
+    "FdHolderError",
+    "FdHolderExistsError",
+    "FdHolderFullError",
+    "FdHolderNotFoundError",
+    "FdHolderRefusedError",
     "FdNameError",
     "FdTruncatedError",
     "FdTypeError",
@@ -46,6 +57,7 @@ __all__ = [
     "NotifyError",
     "PeerRejectedError",
     "ProtocolError",
+    "SpawnError",
     "TooManyFdsError",
 ]
 
@@ -172,3 +184,46 @@ class HandoffTimeoutError(HandoffError, TimeoutError):
 class HandoffBusyError(HandoffError):
     """The running generation refused the upgrade for now: another successor is taking over,
     or its own predecessor is still draining. Nothing was taken; retry a little later."""
+
+
+class SpawnError(AncillaryError, OSError):
+    """A program could not be started with its named fds (:func:`spawn_with_fds`).
+
+    The exec wrapper did not start, did not come for its fds in time, or died before running
+    the program. The child was killed and reaped; the caller's fds are untouched.
+    """
+
+
+class FdHolderError(AncillaryError):
+    """The fd holder refused a request, or the peer broke the fd holder protocol.
+
+    Every fd the request involved has been closed on the side that refused it (the holder
+    closes fds it was sent with a refused store). :attr:`code` is the protocol's error code
+    (``"not-found"``, ``"full"``...), ``"protocol"`` when the peer's answer made no sense, or
+    ``"closed"`` when the connection ended.
+    """
+
+    def __init__(self, message: str, *, code: str = "protocol") -> None:
+        super().__init__(message)
+        #: The fd holder protocol's error code (see ``docs/reference/protocol.md``).
+        self.code = code
+
+
+class FdHolderRefusedError(FdHolderError, PermissionError):
+    """The holder does not admit this process: its credentials (``SO_PEERCRED``) are not
+    among the admitted ones, or the socket file's permissions keep it out. No fd moved."""
+
+
+class FdHolderNotFoundError(FdHolderError, LookupError):
+    """The holder has no entry of that name (never stored, deleted, expired, or retrieved
+    with ``delete=True``)."""
+
+
+class FdHolderExistsError(FdHolderError):
+    """An entry of that name is already stored: names are unique. Delete it first (or
+    retrieve it with ``delete=True``). The holder closed the fds sent with the refused store."""
+
+
+class FdHolderFullError(FdHolderError):
+    """The store is at its bound (``--max-entries`` or ``--max-fds``). The holder closed the
+    fds sent with the refused store; delete entries, or run the holder with higher bounds."""

@@ -1,4 +1,4 @@
-"""The command line: ``python -m aioancillary {demo,bench} ...``.
+"""The command line: ``python -m aioancillary {demo,bench,fdholder} ...``.
 
 Conventions: ``--help`` prints to stdout and exits 0; a usage error (an unknown option, a
 missing command) prints to stderr and exits 2, as argparse does. Running with no command is
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from typing import Any
 
 from .. import __version__
 
@@ -94,7 +95,60 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         metavar="R",
         help="runs of every cell, interleaved; the best is shown (default 3)",
     )
-    return parser, {"demo": demo, "bench": bench}
+    return parser, {"demo": demo, "bench": bench, "fdholder": _fdholder_parser(commands)}
+
+
+def _fdholder_parser(commands: Any) -> argparse.ArgumentParser:
+    from ._fdholder_cmd import account  # noqa: PLC0415 - a few lines; the holder loads on use
+
+    fdholder = commands.add_parser(
+        "fdholder",
+        help="hold fds across restarts: run the fd holder, or list and delete its entries",
+        description="Without ACTION: run the fd holder on --socket until SIGTERM (which drops "
+        "the store). A holder started on the socket of a running one takes its whole store "
+        "over, and the running one exits. With ACTION: talk to the holder on --socket.",
+        epilog="--socket defaults to $AIOANCILLARY_FDHOLDER_SOCKET; '@name' is an abstract "
+        "socket. The holder admits its own user and root, plus --allow-uid/--allow-gid.",
+    )
+    fdholder.add_argument("--socket", metavar="PATH", help="the holder's socket")
+    fdholder.add_argument(
+        "--allow-uid",
+        metavar="UID",
+        type=account("uid"),
+        action="append",
+        default=[],
+        help="also admit this user (number or name; repeat for several)",
+    )
+    fdholder.add_argument(
+        "--allow-gid",
+        metavar="GID",
+        type=account("gid"),
+        action="append",
+        default=[],
+        help="also admit processes of this primary group (number or name; repeat)",
+    )
+    fdholder.add_argument(
+        "--loop",
+        choices=LOOPS,
+        help="the holder's event loop (default: uvloop if installed, else asyncio)",
+    )
+    fdholder.add_argument(
+        "--max-entries", type=_positive, default=1000, metavar="N", help="default 1000"
+    )
+    fdholder.add_argument(
+        "--max-fds",
+        type=_positive,
+        default=1000,
+        metavar="N",
+        help="fds held, all entries together (default 1000)",
+    )
+    actions = fdholder.add_subparsers(dest="action", title="actions", metavar="ACTION")
+    listing = actions.add_parser("list", help="list the entries: fd count, expiry, name")
+    listing.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS)
+    delete = actions.add_parser("delete", help="drop an entry: the holder closes its fds")
+    delete.add_argument("name", help="the entry's name")
+    delete.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS)
+    return fdholder  # type: ignore[no-any-return]
 
 
 def _positive(text: str) -> int:
@@ -147,4 +201,11 @@ def main(argv: list[str]) -> int:
         from ._demo import demo  # noqa: PLC0415 - the demo's modules load only when it runs
 
         return demo(args.loop or ("uvloop" if _has_uvloop() else "asyncio"))
+    if args.command == "fdholder":
+        from ._fdholder_cmd import fdholder  # noqa: PLC0415
+
+        if args.action is None and args.loop == "uvloop" and not _has_uvloop():
+            commands["fdholder"].error(f"--loop uvloop: {UVLOOP_MISSING}")
+        default_loop = "uvloop" if _has_uvloop() else "asyncio"
+        return fdholder(args, commands["fdholder"], default_loop)
     return _bench(args, commands["bench"])
