@@ -24,7 +24,11 @@ Layers, bottom up (each uses only the ones below it):
   [`NamedFds`][aioancillary.NamedFds]), [`notify`][aioancillary.notify] /
   [`notify_async`][aioancillary.notify_async] (``sd_notify``, the fd store),
   [`start_generation`][aioancillary.start_generation] / [`Generation`][aioancillary.Generation]
-  (zero-downtime reload by fd handoff);
+  (zero-downtime reload by fd handoff), [`spawn_with_fds`][aioancillary.spawn_with_fds] (start any
+  program with named fds, as systemd does);
+* the fd holder (``python -m aioancillary fdholder``), a daemon that keeps fds across restarts,
+  and its clients [`FdHolderClient`][aioancillary.FdHolderClient] /
+  [`FdHolderBlockingClient`][aioancillary.FdHolderBlockingClient];
 * hand-off toolkit: [`Acceptor`][aioancillary.Acceptor] hands accepted clients to worker processes
   running [`Worker`][aioancillary.Worker] (clients arrive as
   [`HandedClient`][aioancillary.HandedClient]); [`WorkerPool`][aioancillary.WorkerPool] starts and
@@ -55,6 +59,11 @@ from ._core._errors import (
     CloexecError,
     ConnectionClosedError,
     DataTruncatedError,
+    FdHolderError,
+    FdHolderExistsError,
+    FdHolderFullError,
+    FdHolderNotFoundError,
+    FdHolderRefusedError,
     FdNameError,
     FdsInFlightError,
     FdTruncatedError,
@@ -67,12 +76,16 @@ from ._core._errors import (
     NotifyError,
     PeerRejectedError,
     ProtocolError,
+    SpawnError,
     TooManyFdsError,
 )
 from ._core._fd import FdLike, HasFileno, OwnedFd
 from ._core._framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, frame_header
 from ._core._message import AncillaryMessage
 from ._core._platform import SCM_MAX_FD, Platform, buffer_size_for_rights, current_platform
+from ._fdholder._blocking import FdHolderBlockingClient
+from ._fdholder._client import FdHolderClient
+from ._fdholder._wire import FdHolderEntry
 from ._handoff._acceptor import Acceptor, AcceptorStats
 from ._handoff._dispatch import Picker, WorkerInfo
 from ._handoff._pool import WorkerPool
@@ -89,6 +102,7 @@ from ._kernel._peercred import peer_credentials
 from ._kernel._unix import Authorize
 from ._lifecycle._notify import notify, notify_async, watchdog_interval
 from ._lifecycle._reload import Generation, start_generation
+from ._lifecycle._spawn import spawn_with_fds
 from ._lifecycle._systemd import NamedFds, listen_fds
 
 __version__ = "0.1.0"
@@ -113,6 +127,14 @@ __all__ = [
     "ConnectionClosedError",
     "Credentials",
     "DataTruncatedError",
+    "FdHolderBlockingClient",
+    "FdHolderClient",
+    "FdHolderEntry",
+    "FdHolderError",
+    "FdHolderExistsError",
+    "FdHolderFullError",
+    "FdHolderNotFoundError",
+    "FdHolderRefusedError",
     "FdLike",
     "FdNameError",
     "FdTruncatedError",
@@ -138,6 +160,7 @@ __all__ = [
     "ReceivedInto",
     "ServerStats",
     "SocketAncillary",
+    "SpawnError",
     "TooManyFdsError",
     "Worker",
     "WorkerInfo",
@@ -161,6 +184,7 @@ __all__ = [
     "root_or_same_user",
     "same_user",
     "send_fds",
+    "spawn_with_fds",
     "start_generation",
     "start_unix_server",
     "watchdog_interval",
