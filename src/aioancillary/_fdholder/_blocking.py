@@ -13,9 +13,9 @@ import collections
 import contextlib
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from .._core._errors import ConnectionClosedError, FdHolderError
 from .._core._fd import FdLike, OwnedFd
@@ -39,6 +39,8 @@ from ._wire import (
 )
 
 __all__ = ["FdHolderBlockingClient"]
+
+_T = TypeVar("_T")
 
 
 class _Link:
@@ -85,14 +87,20 @@ class FdHolderBlockingClient:
             holder.store("web", [listener])
             fds = holder.retrieve("web", delete=True)
 
-    A request interrupted mid-exchange (timeout, signal) closes the connection.
+    Like the asyncio client it connects again once when the holder moved or closed the
+    connection unanswered. A request interrupted mid-exchange (timeout, signal) closes the
+    connection.
     """
 
-    def __init__(self, link: _Link, info: HolderInfo, path: str) -> None:
+    def __init__(
+        self, link: _Link, info: HolderInfo, path: str, timeout: float, authorize: Authorize | None
+    ) -> None:
         """Use :meth:`connect`."""
         self._link: _Link | None = link
         self._info = info
         self._path = path
+        self._timeout = timeout
+        self._authorize = authorize
 
     @classmethod
     def connect(
@@ -108,29 +116,8 @@ class FdHolderBlockingClient:
             The same errors as :meth:`FdHolderClient.connect`.
         """
         fspath = os.fsdecode(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            try:
-                sock.connect(fspath)
-            except OSError as exc:
-                raise unreachable(fspath, named_error(exc, fspath)) from exc
-            check_peer(sock, authorize)
-            link = _Link(sock)
-        except BaseException:
-            sock.close()
-            raise
-        try:
-            link.send(encode("hello", versions=list(SUPPORTED_VERSIONS)))
-            try:
-                msg = link.recv()
-            except ConnectionClosedError as exc:
-                raise refused(fspath) from exc
-            info = read_hello(msg)
-        except BaseException:
-            link.close()
-            raise
-        return cls(link, info, fspath)
+        link, info = _open(fspath, timeout, authorize)
+        return cls(link, info, fspath, timeout, authorize)
 
     @property
     def holder_pid(self) -> int:
@@ -147,7 +134,7 @@ class FdHolderBlockingClient:
         """The holder's bound on fds, all entries together."""
         return self._info.max_fds
 
-    def _exchange(self, request: bytes, fds: Sequence[FdLike] = ()) -> AncillaryMessage:
+    def _roundtrip(self, request: bytes, fds: Sequence[FdLike]) -> AncillaryMessage:
         link = self._link
         if link is None:
             raise FdHolderError("this fd holder client is closed", code="closed")
@@ -156,14 +143,41 @@ class FdHolderBlockingClient:
             return link.recv()
         except (ConnectionClosedError, BrokenPipeError, ConnectionResetError) as exc:
             self.close()
-            raise FdHolderError(
-                f"the connection to the fd holder at {self._path!r} ended ({exc}): it exited "
-                "or handed its store to a new holder; connect again",
-                code="closed",
-            ) from exc
+            raise ConnectionClosedError(str(exc)) from exc
         except BaseException:
             self.close()  # the answer, if it comes, could not be matched any more
             raise
+
+    def _request(
+        self, request: bytes, read: Callable[[AncillaryMessage], _T], fds: Sequence[FdLike] = ()
+    ) -> _T:
+        """As :meth:`FdHolderClient._request`."""
+        if self._link is None:
+            raise FdHolderError("this fd holder client is closed", code="closed")
+        try:
+            return read(self._roundtrip(request, fds))
+        except FdHolderError as exc:
+            if exc.code != "moved":
+                raise
+        except ConnectionClosedError:
+            pass
+        self.close()
+        try:
+            self._link, self._info = _open(self._path, self._timeout, self._authorize)
+        except OSError as exc:
+            raise FdHolderError(
+                f"the connection to the fd holder at {self._path!r} ended, and no holder "
+                f"answers there now ({exc}): it exited, and its store with it",
+                code="closed",
+            ) from exc
+        try:
+            return read(self._roundtrip(request, fds))
+        except ConnectionClosedError as exc:
+            raise FdHolderError(
+                f"the fd holder at {self._path!r} closed the connection twice without "
+                "answering: it is exiting",
+                code="closed",
+            ) from exc
 
     def store(
         self, name: str, fds: FdLike | Sequence[FdLike], *, timeout: float | None = None
@@ -171,14 +185,13 @@ class FdHolderBlockingClient:
         """Store ``fds`` under ``name``; as :meth:`FdHolderClient.store`."""
         items = fd_items(fds)
         check_request(name, len(items), timeout)
-        read_ok(self._exchange(encode("store", name=name, timeout=timeout), items))
+        self._request(encode("store", name=name, timeout=timeout), read_ok, items)
 
     def retrieve(self, name: str, *, delete: bool = False) -> tuple[OwnedFd, ...]:
         """Get copies of the fds stored under ``name``; as :meth:`FdHolderClient.retrieve`."""
         check_request(name)
-        fds, ack = read_fds(
-            self._exchange(encode("retrieve", name=name, delete=bool(delete))), name
-        )
+        request = encode("retrieve", name=name, delete=bool(delete))
+        fds, ack = self._request(request, lambda msg: read_fds(msg, name))
         if ack and self._link is not None:
             # If this fails the holder keeps the entry; the caller has the fds all the same.
             with contextlib.suppress(OSError):
@@ -187,12 +200,12 @@ class FdHolderBlockingClient:
 
     def list(self) -> builtins.list[FdHolderEntry]:
         """Every entry's name, fd count and seconds left; as :meth:`FdHolderClient.list`."""
-        return read_entries(self._exchange(encode("list")))
+        return self._request(encode("list"), read_entries)
 
     def delete(self, name: str) -> None:
         """Drop the entry ``name``; as :meth:`FdHolderClient.delete`."""
         check_request(name)
-        read_ok(self._exchange(encode("delete", name=name)))
+        self._request(encode("delete", name=name), read_ok)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -213,3 +226,30 @@ class FdHolderBlockingClient:
 
     def __repr__(self) -> str:
         return f"<FdHolderBlockingClient {self._path!r} holder_pid={self._info.pid}>"
+
+
+def _open(path: str, timeout: float, authorize: Authorize | None) -> tuple[_Link, HolderInfo]:
+    """A connection to the holder at ``path``, past ``hello``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise unreachable(path, named_error(exc, path)) from exc
+        check_peer(sock, authorize)
+        link = _Link(sock)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        try:
+            link.send(encode("hello", versions=list(SUPPORTED_VERSIONS)))
+            msg = link.recv()
+        except (ConnectionClosedError, ConnectionResetError, BrokenPipeError) as exc:
+            # Closed unanswered: refused at accept (a reset, when our hello was still unread).
+            raise refused(path) from exc
+        return link, read_hello(msg)
+    except BaseException:
+        link.close()
+        raise

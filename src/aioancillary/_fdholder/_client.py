@@ -6,9 +6,9 @@ import asyncio
 import builtins
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from .._asyncio._client import open_unix_connection
 from .._asyncio._connection import AncillaryConnection
@@ -36,6 +36,8 @@ from ._wire import (
 )
 
 __all__ = ["FdHolderClient", "check_request", "fd_items", "refused", "unreachable"]
+
+_T = TypeVar("_T")
 
 
 def fd_items(fds: FdLike | Sequence[FdLike]) -> list[FdLike]:
@@ -101,18 +103,27 @@ class FdHolderClient:
                 print(entry.name, entry.fd_count, entry.expires_in)
 
     Requests are answered one at a time, in order; concurrent calls from several tasks wait
-    their turn. A request interrupted mid-exchange (cancelled, timed out) closes the
+    their turn. When the holder is replaced by a new one (a takeover) or its connection ends
+    before a request is answered, the client connects again once and repeats the request:
+    a holder that closes a connection unanswered has carried nothing out, or has exited with
+    its whole store. A request interrupted mid-exchange (cancelled, timed out) closes the
     connection: its answer could no longer be matched.
     """
 
     def __init__(
-        self, conn: AncillaryConnection, info: HolderInfo, path: str, timeout: float
+        self,
+        conn: AncillaryConnection,
+        info: HolderInfo,
+        path: str,
+        timeout: float,
+        authorize: Authorize | None,
     ) -> None:
         """Use :meth:`connect`."""
         self._conn = conn
         self._info = info
         self._path = path
         self._timeout = timeout
+        self._authorize = authorize
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -141,28 +152,8 @@ class FdHolderClient:
             TimeoutError: no answer within ``timeout``.
         """
         fspath = os.fsdecode(path)
-        try:
-            async with asyncio.timeout(timeout):
-                conn = await open_unix_connection(
-                    fspath,
-                    authorize=authorize,
-                    max_message_size=MAX_MESSAGE,
-                    max_queued_fds=SCM_MAX_FD,
-                )
-        except OSError as exc:
-            raise unreachable(fspath, exc) from exc
-        try:
-            async with asyncio.timeout(timeout):
-                await conn.send(encode("hello", versions=list(SUPPORTED_VERSIONS)))
-                try:
-                    msg = await conn.recv()
-                except ConnectionClosedError as exc:
-                    raise refused(fspath) from exc
-            info = read_hello(msg)
-        except BaseException:
-            conn.abort()
-            raise
-        return cls(conn, info, fspath, timeout)
+        conn, info = await _open(fspath, timeout, authorize)
+        return cls(conn, info, fspath, timeout, authorize)
 
     @property
     def holder_pid(self) -> int:
@@ -179,22 +170,47 @@ class FdHolderClient:
         """The holder's bound on fds, all entries together."""
         return self._info.max_fds
 
-    async def _exchange(self, request: bytes, fds: Sequence[FdLike] = ()) -> AncillaryMessage:
-        """Send one request and return its answer (the caller reads it)."""
+    async def _roundtrip(self, request: bytes, fds: Sequence[FdLike]) -> AncillaryMessage:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._conn.send_fds(request, fds)
+                return await self._conn.recv()
+        except ConnectionClosedError:
+            raise
+        except BaseException:
+            self._conn.abort()  # the answer, if it comes, could not be matched any more
+            raise
+
+    async def _request(
+        self, request: bytes, read: Callable[[AncillaryMessage], _T], fds: Sequence[FdLike] = ()
+    ) -> _T:
+        """Send one request and read its answer; once more on a new connection if the holder
+        moved or closed this one unanswered."""
         async with self._lock:
             try:
-                async with asyncio.timeout(self._timeout):
-                    await self._conn.send_fds(request, fds)
-                    return await self._conn.recv()
-            except ConnectionClosedError as exc:
+                return read(await self._roundtrip(request, fds))
+            except FdHolderError as exc:
+                if exc.code != "moved":
+                    raise
+            except ConnectionClosedError:
+                pass
+            self._conn.abort()
+            try:
+                self._conn, self._info = await _open(self._path, self._timeout, self._authorize)
+            except OSError as exc:
                 raise FdHolderError(
-                    f"the connection to the fd holder at {self._path!r} ended ({exc}): it "
-                    "exited or handed its store to a new holder; connect again",
+                    f"the connection to the fd holder at {self._path!r} ended, and no holder "
+                    f"answers there now ({exc}): it exited, and its store with it",
                     code="closed",
                 ) from exc
-            except BaseException:
-                self._conn.abort()  # the answer, if it comes, could not be matched any more
-                raise
+            try:
+                return read(await self._roundtrip(request, fds))
+            except ConnectionClosedError as exc:
+                raise FdHolderError(
+                    f"the fd holder at {self._path!r} closed the connection twice without "
+                    "answering: it is exiting",
+                    code="closed",
+                ) from exc
 
     async def store(
         self,
@@ -222,7 +238,7 @@ class FdHolderClient:
         """
         items = fd_items(fds)
         check_request(name, len(items), timeout)
-        read_ok(await self._exchange(encode("store", name=name, timeout=timeout), items))
+        await self._request(encode("store", name=name, timeout=timeout), read_ok, items)
 
     async def retrieve(self, name: str, *, delete: bool = False) -> tuple[OwnedFd, ...]:
         """Get copies of the fds stored under ``name``: the same open files, owned by you.
@@ -236,8 +252,8 @@ class FdHolderClient:
                 ``delete=True``).
         """
         check_request(name)
-        answer = await self._exchange(encode("retrieve", name=name, delete=bool(delete)))
-        fds, ack = read_fds(answer, name)
+        request = encode("retrieve", name=name, delete=bool(delete))
+        fds, ack = await self._request(request, lambda msg: read_fds(msg, name))
         if ack:
             # If this fails the holder keeps the entry; the caller has the fds all the same.
             with contextlib.suppress(ConnectionClosedError):
@@ -246,7 +262,7 @@ class FdHolderClient:
 
     async def list(self) -> builtins.list[FdHolderEntry]:
         """Every entry's name, fd count and seconds left before it expires, by name."""
-        return read_entries(await self._exchange(encode("list")))
+        return await self._request(encode("list"), read_entries)
 
     async def delete(self, name: str) -> None:
         """Drop the entry ``name``; the holder closes its fds.
@@ -255,7 +271,7 @@ class FdHolderClient:
             FdHolderNotFoundError: no such entry.
         """
         check_request(name)
-        read_ok(await self._exchange(encode("delete", name=name)))
+        await self._request(encode("delete", name=name), read_ok)
 
     async def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -275,3 +291,27 @@ class FdHolderClient:
 
     def __repr__(self) -> str:
         return f"<FdHolderClient {self._path!r} holder_pid={self._info.pid}>"
+
+
+async def _open(
+    path: str, step: float, authorize: Authorize | None
+) -> tuple[AncillaryConnection, HolderInfo]:
+    """A connection to the holder at ``path``, past ``hello``; ``step`` bounds each wait."""
+    try:
+        async with asyncio.timeout(step):
+            conn = await open_unix_connection(
+                path, authorize=authorize, max_message_size=MAX_MESSAGE, max_queued_fds=SCM_MAX_FD
+            )
+    except OSError as exc:
+        raise unreachable(path, exc) from exc
+    try:
+        async with asyncio.timeout(step):
+            try:
+                await conn.send(encode("hello", versions=list(SUPPORTED_VERSIONS)))
+                msg = await conn.recv()
+            except ConnectionClosedError as exc:
+                raise refused(path) from exc  # closed unanswered: refused at accept
+        return conn, read_hello(msg)
+    except BaseException:
+        conn.abort()
+        raise

@@ -246,7 +246,10 @@ class Daemon:
 
     async def _exit_handed_over(self) -> None:
         # The successor holds its own copies of everything: close ours, leave the path.
-        entries = await self.holder.close()
+        pid = self.source.handed_over.result()
+        entries = await self.holder.close(
+            "moved", f"this holder handed its store over to pid {pid}: connect again"
+        )
         close_all(fd for entry in entries for fd in entry.fds)
         await self.source.close()
         self.holder.listener.close()
@@ -254,7 +257,9 @@ class Daemon:
     async def _drop(self, signame: str) -> None:
         await _notify(stopping=True, status="dropping the store")
         in_takeover = self.holder.frozen
-        entries = await self.holder.close()
+        entries = await self.holder.close(
+            "stopping", f"the holder is stopping ({signame}): its store is dropped"
+        )
         close_all(fd for entry in entries for fd in entry.fds)
         logger.warning("%s: dropped the store, %s; every fd closed", signame, describe(entries))
         await self.source.close()

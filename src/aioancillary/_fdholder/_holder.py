@@ -16,6 +16,7 @@ itself is handed to a callback (``_takeover`` implements it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -93,7 +94,11 @@ class Holder:
         self._server: AncillaryServer | None = None
         self._servers: list[AncillaryServer] = []
         self._running = asyncio.Event()  # set while requests are answered (not frozen)
-        self._closing = False
+        self._held = 0  # requests waiting for the end of a freeze
+        self._none_held = asyncio.Event()
+        self._none_held.set()
+        # Once closing: the (code, message) that requests still waiting are answered with.
+        self._closing: tuple[str, str] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     # -- accepting --------------------------------------------------------------------------
@@ -129,14 +134,17 @@ class Holder:
         if server is not None:
             server.close(unlink=False)  # closes only the duplicate: the listener stays bound
 
-    async def close(self) -> list[Entry[OwnedFd]]:
+    async def close(self, code: str, message: str) -> list[Entry[OwnedFd]]:
         """Stop for good: close every connection; return the entries (the caller closes them).
 
-        The listener itself is left to the caller (a successor may hold it too).
+        Requests held by a freeze were never carried out: they are answered with the error
+        ``code`` (``moved``: the client connects again and meets the successor). The listener
+        itself is left to the caller (a successor may hold it too).
         """
-        self._closing = True
+        self._closing = (code, message)
         self.freeze()
-        self._running.set()  # wake the requests waiting on a freeze: they see _closing
+        self._running.set()  # wake the held requests: they answer with the closing error
+        await self._none_held.wait()
         for server in self._servers:
             server.close_clients()
         for server in self._servers:
@@ -151,7 +159,7 @@ class Holder:
             self._timer.cancel()
             self._timer = None
         deadline = self.store.next_deadline()
-        if deadline is not None and not self.frozen and not self._closing:
+        if deadline is not None and not self.frozen and self._closing is None:
             self._timer = self._loop.call_at(deadline, self._expire)
 
     def _expire(self) -> None:
@@ -173,13 +181,12 @@ class Holder:
         try:
             async for msg in conn:
                 with msg:
-                    await self._running.wait()  # frozen by a takeover: the request waits
-                    if self._closing:
+                    if not await self._hold(conn):
                         return
                     body = decode(msg.data)
                     if body is not None and body["op"] == "takeover" and not msg.fd_count:
                         await self._on_takeover(self, conn, creds)
-                        if self._closing:
+                        if self._closing is not None:
                             return
                         continue
                     await self._answer(conn, msg, body)
@@ -191,6 +198,23 @@ class Holder:
                     creds.pid,
                     released,
                 )
+
+    async def _hold(self, conn: AncillaryConnection) -> bool:
+        """Wait while frozen; False (the request answered with the closing error) if closing."""
+        if not self._running.is_set():
+            self._held += 1
+            self._none_held.clear()
+            try:
+                await self._running.wait()
+            finally:
+                self._held -= 1
+                if not self._held:
+                    self._none_held.set()
+        if self._closing is None:
+            return True
+        with contextlib.suppress(ConnectionClosedError):
+            await self._error(conn, *self._closing)
+        return False
 
     async def _hello(self, conn: AncillaryConnection) -> bool:
         try:
@@ -316,5 +340,5 @@ class Holder:
         self.store.add(name, fds, expires_in, self._loop.time())
 
     def __repr__(self) -> str:
-        state = "closing" if self._closing else "frozen" if self.frozen else "serving"
+        state = "closing" if self._closing is not None else "frozen" if self.frozen else "serving"
         return f"<Holder {state} {self.store!r}>"

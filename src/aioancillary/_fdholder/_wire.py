@@ -74,6 +74,9 @@ ERROR_CODES = {
     "busy": "the entry is being retrieved with delete=True by another client, or a takeover "
     "is in progress",
     "denied": "this client may not do that (a takeover by another user)",
+    "moved": "the holder handed its store to a successor before answering: connect again "
+    "(the request was not carried out)",
+    "stopping": "the holder is stopping (SIGTERM): its store is dropped",
 }
 
 _ERROR_TYPES: dict[str, type[FdHolderError]] = {
