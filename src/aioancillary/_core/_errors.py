@@ -187,7 +187,8 @@ class HandoffBusyError(HandoffError):
 
 
 class SpawnError(AncillaryError, OSError):
-    """A program could not be started with its named fds (:func:`spawn_with_fds`).
+    """A program could not be started with its named fds
+    ([`spawn_with_fds`][aioancillary.spawn_with_fds]).
 
     The exec wrapper did not start, did not come for its fds in time, or died before running
     the program. The child was killed and reaped; the caller's fds are untouched.
@@ -198,7 +199,7 @@ class FdHolderError(AncillaryError):
     """The fd holder refused a request, or the peer broke the fd holder protocol.
 
     Every fd the request involved has been closed on the side that refused it (the holder
-    closes fds it was sent with a refused store). :attr:`code` is the protocol's error code
+    closes fds it was sent with a refused store). ``code`` is the protocol's error code
     (``"not-found"``, ``"full"``...), ``"protocol"`` when the peer's answer made no sense, or
     ``"closed"`` when the connection ended.
     """

@@ -1,8 +1,8 @@
-"""The fd holder's blocking client: :class:`FdHolderBlockingClient`.
+"""The fd holder's blocking client: [`FdHolderBlockingClient`][aioancillary.FdHolderBlockingClient].
 
 The same requests and answers as the asyncio client (``_wire``), over a blocking socket: each
 frame goes out with one ``sendmsg`` carrying its fds (the simplest conforming sender of the
-framing protocol), and what ``recvmsg`` returns feeds the same :class:`FrameDecoder` the
+framing protocol), and what ``recvmsg`` returns feeds the same ``FrameDecoder`` the
 asyncio transport uses, so received fds are owned, close-on-exec and matched to their frame.
 """
 
@@ -78,8 +78,8 @@ class _Link:
 
 
 class FdHolderBlockingClient:
-    """The blocking form of :class:`FdHolderClient`: the same requests, for code without a
-    running event loop (scripts, a service's shutdown path, a forked child).
+    """The blocking form of [`FdHolderClient`][aioancillary.FdHolderClient]: the same requests,
+    for code without a running event loop (scripts, a service's shutdown path, a forked child).
 
     Example::
 
@@ -95,7 +95,7 @@ class FdHolderBlockingClient:
     def __init__(
         self, link: _Link, info: HolderInfo, path: str, timeout: float, authorize: Authorize | None
     ) -> None:
-        """Use :meth:`connect`."""
+        """Use ``connect``."""
         self._link: _Link | None = link
         self._info = info
         self._path = path
@@ -110,10 +110,11 @@ class FdHolderBlockingClient:
         timeout: float = 10.0,
         authorize: Authorize | None = None,
     ) -> FdHolderBlockingClient:
-        """Connect to the holder at ``path``; as :meth:`FdHolderClient.connect`.
+        """Connect to the holder at ``path``; as
+        [`FdHolderClient.connect`][aioancillary.FdHolderClient.connect].
 
         Raises:
-            The same errors as :meth:`FdHolderClient.connect`.
+            The same errors as [`FdHolderClient.connect`][aioancillary.FdHolderClient.connect].
         """
         fspath = os.fsdecode(path)
         link, info = _open(fspath, timeout, authorize)
@@ -151,7 +152,7 @@ class FdHolderBlockingClient:
     def _request(
         self, request: bytes, read: Callable[[AncillaryMessage], _T], fds: Sequence[FdLike] = ()
     ) -> _T:
-        """As :meth:`FdHolderClient._request`."""
+        """As [`FdHolderClient._request`][aioancillary.FdHolderClient._request]."""
         if self._link is None:
             raise FdHolderError("this fd holder client is closed", code="closed")
         try:
@@ -182,13 +183,15 @@ class FdHolderBlockingClient:
     def store(
         self, name: str, fds: FdLike | Sequence[FdLike], *, timeout: float | None = None
     ) -> None:
-        """Store ``fds`` under ``name``; as :meth:`FdHolderClient.store`."""
+        """Store ``fds`` under ``name``; as
+        [`FdHolderClient.store`][aioancillary.FdHolderClient.store]."""
         items = fd_items(fds)
         check_request(name, len(items), timeout)
         self._request(encode("store", name=name, timeout=timeout), read_ok, items)
 
     def retrieve(self, name: str, *, delete: bool = False) -> tuple[OwnedFd, ...]:
-        """Get copies of the fds stored under ``name``; as :meth:`FdHolderClient.retrieve`."""
+        """Get copies of the fds stored under ``name``; as
+        [`FdHolderClient.retrieve`][aioancillary.FdHolderClient.retrieve]."""
         check_request(name)
         request = encode("retrieve", name=name, delete=bool(delete))
         fds, ack = self._request(request, lambda msg: read_fds(msg, name))
@@ -199,11 +202,13 @@ class FdHolderBlockingClient:
         return fds
 
     def list(self) -> builtins.list[FdHolderEntry]:
-        """Every entry's name, fd count and seconds left; as :meth:`FdHolderClient.list`."""
+        """Every entry's name, fd count and seconds left; as
+        [`FdHolderClient.list`][aioancillary.FdHolderClient.list]."""
         return self._request(encode("list"), read_entries)
 
     def delete(self, name: str) -> None:
-        """Drop the entry ``name``; as :meth:`FdHolderClient.delete`."""
+        """Drop the entry ``name``; as
+        [`FdHolderClient.delete`][aioancillary.FdHolderClient.delete]."""
         check_request(name)
         self._request(encode("delete", name=name), read_ok)
 

@@ -1,4 +1,4 @@
-"""The fd holder's asyncio client: :class:`FdHolderClient`."""
+"""The fd holder's asyncio client: [`FdHolderClient`][aioancillary.FdHolderClient]."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ class FdHolderClient:
         timeout: float,
         authorize: Authorize | None,
     ) -> None:
-        """Use :meth:`connect`."""
+        """Use ``connect``."""
         self._conn = conn
         self._info = info
         self._path = path
@@ -142,7 +142,8 @@ class FdHolderClient:
             timeout: Seconds the connection and each later exchange may take (a holder
                 answers at once: this only guards against a stuck or wrong peer).
             authorize: Checks the holder's credentials before anything is sent (e.g.
-                :func:`root_or_same_user`); by default the socket's path is trusted.
+                [`root_or_same_user`][aioancillary.root_or_same_user]); by default the
+                socket's path is trusted.
 
         Raises:
             FdHolderRefusedError: the holder does not admit this process; no fd was sent.

@@ -1,6 +1,6 @@
 """The fd holder process: start (first, or taking a running holder's store over), serve, exit.
 
-``python -m aioancillary fdholder --socket PATH`` runs :func:`run`. The process:
+``python -m aioancillary fdholder --socket PATH`` runs ``run``. The process:
 
 1. asks a holder already serving ``PATH`` for its store (``_takeover``); if none answers, it
    is the first holder and binds ``PATH`` itself (mode 0600, or 0666 when other uids/gids are

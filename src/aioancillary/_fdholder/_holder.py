@@ -1,15 +1,15 @@
 """The fd holder's serving core: clients' requests against the store, expiry, freezing.
 
-:class:`Holder` accepts clients on the listening socket it is given, admits them by their
+``Holder`` accepts clients on the listening socket it is given, admits them by their
 credentials (``SO_PEERCRED``, checked at accept, before a byte is read: a refused client's
 fds are never received), and answers their requests (``_wire`` describes the protocol). It
 owns the store's fds: every fd it receives is either stored or closed before the answer goes
 out.
 
-A takeover *freezes* the holder (:meth:`Holder.freeze`): it stops accepting (new clients
+A takeover *freezes* the holder (``Holder.freeze``): it stops accepting (new clients
 queue in the listening socket's backlog for whoever serves next), stops answering (requests
 wait), and the store stops changing and expiring, so that the snapshot handed to a successor
-stays true. :meth:`Holder.resume` undoes it when the takeover fails. The ``takeover`` request
+stays true. ``Holder.resume`` undoes it when the takeover fails. The ``takeover`` request
 itself is handed to a callback (``_takeover`` implements it).
 """
 
@@ -104,7 +104,7 @@ class Holder:
     # -- accepting --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Accept clients and answer them (again, after :meth:`freeze`)."""
+        """Accept clients and answer them (again, after ``freeze``)."""
         if self._server is None:
             self._server = await start_unix_server(
                 self._serve,

@@ -12,7 +12,7 @@ the holder, plain ints in the property tests) and every operation that lets go o
 
 Time is passed in (``now``, in seconds of any monotonic clock), so expiry is tested without
 waiting. A *claim* marks an entry being retrieved with ``delete=True``: the holder removes it
-only when the client confirms it has the fds (:meth:`Store.remove_claimed`), so a client that
+only when the client confirms it has the fds (``Store.remove_claimed``), so a client that
 dies in between loses nothing; meanwhile nobody else may delete or claim it.
 """
 
@@ -44,7 +44,7 @@ class StoreError(Exception):
 
 
 def check_name(name: object) -> str:
-    """Return ``name`` if it is a valid entry name; raise :class:`StoreError` (``name``) if not.
+    """Return ``name`` if it is a valid entry name; raise ``StoreError`` (``name``) if not.
 
     systemd's ``FDNAME=`` rule (printable ASCII without ``:``, at most 255 characters), and not
     empty: an entry is found by its name, so an empty one could not be told apart in a listing.
@@ -87,7 +87,7 @@ class Entry(Generic[F]):
 
 @dataclass(frozen=True, slots=True)
 class Listing:
-    """What :meth:`Store.listing` says of one entry."""
+    """What ``Store.listing`` says of one entry."""
 
     name: str
     fd_count: int
@@ -166,7 +166,7 @@ class Store(Generic[F]):
     # -- changing ---------------------------------------------------------------------------
 
     def check_add(self, name: str, fd_count: int) -> None:
-        """Raise the :class:`StoreError` that :meth:`add` would raise for such an entry.
+        """Raise the ``StoreError`` that ``add`` would raise for such an entry.
 
         Raises:
             StoreError: ``name`` (invalid), ``fds`` (none, or more than one entry holds),
@@ -207,7 +207,7 @@ class Store(Generic[F]):
         On refusal nothing is kept: the caller still owns ``fds`` (and closes them).
 
         Raises:
-            StoreError: as :meth:`check_add`, or ``request`` for a bad ``timeout``.
+            StoreError: as ``check_add``, or ``request`` for a bad ``timeout``.
         """
         seconds = check_timeout(timeout)
         self.check_add(name, len(fds))

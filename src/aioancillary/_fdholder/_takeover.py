@@ -1,6 +1,6 @@
 """A holder hands its whole store to a successor, through the library's generation handoff.
 
-Each holder is a generation (:func:`start_generation`) on the *takeover socket*
+Each holder is a generation (``start_generation``) on the *takeover socket*
 (``PATH.takeover``, next to the clients' socket ``PATH``), and offers its listening socket
 there under the name ``listener``. A new holder started on the same ``PATH`` takes over::
 
@@ -83,7 +83,7 @@ async def open_generation(path: str, step: float) -> Generation:
 class TakeoverSource:
     """The running holder's half: its generation, and the ``takeover`` request handler.
 
-    :attr:`handed_over` resolves with the successor's pid once it serves; then the holder
+    ``handed_over`` resolves with the successor's pid once it serves; then the holder
     exits. Until then a failed takeover leaves the holder serving, with a fresh generation.
     """
 
@@ -103,7 +103,7 @@ class TakeoverSource:
         self._predecessor_gone.set()
 
     async def handle(self, holder: Holder, conn: AncillaryConnection, creds: Credentials) -> None:
-        """Run one ``takeover`` request (the :data:`TakeoverHandler` of the holder)."""
+        """Run one ``takeover`` request (the ``TakeoverHandler`` of the holder)."""
         refusal = self._refusal(holder, creds)
         if refusal is not None:
             code, message = refusal

@@ -19,7 +19,7 @@ chosen; then each request gets exactly one answer, in order::
                                            <-------   {"op":"ok"}
 
 Any request may instead be answered ``{"op":"error","code":C,"message":M}``; the codes are in
-:data:`ERROR_CODES`. The same functions serve the asyncio and the blocking client, which
+``ERROR_CODES``. The same functions serve the asyncio and the blocking client, which
 differ only in how bytes move.
 """
 
@@ -89,7 +89,8 @@ _ERROR_TYPES: dict[str, type[FdHolderError]] = {
 
 @dataclass(frozen=True, slots=True)
 class FdHolderEntry:
-    """One entry of the holder, as :meth:`FdHolderClient.list` reports it.
+    """One entry of the holder, as [`FdHolderClient.list`][aioancillary.FdHolderClient.list]
+    reports it.
 
     Attributes:
         name: The entry's name.

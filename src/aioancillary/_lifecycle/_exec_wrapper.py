@@ -1,7 +1,7 @@
-"""The exec wrapper of :func:`spawn_with_fds`: take the named fds, put them at 3, 4, ..., exec.
+"""The exec wrapper of ``spawn_with_fds``: take the named fds, put them at 3, 4, ..., exec.
 
 ``python -I -S _exec_wrapper.py ADDRESS COUNT PROGRAM [ARG...]`` is what
-:func:`spawn_with_fds` starts. This process:
+``spawn_with_fds`` starts. This process:
 
 1. connects to ``ADDRESS`` (a ``SOCK_SEQPACKET`` socket of the parent; ``@name`` is an
    abstract one) and checks, on Linux, that the parent listens there (``SO_PEERCRED``);

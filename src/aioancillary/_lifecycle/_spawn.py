@@ -1,7 +1,7 @@
-"""Start any program with named fds, the way systemd does: :func:`spawn_with_fds`.
+"""Start any program with named fds, the way systemd does: ``spawn_with_fds``.
 
 ``sd_listen_fds(3)`` is what Go (``coreos/go-systemd/activation``), Rust (``listenfd``,
-``sd-notify``), C (``libsystemd``) and Python (:func:`listen_fds`) programs read: fds at 3, 4,
+``sd-notify``), C (``libsystemd``) and Python (``listen_fds``) programs read: fds at 3, 4,
 ..., ``LISTEN_FDS`` (how many), ``LISTEN_FDNAMES`` (their names, ``:``-separated), and
 ``LISTEN_PID``, which must equal the program's own pid. So the pid has to be written after
 ``fork()`` and before ``exec()``, and the fds moved to 3, 4, ... there too. How:
@@ -131,7 +131,7 @@ async def _accept_child(listener: socket.socket, pid: int) -> socket.socket:
 
 
 async def _first(main: asyncio.Future[Any], died: asyncio.Future[int]) -> None:
-    """Wait for ``main``; raise :class:`SpawnError` if the wrapper exits first."""
+    """Wait for ``main``; raise ``SpawnError`` if the wrapper exits first."""
     await asyncio.wait({main, died}, return_when=asyncio.FIRST_COMPLETED)
     if not main.done():
         main.cancel()
@@ -201,12 +201,12 @@ async def spawn_with_fds(
         fds: Name to fd, or to a list of fds (several under one name); names follow
             systemd's ``FDNAME=`` rule. Dict order is ``LISTEN_FDNAMES`` order.
         start_timeout: Seconds the exec wrapper may take to start and take its fds.
-        **kwargs: For :func:`asyncio.create_subprocess_exec` (``stdin``, ``stdout``,
+        **kwargs: For ``asyncio.create_subprocess_exec`` (``stdin``, ``stdout``,
             ``env``, ``cwd``, ``start_new_session``...). ``env`` (default: this process's
             environment) loses any ``LISTEN_*`` variable it has.
 
     Returns:
-        The :class:`asyncio.subprocess.Process`, once the program has been exec'd.
+        The ``asyncio.subprocess.Process``, once the program has been exec'd.
 
     Raises:
         ValueError: an invalid name, or a name with an empty list.
