@@ -111,10 +111,8 @@ class FdHolderBlockingClient:
         authorize: Authorize | None = None,
     ) -> FdHolderBlockingClient:
         """Connect to the holder at ``path``; as
-        [`FdHolderClient.connect`][aioancillary.FdHolderClient.connect].
-
-        Raises:
-            The same errors as [`FdHolderClient.connect`][aioancillary.FdHolderClient.connect].
+        [`FdHolderClient.connect`][aioancillary.FdHolderClient.connect], which also says what
+        it raises.
         """
         fspath = os.fsdecode(path)
         link, info = _open(fspath, timeout, authorize)
