@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import LOOP_NAMES, TIMEOUT, fill_queue, within
+from helpers import LOOP_NAMES, TIMEOUT, fill_queue, wait_until, within
 
 from aioancillary import AncillaryMessage, InvalidFdError, TooManyFdsError, recv_fds
+from aioancillary._lifecycle import _notify
 from aioancillary._lifecycle._notify import NotifyError, notify, notify_async, watchdog_interval
 
 APPS = Path(__file__).resolve().parents[1] / "helpers" / "lifecycle_apps"
@@ -394,6 +395,32 @@ async def test_async_cancelled_while_waiting_sends_nothing(supervisor: Superviso
     for _ in range(queued):
         supervisor.sock.recv(16)
     supervisor.assert_empty()
+
+
+async def test_async_wait_ends_once_when_the_manager_goes_away(
+    fd_store: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A persistent error while waiting for room ends the wait: one error, no retry loop."""
+    sends: list[int] = []
+    send = _notify._send
+
+    def counting(*args: Any) -> None:
+        sends.append(1)
+        send(*args)
+
+    monkeypatch.setattr(_notify, "_send", counting)
+    queued = fill_queue(fd_store.env_value)
+    assert queued > 0
+    task = asyncio.ensure_future(notify_async(ready=True))
+    await wait_until(lambda: len(sends) == 1)  # tried once, now waits for room
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not task.done()
+    fd_store.sock.close()  # the manager is gone: its socket is writable now, and refuses
+    with pytest.raises(NotifyError, match=r"failed \(Connection refused\)") as info:
+        await within(task)
+    assert info.value.errno == errno.ECONNREFUSED
+    assert len(sends) == 2  # the wake-up's one try, and no more
 
 
 # -- across processes -------------------------------------------------------------------------

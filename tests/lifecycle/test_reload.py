@@ -230,7 +230,8 @@ async def test_successor_crashing_mid_handoff_leaves_the_old_one_serving(
 async def test_successor_never_ready_times_out_and_the_old_one_goes_on(tmp_path: Path) -> None:
     path = tmp_path / "handoff.sock"
     async with generations(path) as children:
-        g1 = await spawn(children, path, "g1", "--ready-timeout", "0.5")
+        # Only the stalled successor meets the short deadline; g3 later gets 30 s.
+        g1 = await spawn(children, path, "g1", "--first-ready-timeout", "0.5")
         first = await g1.event("serving")
         clients = Clients(first["port"])
         try:

@@ -13,7 +13,9 @@ in-flight connections finished. It prints JSON lines on stdout, one per event:
 
 Options: ``--crash-after-fds`` (``os._exit(3)`` right after fetching the fds),
 ``--never-ready`` (fetch, serve, never call ``ready()``), ``--timeout S``,
-``--ready-timeout S``, ``--drain S`` (deadline for in-flight connections). Every deadline is
+``--ready-timeout S``, ``--first-ready-timeout S`` (the first handoff's ``ready`` deadline,
+until one fails; later ones get ``--ready-timeout``), ``--drain S`` (deadline for in-flight
+connections). Every deadline is
 30 s by default, far beyond what any step takes on a loaded machine: a test that needs one to
 fire sets it, and drives that step with a peer that never answers.
 """
@@ -28,6 +30,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from aioancillary import AncillaryError, OwnedFd
@@ -42,8 +45,19 @@ def emit(event: str, **fields: Any) -> None:
 
 
 class EmitWarnings(logging.Handler):
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        #: Called with each message (the first-handoff timeout listens for its end).
+        self.listeners: list[Callable[[str], None]] = []
+
     def emit(self, record: logging.LogRecord) -> None:
-        emit("log", message=record.getMessage())
+        message = record.getMessage()
+        emit("log", message=message)
+        for listener in self.listeners:
+            listener(message)
+
+
+WARNINGS = EmitWarnings(logging.WARNING)
 
 
 def fd_count() -> int:
@@ -77,6 +91,17 @@ async def main(args: argparse.Namespace) -> int:
     except AncillaryError as exc:
         emit("failed", error=type(exc).__name__, message=str(exc))
         return 2
+    if args.first_ready_timeout is not None:
+        # Only the first successor's "ready" has the short deadline (the test drives it with
+        # a successor that never sends it); later successors get --ready-timeout.
+        offering = gen._offering
+        offering._ready_timeout = args.first_ready_timeout
+
+        def restore(message: str) -> None:
+            if "failed, still serving" in message:
+                offering._ready_timeout = args.ready_timeout
+
+        WARNINGS.listeners.append(restore)
     if gen.inherited.source == "predecessor":
         emit("got-fds", names=gen.inherited.names())
     if args.crash_after_fds:
@@ -174,10 +199,11 @@ def cli() -> None:
     parser.add_argument("--never-ready", action="store_true")
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--ready-timeout", type=float, default=30.0)
+    parser.add_argument("--first-ready-timeout", type=float, default=None)
     parser.add_argument("--drain", type=float, default=30.0)
     args = parser.parse_args()
     log = logging.getLogger("aioancillary")
-    log.addHandler(EmitWarnings(logging.WARNING))
+    log.addHandler(WARNINGS)
     log.propagate = False
     factory = asyncio.new_event_loop
     if args.loop == "uvloop":
