@@ -25,7 +25,8 @@ Layers, bottom up (each uses only the ones below it):
   [`notify_async`][aioancillary.notify_async] (``sd_notify``, the fd store),
   [`start_generation`][aioancillary.start_generation] / [`Generation`][aioancillary.Generation]
   (zero-downtime reload by fd handoff), [`spawn_with_fds`][aioancillary.spawn_with_fds] (start any
-  program with named fds, as systemd does);
+  program with named fds, as systemd does), and [`ConnectionServer`][aioancillary.ConnectionServer],
+  an accept loop that tracks its connections, stops accepting and drains with a deadline;
 * the fd holder (``python -m aioancillary fdholder``), a daemon that keeps fds across restarts,
   and its clients [`FdHolderClient`][aioancillary.FdHolderClient] /
   [`FdHolderBlockingClient`][aioancillary.FdHolderBlockingClient];
@@ -37,6 +38,7 @@ Layers, bottom up (each uses only the ones below it):
 
 from __future__ import annotations
 
+from ._asyncio._accept_loop import ConnectionServer, ConnectionServerStats
 from ._asyncio._client import connection_pair, create_unix_connection, open_unix_connection
 from ._asyncio._connection import (
     DEFAULT_MAX_QUEUED_BYTES,
@@ -125,6 +127,8 @@ __all__ = [
     "Authorize",
     "CloexecError",
     "ConnectionClosedError",
+    "ConnectionServer",
+    "ConnectionServerStats",
     "Credentials",
     "DataTruncatedError",
     "FdHolderBlockingClient",
