@@ -11,7 +11,9 @@ socket (``NOTIFY_SOCKET``) that keeps an fd store, and sends ``SIGHUP`` to reloa
   and says ``READY=1``;
 * on ``SIGHUP`` says ``RELOADING=1`` and starts its successor, which takes the listening
   socket and the state file from it by name, says ``MAINPID=`` and ``READY=1``; the old one
-  stops accepting, finishes its visitors and exits. No visitor is refused meanwhile.
+  stops accepting, finishes its visitors and exits. No visitor is refused meanwhile. The
+  visitors are served by ``ConnectionServer``, which tracks each from ``accept()`` on and
+  drains with a deadline, leaving the listening socket open for the successor.
 
 Both run on uvloop, selected with ``asyncio.Runner(loop_factory=uvloop.new_event_loop)``
 (no event-loop policy); without uvloop the default loop is used and the script says so.
@@ -27,7 +29,6 @@ It exits 0 when the visitors were counted 1 to N, without a gap, by two daemon p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
@@ -37,7 +38,7 @@ import tempfile
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from aioancillary import OwnedFd, notify_async, recv_fds, start_generation
+from aioancillary import ConnectionServer, OwnedFd, notify_async, recv_fds, start_generation
 
 try:
     import uvloop
@@ -75,35 +76,18 @@ async def daemon_main(handoff_path: str) -> int:
     say(me, f"on {loop_name()}; got {gen.inherited.names()} from {gen.inherited.source}")
     listener = gen.take_socket("web")  # socket-activated: never bound here
     state = gen.take_fd("state", create=lambda: OwnedFd(os.memfd_create("visitors")))
-    in_flight: set[asyncio.Task[None]] = set()
 
-    async def visitor(sock: socket.socket) -> None:
-        reader, writer = await asyncio.open_connection(sock=sock)
-        try:
-            await reader.readline()
-            count = int.from_bytes(os.pread(state.fileno(), 8, 0) or bytes(8), "little") + 1
-            os.pwrite(state.fileno(), count.to_bytes(8, "little"), 0)
-            writer.write(f"visitor #{count}, welcomed by pid {os.getpid()}\n".encode())
-            await writer.drain()
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def visitor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        count = int.from_bytes(os.pread(state.fileno(), 8, 0) or bytes(8), "little") + 1
+        os.pwrite(state.fileno(), count.to_bytes(8, "little"), 0)
+        writer.write(f"visitor #{count}, welcomed by pid {os.getpid()}\n".encode())
+        await writer.drain()  # the server closes the writer when this returns
 
-    def accept() -> None:
-        # By hand, so that every accepted visitor is in ``in_flight`` at once (see
-        # examples/zero_downtime_reload.py): none is forgotten when this daemon stops.
-        while True:
-            try:
-                sock, _addr = listener.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            task = loop.create_task(visitor(sock))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-
-    listener.setblocking(False)
-    loop.add_reader(listener.fileno(), accept)
+    # Every visitor is tracked from the instant it is accepted (a persistent reader, not
+    # loop.sock_accept): none is forgotten when this daemon stops accepting.
+    server = ConnectionServer(visitor)
+    server.add_listener(listener, name="web")
     await gen.ready()
     if gen.predecessor_pid is None:
         # Park the state with the manager: a restart would get it back in LISTEN_FDS.
@@ -132,11 +116,12 @@ async def daemon_main(handoff_path: str) -> int:
     stopped.cancel()
     if stop.is_set():
         await notify_async(stopping=True)
-    loop.remove_reader(listener.fileno())
-    listener.close()  # this process's copy: the successor (if any) keeps the port open
-    say(me, f"stopped accepting; finishing {len(in_flight)} visitor(s)")
-    if in_flight:
-        await asyncio.wait(set(in_flight), timeout=5.0)
+    server.stop_accepting()  # the listener stays open: the successor (if any) accepts on it
+    say(me, f"stopped accepting; finishing {server.active} visitor(s)")
+    cut = await server.drain(timeout=5.0)
+    listener.close()  # this process's copy: the successor keeps the port open
+    if cut:
+        say(me, f"cut {cut} visitor(s) at the deadline")
     state.close()
     await gen.close()
     say(me, "exiting")

@@ -5,7 +5,9 @@ nobody on the handoff socket, so it creates its listening socket on 127.0.0.1 (a
 port) and serves. Generation 2 starts while 1 serves: it connects to 1's handoff socket, takes
 the socket named "web" (the same open socket: same inode, same accept queue), starts accepting,
 and declares itself ready; generation 1 then stops accepting, finishes the connections it has,
-and exits. Generation 3 takes over from 2 the same way, once 2's predecessor has exited.
+and exits. Generation 3 takes over from 2 the same way, once 2's predecessor has exited. Each
+generation serves with ``aioancillary.ConnectionServer``, which tracks every connection from
+``accept()`` on, stops accepting without closing the listener, and drains with a deadline.
 
 The listening socket is never closed, so the port is never unbound: clients that connect during
 a handoff wait in the kernel's accept queue and are served by whichever generation accepts them.
@@ -31,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from aioancillary import Generation, HandoffBusyError, start_generation
+from aioancillary import ConnectionServer, Generation, HandoffBusyError, start_generation
 
 GENERATIONS = 3
 CLIENT_LOOPS = 4  # clients connecting concurrently, each one connection after another
@@ -44,63 +46,6 @@ def say(who: str, text: str) -> None:
 
 
 # -- a server generation --------------------------------------------------------------------
-
-
-class Acceptor:
-    """Accepts TCP connections on a listening socket and tracks each one from the start.
-
-    Accepting by hand (``add_reader`` plus non-blocking ``accept``), rather than with
-    ``asyncio.start_server``, puts a connection in a tracked task the instant it leaves the
-    kernel's queue: when this generation stops, it knows exactly which connections it must
-    finish before exiting, and none is dropped in between.
-    """
-
-    def __init__(self, listener: socket.socket, gen: int) -> None:
-        self.listener = listener
-        self.gen = gen
-        self.in_flight: set[asyncio.Task[None]] = set()
-        self.served = 0
-        self.loop = asyncio.get_running_loop()
-        listener.setblocking(False)
-        self.loop.add_reader(listener.fileno(), self._on_readable)
-
-    def _on_readable(self) -> None:
-        while True:
-            try:
-                sock, _addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            task = self.loop.create_task(self._serve(sock))
-            self.in_flight.add(task)
-            task.add_done_callback(self.in_flight.discard)
-
-    async def _serve(self, sock: socket.socket) -> None:
-        reader, writer = await asyncio.open_connection(sock=sock)  # the stream owns sock
-        try:
-            await reader.readline()
-            await asyncio.sleep(0.01)  # some work, so that connections are in flight at handoff
-            writer.write(f"generation {self.gen} (pid {os.getpid()})\n".encode())
-            await writer.drain()
-            self.served += 1
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    def stop(self) -> None:
-        """Stop accepting and close this process's copy of the listening socket."""
-        self.loop.remove_reader(self.listener.fileno())
-        self.listener.close()  # the socket lives on in the successor: the port stays bound
-
-    async def finish(self, deadline: float) -> int:
-        """Wait for the connections in flight; cancel those past ``deadline`` (returned)."""
-        if not self.in_flight:
-            return 0
-        _done, late = await asyncio.wait(set(self.in_flight), timeout=deadline)
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
-        return len(late)
 
 
 async def start_generation_retrying(handoff_path: str) -> Generation:
@@ -125,7 +70,20 @@ async def generation_main(number: int, handoff_path: str) -> int:
     listener = gen.take_socket("web", create=lambda: socket.create_server(("127.0.0.1", 0)))
     port = listener.getsockname()[1]
     inode = os.fstat(listener.fileno()).st_ino
-    acceptor = Acceptor(listener, number)
+    served = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        await reader.readline()
+        await asyncio.sleep(0.01)  # some work, so that connections are in flight at handoff
+        writer.write(f"generation {number} (pid {os.getpid()})\n".encode())
+        await writer.drain()
+        served += 1  # the server closes the writer when this returns
+
+    # Every connection is tracked from the instant it is accepted: when this generation
+    # stops, it knows exactly which ones it must finish before exiting.
+    server = ConnectionServer(serve)
+    server.add_listener(listener, name="web")
     await gen.ready()  # the predecessor stops accepting; the handoff socket is ours now
     say(me, f"accepting on 127.0.0.1:{port} (socket inode {inode})")
     print(f"READY {port}", flush=True)  # tells the driver this generation is up
@@ -137,12 +95,13 @@ async def generation_main(number: int, handoff_path: str) -> int:
     await asyncio.wait([handed, stopped], return_when=asyncio.FIRST_COMPLETED)
     handed.cancel()
     stopped.cancel()
-    acceptor.stop()
+    server.stop_accepting()  # the listener stays open: the successor accepts on it
     why = "a successor took over" if gen.is_handed_over() else "asked to stop"
-    say(me, f"{why}: stopped accepting; finishing {len(acceptor.in_flight)} connection(s)")
-    late = await acceptor.finish(DRAIN_DEADLINE)
+    say(me, f"{why}: stopped accepting; finishing {server.active} connection(s)")
+    late = await server.drain(timeout=DRAIN_DEADLINE)
+    listener.close()  # this process's copy: the port stays bound in the successor
     await gen.close()  # lets the successor accept the next upgrade
-    say(me, f"served {acceptor.served} connections ({late} past the deadline); exiting")
+    say(me, f"served {served} connections ({late} cut at the deadline); exiting")
     return 0 if late == 0 else 1
 
 
