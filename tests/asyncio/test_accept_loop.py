@@ -353,7 +353,6 @@ CHILD = textwrap.dedent(
     with conn:
         conn.settimeout(30)
         conn.sendall(b"child " + conn.recv(100))
-    listener.detach()  # the parent's socket: leave the fd to the process exit
     """
 )
 
