@@ -66,6 +66,20 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
     await writer.drain()
 
 
+async def sees_the_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The client's side of a cut connection: it ends (an abort may reset it); then close."""
+    with contextlib.suppress(ConnectionResetError):
+        assert await within(reader.read()) == b""
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A handler that waits for the client's end, which never comes unless it is cut."""
+    await reader.read()
+
+
 @contextlib.asynccontextmanager
 async def served(*listeners: socket.socket, **kwargs: Any) -> AsyncIterator[ConnectionServer]:
     """A server on ``listeners`` (echo unless told otherwise); cut and listeners closed after."""
@@ -265,11 +279,7 @@ async def test_the_drain_deadline_cuts_a_slow_connection_and_says_so(
             assert await within(server.drain(timeout=0.05)) == 1
         assert "cut 1 connection(s)" in caplog.text
         assert outcomes == ["finished", "cancelled"]
-        with contextlib.suppress(ConnectionResetError):  # an abort may reset
-            assert await within(reader.read()) == b""  # the client sees its end
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        await sees_the_end(reader, writer)
         stats = server.stats()
         assert (stats.accepted, stats.finished, stats.cut, stats.active) == (2, 1, 1, 0)
 
@@ -292,18 +302,11 @@ async def test_the_drain_deadline_aborts_a_protocol_that_never_closes() -> None:
         await wait_until(lambda: len(protocols) == 1 and hasattr(protocols[0], "transport"))
         assert await within(server.drain(timeout=0.05)) == 1
         await wait_until(lambda: protocols[0].lost != [])  # connection_lost reached it
-        with contextlib.suppress(ConnectionResetError):
-            assert await within(reader.read()) == b""
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        await sees_the_end(reader, writer)
         assert server.stats().cut == 1
 
 
 async def test_close_cuts_everything_at_once_and_refuses_new_listeners() -> None:
-    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-
     listener = tcp_listener()
     server = ConnectionServer(hang)
     server.add_listener(listener)
@@ -315,29 +318,18 @@ async def test_close_cuts_everything_at_once_and_refuses_new_listeners() -> None
     with pytest.raises(ValueError, match="closed"):
         server.add_listener(listener)
     for reader, writer in clients:
-        with contextlib.suppress(ConnectionResetError):
-            assert await within(reader.read()) == b""
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        await sees_the_end(reader, writer)
     listener.close()
 
 
 async def test_leaving_the_block_cuts_what_is_left() -> None:
-    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-
     listener = tcp_listener()
     async with ConnectionServer(hang) as server:
         server.add_listener(listener)
         reader, writer = await open_client(listener)
         await wait_until(lambda: server.active == 1)
     assert server.stats().cut == 1
-    with contextlib.suppress(ConnectionResetError):
-        assert await within(reader.read()) == b""
-    writer.close()
-    with contextlib.suppress(ConnectionError):
-        await writer.wait_closed()
+    await sees_the_end(reader, writer)
     listener.close()
 
 
