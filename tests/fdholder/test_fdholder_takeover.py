@@ -22,28 +22,14 @@ from typing import Any
 
 import pytest
 from helpers import wait_until
-from helpers.fdholder import APPS, WAIT, HolderProcess, holders, loop_name
+from helpers.fdholder import APPS, WAIT, fds_are, holders, inode, loop_name, start_holder
 
-from aioancillary import FdHolderClient, OwnedFd
+from aioancillary import FdHolderClient
 
 pytestmark = pytest.mark.timeout(240)
 
 #: How the holders describe the store the tests park.
 ALL = "4 entries (6 fds): 'pipe', 'web', 'trio', 'later'"
-
-
-def inode(fd: int | OwnedFd | socket.socket) -> tuple[int, int]:
-    st = os.fstat(fd if isinstance(fd, int) else fd.fileno())
-    return st.st_dev, st.st_ino
-
-
-async def fds_are(holder: HolderProcess, expected: int) -> None:
-    try:
-        await wait_until(lambda: holder.fd_count() == expected, WAIT)
-    except TimeoutError:
-        raise AssertionError(
-            f"holder {holder.pid}: {holder.fd_count()} fds, not {expected}"
-        ) from None
 
 
 class Store:
@@ -150,17 +136,13 @@ async def test_a_new_holder_takes_the_whole_store_over_and_the_first_exits(
     parked = Store()
     try:
         with holders() as started:
-            first = HolderProcess(path, loop_name())
-            started.append(first)
-            await first.serving_async()
+            first = await start_holder(path, started)
             async with await FdHolderClient.connect(path) as client:
                 await parked.park(client)
             clients = Clients(str(path))
             try:
                 await clients.served_by(first.pid, 20)
-                second = HolderProcess(path, loop_name())
-                started.append(second)
-                await second.serving_async()
+                second = await start_holder(path, started)
                 line = await first.log("; exiting")
                 assert f"handed {ALL} over to pid {second.pid}; exiting" in line
                 assert await first.exited() == 0
@@ -178,9 +160,7 @@ async def test_a_new_holder_takes_the_whole_store_over_and_the_first_exits(
                     await client.delete(name)
                 await fds_are(second, with_entries - 6)
             # The takeover socket is the new holder's now: a third one takes over from it.
-            third = HolderProcess(path, loop_name())
-            started.append(third)
-            await third.serving_async()
+            third = await start_holder(path, started)
             assert await second.exited() == 0
             async with await FdHolderClient.connect(path) as client:
                 assert client.holder_pid == third.pid
@@ -195,18 +175,15 @@ async def test_a_parked_listener_stays_bound_across_the_takeover(tmp_path: Path)
     port = listener.getsockname()[1]
     try:
         with holders() as started:
-            first = HolderProcess(path, loop_name())
-            started.append(first)
-            await first.serving_async()
+            first = await start_holder(path, started)
             async with await FdHolderClient.connect(path) as client:
                 await client.store("web", listener)
             listener.close()  # the holder's copy is the only one now
             reader, writer = await asyncio.open_connection("127.0.0.1", port)  # queued
-            second = HolderProcess(path, loop_name())
-            started.append(second)
-            await second.serving_async()
+            second = await start_holder(path, started)
             assert await first.exited() == 0
             async with await FdHolderClient.connect(path) as client:
+                assert client.holder_pid == second.pid
                 (web,) = await client.retrieve("web", delete=True)
             with web.into_socket() as taken:
                 taken.setblocking(True)
@@ -243,9 +220,7 @@ async def test_a_successor_that_dies_mid_takeover_leaves_everything_with_the_fir
     parked = Store()
     try:
         with holders() as started:
-            first = HolderProcess(path, loop_name())
-            started.append(first)
-            await first.serving_async()
+            first = await start_holder(path, started)
             async with await FdHolderClient.connect(path) as client:
                 await parked.park(client)
                 base = first.fd_count()
@@ -265,9 +240,7 @@ async def test_a_successor_that_dies_mid_takeover_leaves_everything_with_the_fir
                 await client.store("after", parked.r)
                 await fds_are(first, base + 1)  # the offer's duplicates are gone
             # Its takeover socket works again: a real successor takes everything over.
-            second = HolderProcess(path, loop_name())
-            started.append(second)
-            await second.serving_async()
+            second = await start_holder(path, started)
             assert await first.exited() == 0
             async with await FdHolderClient.connect(path) as client:
                 assert client.holder_pid == second.pid
@@ -282,9 +255,7 @@ async def test_clients_arriving_during_a_failed_takeover_wait_and_are_served(
 ) -> None:
     path = tmp_path / "holder.sock"
     with holders() as started:
-        first = HolderProcess(path, loop_name())
-        started.append(first)
-        await first.serving_async()
+        first = await start_holder(path, started)
         async with await FdHolderClient.connect(path) as early:
             await early.store("x", 0)
             successor = await run_successor(path, "wait", stdin=asyncio.subprocess.PIPE)
@@ -312,3 +283,28 @@ async def test_clients_arriving_during_a_failed_takeover_wait_and_are_served(
 async def _list_anew(path: str) -> tuple[int, list[str]]:
     async with await FdHolderClient.connect(path) as client:
         return client.holder_pid, [e.name for e in await client.list()]
+
+
+async def test_sigterm_during_a_takeover_drops_the_store_and_exits(tmp_path: Path) -> None:
+    path = tmp_path / "holder.sock"
+    with holders() as started:
+        first = await start_holder(path, started)
+        async with await FdHolderClient.connect(path) as client:
+            await client.store("x", 0)
+        successor = await run_successor(path, "wait", stdin=asyncio.subprocess.PIPE)
+        try:
+            assert (await read_event(successor))["step"] == "waiting"  # the holder is frozen
+            first.proc.terminate()
+            assert await first.exited() == 0
+            line = await first.log("SIGTERM: dropped the store")
+            assert "1 entry (1 fds): 'x'" in line
+            assert not (tmp_path / "holder.sock.takeover").exists()
+            # It did not take the end of the takeover request for a failed takeover to
+            # recover from (reopening its takeover socket, serving again) while stopping.
+            assert not [text for text in first.lines if "did not complete" in text]
+        finally:
+            assert successor.stdin is not None
+            successor.stdin.write(b"die\n")
+            await successor.stdin.drain()
+            successor.stdin.close()
+            assert await asyncio.wait_for(successor.wait(), WAIT) == 3

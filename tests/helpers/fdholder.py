@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from aioancillary import AncillaryMessage, recv_fds, send_fds
+from aioancillary import AncillaryMessage, OwnedFd, recv_fds, send_fds
 from aioancillary._core._framing import FrameDecoder, frame_header
 from aioancillary._fdholder._wire import decode, encode
 
@@ -174,10 +174,52 @@ def shared_directory() -> Iterator[Path]:
         path.rmdir()
 
 
-def pipe_pair() -> tuple[int, int]:
-    """A pipe ``(r, w)``: store ``w`` in the holder, close it here, and ``r`` reads EOF exactly
-    when the holder's copy is closed too."""
-    return os.pipe()
+async def start_holder(
+    path: str | Path, started: list[HolderProcess], *options: str
+) -> HolderProcess:
+    """A holder on the running loop's kind, serving (added to ``started``, see holders())."""
+    holder = HolderProcess(path, loop_name(), *options)
+    started.append(holder)
+    return await holder.serving_async()
+
+
+async def fds_are(holder: HolderProcess, expected: int) -> None:
+    """Wait until the holder has ``expected`` fds open (it closes a connection only once it
+    has read the end of it: counts settle, they are not instant)."""
+    deadline = time.monotonic() + WAIT
+    while (count := holder.fd_count()) != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"holder {holder.pid} has {count} fds, not {expected}")
+        await asyncio.sleep(0.01)
+
+
+def inode(fd: int | OwnedFd | socket.socket) -> tuple[int, int]:
+    """What identifies the open file behind ``fd``."""
+    st = os.fstat(fd if isinstance(fd, int) else fd.fileno())
+    return st.st_dev, st.st_ino
+
+
+class Pipe:
+    """A pipe whose write end goes to the holder: :meth:`at_eof` turns true exactly when no
+    copy of the write end is left open, ours (until :meth:`close_writer`) or the holder's."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+
+    def close_writer(self) -> None:
+        if self.w >= 0:
+            os.close(self.w)
+            self.w = -1
+
+    def at_eof(self) -> bool:
+        return at_eof(self.r)
+
+    def __enter__(self) -> Pipe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close_writer()
+        os.close(self.r)
 
 
 def at_eof(fd: int) -> bool:
@@ -249,9 +291,10 @@ class RawPeer:
         self.close()
 
 
-def run_as(uid: int, gid: int, code: Any, *args: Any) -> Any:
+def run_as(uid: int, gid: int, code: Any, *args: Any) -> dict[str, Any]:
     """Fork; in the child drop to ``uid``/``gid`` (setgroups, setgid, setuid) and return
-    ``code(*args)``'s result (or its exception, as a string) through a pipe.
+    ``code(*args)``'s result (or its exception, as a string) through a pipe. The child's own
+    open-fd count must be the same after ``code`` as before.
 
     The child runs blocking code only and leaves with ``os._exit``: it never touches an event
     loop or a thread of the parent.
@@ -265,11 +308,13 @@ def run_as(uid: int, gid: int, code: Any, *args: Any) -> Any:
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
+            before = len(os.listdir("/proc/self/fd"))
             try:
                 result = {"ok": code(*args)}
             except BaseException as exc:  # reported to the parent
                 result = {"error": type(exc).__name__, "message": str(exc),
                           "trace": traceback.format_exc()}  # fmt: skip
+            result["fds"] = [before, len(os.listdir("/proc/self/fd"))]
             os.write(w, json.dumps(result).encode())
         except BaseException:
             status = 1
@@ -282,4 +327,7 @@ def run_as(uid: int, gid: int, code: Any, *args: Any) -> Any:
     finally:
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, data
-    return json.loads(data)
+    report: dict[str, Any] = json.loads(data)
+    before, after = report.pop("fds")
+    assert after == before, f"the child ended with {after} fds open, not {before}: {report}"
+    return report

@@ -25,7 +25,7 @@ from .._core._platform import current_platform
 from .._kernel._blocking import send_fds
 from .._kernel._syscalls import receive_into
 from .._kernel._unix import Authorize, PathArg, check_peer, named_error
-from ._client import check_request, fd_items, refused, unreachable
+from ._client import check_request, closed_twice, fd_items, gone, refused, unreachable
 from ._wire import (
     MAX_MESSAGE,
     SUPPORTED_VERSIONS,
@@ -164,19 +164,11 @@ class FdHolderBlockingClient:
         try:
             self._link, self._info = _open(self._path, self._timeout, self._authorize)
         except OSError as exc:
-            raise FdHolderError(
-                f"the connection to the fd holder at {self._path!r} ended, and no holder "
-                f"answers there now ({exc}): it exited, and its store with it",
-                code="closed",
-            ) from exc
+            raise gone(self._path, exc) from exc
         try:
             return read(self._roundtrip(request, fds))
         except ConnectionClosedError as exc:
-            raise FdHolderError(
-                f"the fd holder at {self._path!r} closed the connection twice without "
-                "answering: it is exiting",
-                code="closed",
-            ) from exc
+            raise closed_twice(self._path) from exc
 
     def store(
         self, name: str, fds: FdLike | Sequence[FdLike], *, timeout: float | None = None

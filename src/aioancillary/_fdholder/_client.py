@@ -35,7 +35,15 @@ from ._wire import (
     read_ok,
 )
 
-__all__ = ["FdHolderClient", "check_request", "fd_items", "refused", "unreachable"]
+__all__ = [
+    "FdHolderClient",
+    "check_request",
+    "closed_twice",
+    "fd_items",
+    "gone",
+    "refused",
+    "unreachable",
+]
 
 _T = TypeVar("_T")
 
@@ -78,6 +86,23 @@ def unreachable(path: str, exc: OSError) -> OSError:
             code="denied",
         )
     return exc
+
+
+def gone(path: str, exc: OSError) -> FdHolderError:
+    """The error for a connection that ended unanswered, with no holder to connect to again."""
+    return FdHolderError(
+        f"the connection to the fd holder at {path!r} ended, and no holder answers there now "
+        f"({exc}): it exited, and its store with it",
+        code="closed",
+    )
+
+
+def closed_twice(path: str) -> FdHolderError:
+    """The error for a request that a fresh connection could not get answered either."""
+    return FdHolderError(
+        f"the fd holder at {path!r} closed the connection twice without answering: it is exiting",
+        code="closed",
+    )
 
 
 def refused(path: str) -> FdHolderRefusedError:
@@ -199,19 +224,11 @@ class FdHolderClient:
             try:
                 self._conn, self._info = await _open(self._path, self._timeout, self._authorize)
             except OSError as exc:
-                raise FdHolderError(
-                    f"the connection to the fd holder at {self._path!r} ended, and no holder "
-                    f"answers there now ({exc}): it exited, and its store with it",
-                    code="closed",
-                ) from exc
+                raise gone(self._path, exc) from exc
             try:
                 return read(await self._roundtrip(request, fds))
             except ConnectionClosedError as exc:
-                raise FdHolderError(
-                    f"the fd holder at {self._path!r} closed the connection twice without "
-                    "answering: it is exiting",
-                    code="closed",
-                ) from exc
+                raise closed_twice(self._path) from exc
 
     async def store(
         self,

@@ -106,6 +106,8 @@ class Holder:
     async def start(self) -> None:
         """Accept clients and answer them (again, after ``freeze``)."""
         if self._server is None:
+            # Servers closed by earlier freezes are kept while clients they accepted remain.
+            self._servers = [server for server in self._servers if server.stats.active]
             self._server = await start_unix_server(
                 self._serve,
                 sock=self.listener.dup(),
@@ -123,6 +125,11 @@ class Holder:
     def frozen(self) -> bool:
         """True while a takeover holds the store still."""
         return not self._running.is_set()
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` was called: the holder never serves again."""
+        return self._closing is not None
 
     def freeze(self) -> None:
         """Stop accepting and answering; the store stops changing (see the module docstring)."""

@@ -141,6 +141,8 @@ class TakeoverSource:
             logger.info("handed %s over to pid %d; exiting", describe(entries), creds.pid)
             self.handed_over.set_result(creds.pid)
             return
+        if holder.closing:
+            return  # stopped by a signal meanwhile: the store is being dropped, no resuming
         logger.warning(
             "the takeover by pid %d did not complete; still serving %s",
             creds.pid,
@@ -228,6 +230,9 @@ class TakeoverSource:
             return
         gen.offer(LISTENER, holder.listener)
         await gen.ready()
+        if holder.closing:  # a signal came meanwhile: the daemon is dropping everything
+            await gen.close()
+            return
         self._gen = gen
         await holder.start()
 
@@ -328,8 +333,7 @@ async def request_takeover(path: str, *, step: float, deadline: float) -> Offer 
 
     Raises:
         FdHolderError: the holder refused (``denied``: another user's holder) or broke the
-            protocol; ``busy`` after the deadline.
-        TimeoutError: it did not answer within ``step``.
+            protocol; ``busy`` when it was busy or silent until the deadline.
     """
     loop = asyncio.get_running_loop()
     give_up = loop.time() + deadline
@@ -343,11 +347,19 @@ async def request_takeover(path: str, *, step: float, deadline: float) -> Offer 
         except (FileNotFoundError, ConnectionRefusedError):
             return None  # no file, or a stale one: nobody serves there
         try:
-            async with asyncio.timeout(step):
-                await conn.send(encode("hello", versions=list(SUPPORTED_VERSIONS)))
-                read_hello(await conn.recv())
-                await conn.send(encode("takeover", pid=os.getpid()))
-                return _read_offer(conn, await conn.recv())
+            try:
+                async with asyncio.timeout(step):
+                    await conn.send(encode("hello", versions=list(SUPPORTED_VERSIONS)))
+                    read_hello(await conn.recv())
+                    await conn.send(encode("takeover", pid=os.getpid()))
+                    return _read_offer(conn, await conn.recv())
+            except TimeoutError:
+                # A holder frozen by another process's takeover answers nobody meanwhile.
+                raise FdHolderError(
+                    f"the holder at {path!r} did not answer within {step} s (another "
+                    "process may be taking it over); nothing was taken",
+                    code="busy",
+                ) from None
         except FdHolderError as exc:
             conn.abort()
             await conn.wait_closed()
