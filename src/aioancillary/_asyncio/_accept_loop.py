@@ -24,20 +24,14 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, Self
 
 from .._kernel._accept import AcceptErrorKind, ResourcePause, accept_burst
+from ._tracking import Connections, ProtocolFactory, StreamHandler
 
-__all__ = ["ConnectionServer", "ConnectionServerStats", "StreamHandler"]
+__all__ = ["ConnectionServer", "ConnectionServerStats"]
 
 logger = logging.getLogger("aioancillary")
-
-#: ``async def handler(reader, writer) -> None``: serves one connection, as the callback of
-#: ``asyncio.start_server``; the writer is closed when it returns.
-StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-#: Makes the protocol of one connection, as for ``loop.create_server``.
-ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 _FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
@@ -83,21 +77,6 @@ class _Listener:
         self.protocol_factory = protocol_factory
         self.reading = False
         self.retry: asyncio.TimerHandle | None = None
-
-
-class _Connection:
-    """One accepted connection, tracked from ``accept()`` until it ends."""
-
-    __slots__ = ("cut", "done", "listener", "sock", "task", "transport")
-
-    def __init__(self, sock: socket.socket, listener: str) -> None:
-        self.sock = sock
-        self.listener = listener
-        #: The handler's task (stream form), or the task that connects the protocol.
-        self.task: asyncio.Task[None] | None = None
-        self.transport: asyncio.BaseTransport | None = None
-        self.cut = False  # closed by the server, not by itself
-        self.done = False
 
 
 class ConnectionServer:
@@ -160,15 +139,11 @@ class ConnectionServer:
         self._handler = handler
         self._protocol_factory = protocol_factory
         self._burst = accept_burst
-        self._limit = limit
         self._listeners: dict[int, _Listener] = {}
-        self._live: set[_Connection] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._conns = Connections(limit)
         self._closed = False
         self._pause = ResourcePause(logger, "the connection server")
         self._failed: list[str] = []
-        self._accepted = self._finished_count = self._cut = self._errors = 0
 
     # -- listeners ----------------------------------------------------------------------------
 
@@ -260,7 +235,7 @@ class ConnectionServer:
             failure = accept_burst(entry.sock.accept, self._burst, accepted)
         finally:
             for sock, _addr in accepted:  # every accepted socket is tracked, even on error
-                self._track(entry, sock)
+                self._conns.start(sock, entry.name, entry.handler, entry.protocol_factory)
         if failure is None:
             if accepted:
                 self._pause.recovered()
@@ -285,109 +260,12 @@ class ConnectionServer:
         if self._listeners.get(entry.fd) is entry:
             self._start_reading(entry)
 
-    # -- connections --------------------------------------------------------------------------
-
-    def _track(self, entry: _Listener, sock: socket.socket) -> None:
-        conn = _Connection(sock, entry.name)
-        self._live.add(conn)
-        self._idle.clear()
-        self._accepted += 1
-        if entry.handler is not None:
-            coro = self._serve_streams(entry.handler, conn)
-        else:
-            assert entry.protocol_factory is not None
-            coro = self._serve_protocol(entry.protocol_factory, conn)
-        conn.task = self._loop.create_task(coro)
-
-    def _finished(self, conn: _Connection) -> None:
-        if conn.done:
-            return
-        conn.done = True
-        self._live.discard(conn)
-        if conn.cut:
-            self._cut += 1
-        else:
-            self._finished_count += 1
-        if not self._live:
-            self._idle.set()
-
-    async def _serve_streams(self, handler: StreamHandler, conn: _Connection) -> None:
-        try:
-            try:
-                reader, writer = await asyncio.open_connection(sock=conn.sock, limit=self._limit)
-            except Exception as exc:
-                conn.sock.close()  # the streams never took it
-                logger.error("cannot serve a connection from listener %s: %r", conn.listener, exc)
-                return
-            conn.transport = writer.transport
-            try:
-                await handler(reader, writer)
-            except Exception:
-                self._errors += 1
-                logger.exception("connection handler failed (listener %s)", conn.listener)
-            writer.close()  # sends what is buffered, then closes
-            with contextlib.suppress(OSError):  # a peer that reset: nothing left to send
-                await writer.wait_closed()  # finished once the kernel took it all
-        except asyncio.CancelledError:
-            self._abort(conn)  # cut: what the handler left unsent is dropped
-            raise
-        finally:
-            self._finished(conn)
-
-    async def _serve_protocol(self, factory: ProtocolFactory, conn: _Connection) -> None:
-        def make() -> asyncio.BaseProtocol:
-            inner = factory()
-            if isinstance(inner, asyncio.BufferedProtocol):
-                return _TrackedBuffered(inner, self, conn)
-            return _Tracked(inner, self, conn)
-
-        try:
-            await self._loop.connect_accepted_socket(make, conn.sock)
-        except BaseException as exc:
-            # No transport took the socket, or the one that did was closed with it.
-            conn.sock.close()
-            self._finished(conn)
-            if not isinstance(exc, Exception):
-                raise
-            self._errors += 1
-            logger.error("cannot serve a connection from listener %s: %r", conn.listener, exc)
-        # From here the protocol's connection_lost says when the connection is finished.
-
-    def _abort(self, conn: _Connection) -> None:
-        transport = conn.transport
-        if transport is None:
-            conn.sock.close()
-            return
-        abort = getattr(transport, "abort", None)  # every stream transport has it
-        if abort is not None:
-            abort()
-        else:
-            transport.close()
-
-    def _cut_now(self) -> list[asyncio.Task[None]]:
-        """Cut every live connection; return the tasks to wait for."""
-        tasks = []
-        for conn in list(self._live):
-            task = conn.task
-            if task is not None and not task.done():
-                conn.cut = True
-                task.cancel()  # the handler (or the connect) ends; the task cleans up
-                tasks.append(task)
-                continue
-            transport = conn.transport
-            conn.cut = transport is None or not transport.is_closing()
-            self._abort(conn)
-            # connection_lost follows from the loop, but the protocol may have handed the
-            # transport to another one (set_protocol): do not wait for it to say so.
-            self._finished(conn)
-        return tasks
-
     # -- stopping -----------------------------------------------------------------------------
 
     @property
     def active(self) -> int:
         """Connections being served now."""
-        return len(self._live)
+        return len(self._conns.live)
 
     async def drain(self, timeout: float | None = None) -> int:  # noqa: ASYNC109
         """Stop accepting, wait for the connections in flight; at ``timeout``, cut the rest.
@@ -409,12 +287,12 @@ class ConnectionServer:
         if timeout is None or timeout > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
-                    await self._idle.wait()
-        before = self._cut
-        tasks = self._cut_now()
+                    await self._conns.idle.wait()
+        before = self._conns.cut
+        tasks = self._conns.cut_now()
         if tasks:
             await asyncio.wait(tasks)
-        cut = self._cut - before
+        cut = self._conns.cut - before
         if cut:
             logger.warning("cut %d connection(s) still open at the drain's deadline", cut)
         return cut
@@ -427,20 +305,21 @@ class ConnectionServer:
         """
         self._closed = True
         self.stop_accepting()
-        self._cut_now()
+        self._conns.cut_now()
 
     async def wait_closed(self) -> None:
         """Wait until no connection is being served."""
-        await self._idle.wait()
+        await self._conns.idle.wait()
 
     def stats(self) -> ConnectionServerStats:
         """The server's counters (a snapshot)."""
+        conns = self._conns
         return ConnectionServerStats(
-            accepted=self._accepted,
-            active=len(self._live),
-            finished=self._finished_count,
-            cut=self._cut,
-            handler_errors=self._errors,
+            accepted=conns.accepted,
+            active=len(conns.live),
+            finished=conns.finished_count,
+            cut=conns.cut,
+            handler_errors=conns.errors,
             listeners=len(self._listeners),
             failed_listeners=tuple(self._failed),
             resource_pauses=self._pause.episodes,
@@ -456,69 +335,9 @@ class ConnectionServer:
 
     def __repr__(self) -> str:
         return (
-            f"<ConnectionServer listeners={len(self._listeners)} active={len(self._live)} "
-            f"accepted={self._accepted}>"
+            f"<ConnectionServer listeners={len(self._listeners)} "
+            f"active={len(self._conns.live)} accepted={self._conns.accepted}>"
         )
-
-
-class _TrackedBase(asyncio.BaseProtocol):
-    """Passes every callback to the application's protocol; tells the server when the
-    connection is lost."""
-
-    __slots__ = ("_conn", "_inner", "_server")
-
-    def __init__(self, inner: Any, server: ConnectionServer, conn: _Connection) -> None:
-        self._inner = inner
-        self._server = server
-        self._conn = conn
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._conn.transport = transport
-        try:
-            self._inner.connection_made(transport)
-        except Exception:
-            # The loop would report it and keep the transport open with nobody serving it.
-            self._server._errors += 1
-            logger.exception("connection_made failed (listener %s)", self._conn.listener)
-            self._server._abort(self._conn)
-
-    def eof_received(self) -> bool | None:
-        result: bool | None = self._inner.eof_received()
-        return result
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        try:
-            self._inner.connection_lost(exc)
-        finally:
-            self._server._finished(self._conn)
-
-
-class _Tracked(_TrackedBase, asyncio.Protocol):
-    """`_TrackedBase` for an ``asyncio.Protocol``."""
-
-    __slots__ = ()
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-
-class _TrackedBuffered(_TrackedBase, asyncio.BufferedProtocol):
-    """`_TrackedBase` for an ``asyncio.BufferedProtocol`` (uvloop picks the read path by
-    the protocol's type: this one must not also be an ``asyncio.Protocol``)."""
-
-    __slots__ = ()
-
-    def get_buffer(self, sizehint: int) -> Any:
-        return self._inner.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._inner.buffer_updated(nbytes)
 
 
 def _address_name(sock: socket.socket) -> str:
