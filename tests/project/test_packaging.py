@@ -53,7 +53,16 @@ def test_wheel_carries_the_package_and_its_metadata(dist: Path) -> None:
     package = {n for n in names if n.startswith("aioancillary/")}
     assert package == {*modules, "aioancillary/py.typed"}
     info = {n.split("/", 1)[1] for n in names if ".dist-info/" in n}
-    assert info == {"METADATA", "WHEEL", "RECORD", "licenses/LICENSE"}
+    assert info == {"METADATA", "WHEEL", "RECORD", "entry_points.txt", "licenses/LICENSE"}
+    with zipfile.ZipFile(wheel) as zf:
+        entry_points = zf.read(f"aioancillary-{aioancillary.__version__}.dist-info/entry_points.txt")
+    # The console script `aioancillary`, the same as `python -m aioancillary`.
+    assert entry_points.decode().split() == [
+        "[console_scripts]",
+        "aioancillary",
+        "=",
+        "aioancillary._tools._cli:console_main",
+    ]
 
     assert metadata["Version"] == aioancillary.__version__
     assert metadata["License-Expression"] == "MIT"

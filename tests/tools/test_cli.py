@@ -11,6 +11,7 @@ import errno
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,57 @@ def test_demo_worker_is_internal() -> None:
     assert result.returncode == 2
     assert "started by the demo itself" in result.stderr
     assert "demo-worker" not in run("--help").stdout
+
+
+# -- the console script --------------------------------------------------------------------------
+
+SCRIPT = Path(sys.executable).parent / "aioancillary"
+
+
+def test_the_console_script_is_python_m_aioancillary() -> None:
+    """``aioancillary`` ([project.scripts]) runs the same command line, under its own name."""
+    assert SCRIPT.exists(), f"no {SCRIPT}: reinstall (pip install --no-deps -e .)"
+    for args in (["--version"], ["--help"], ["demo", "--help"], ["frobnicate"]):
+        script = subprocess.run(
+            [str(SCRIPT), *args], capture_output=True, text=True, timeout=TIMEOUT, check=False
+        )
+        module = run(*args)
+        assert script.returncode == module.returncode, script.stderr
+        for mine, theirs in ((script.stdout, module.stdout), (script.stderr, module.stderr)):
+            # The same text once the name is swapped (argparse wraps lines by its length).
+            assert mine.split() == theirs.replace("python -m aioancillary", "aioancillary").split()
+
+
+# -- a reader that leaves early (demo | head -1) --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["demo"], ["bench", "--loop", "asyncio", "-n", "300", "--repeat", "1"]],
+    ids=["demo", "bench"],
+)
+def test_a_closed_pipe_ends_the_command_quietly_by_sigpipe(args: list[str]) -> None:
+    """As ``python -m aioancillary demo | head -1``: no traceback, killed by SIGPIPE (141 in a
+    shell), and the demo's second process gone too (stderr reaches EOF only when it is)."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "aioancillary", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        first = proc.stdout.readline()
+        proc.stdout.close()  # what head does after its first line
+        errors = proc.stderr.read()  # until every writer, the demo's child included, is gone
+        status = proc.wait(timeout=TIMEOUT)
+    assert first.startswith("aioancillary ")
+    assert status == -signal.SIGPIPE, errors
+    if args[0] == "demo":
+        assert errors == ""
+    else:  # bench's progress lines go to stderr, which is still open
+        assert "Traceback" not in errors
+        assert "Error" not in errors
 
 
 # -- demo ----------------------------------------------------------------------------------------

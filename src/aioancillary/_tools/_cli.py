@@ -1,21 +1,32 @@
-"""The command line: ``python -m aioancillary {demo,bench,fdholder} ...``.
+"""The command line: ``aioancillary {demo,bench,fdholder} ...``, the same as
+``python -m aioancillary``.
 
 Conventions: ``--help`` prints to stdout and exits 0; a usage error (an unknown option, a
 missing command) prints to stderr and exits 2, as argparse does. Running with no command is
 a usage error too: the help goes to stderr and the exit status is 2, so that a script that
 forgot its command fails instead of passing silently.
+
+In a pipe whose reader leaves early (``aioancillary demo | head -1``) the command ends as a C
+program does: quietly, killed by ``SIGPIPE`` (the shell reports status 141), with no
+traceback. Python ignores ``SIGPIPE`` and raises `BrokenPipeError` instead; that error, from
+standard output only, is turned back into the signal once the command has cleaned up (the
+demo's child process stopped, its sockets closed).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import select
+import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import __version__
 
 PROG = "python -m aioancillary"
+SCRIPT = "aioancillary"  # the console script ([project.scripts] in pyproject.toml)
 LOOPS = ("asyncio", "uvloop")
 UVLOOP_MISSING = "uvloop is not installed (pip install 'aioancillary[uvloop]')"
 
@@ -43,11 +54,11 @@ def _version() -> str:
     )
 
 
-def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=prog,
         description="aioancillary: leak-proof, asyncio-native fd passing over Unix sockets.",
-        epilog=f"Run '{PROG} COMMAND --help' for a command's options. "
+        epilog=f"Run '{prog} COMMAND --help' for a command's options. "
         "Documentation: https://aioancillary.readthedocs.io",
     )
     parser.add_argument("-V", "--version", action="version", version=_version())
@@ -183,14 +194,53 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 1 if errors else 0
 
 
-def main(argv: list[str]) -> int:
+class OutputClosed(Exception):
+    """Standard output's reader went away (raised instead of a `BrokenPipeError` that code
+    handling connection errors would mistake for its own)."""
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe or socket nobody reads any more (poll says POLLERR)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _die_of_sigpipe() -> NoReturn:
+    """End as a C program whose reader left: killed by SIGPIPE, nothing printed."""
+    sys.stderr.flush()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # Python starts with SIGPIPE ignored
+    os.kill(os.getpid(), signal.SIGPIPE)
+    os._exit(128 + signal.SIGPIPE)  # not reached: the signal ends the process
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """Entry point of ``python -m aioancillary``; returns the exit status."""
+    try:
+        return _run(sys.argv[1:] if argv is None else argv, prog)
+    except OutputClosed:
+        _die_of_sigpipe()
+    except BrokenPipeError:
+        if _stdout_closed():
+            _die_of_sigpipe()
+        raise
+
+
+def console_main() -> int:
+    """Entry point of the ``aioancillary`` console script."""
+    return main(sys.argv[1:], SCRIPT)
+
+
+def _run(argv: list[str], prog: str) -> int:
     if argv[:1] == ["demo-worker"]:
         # Internal: process B of the demo, started by the demo itself (not in --help).
         from ._demo import worker_main  # noqa: PLC0415
 
         return worker_main(argv[1:])
-    parser, commands = _parser()
+    parser, commands = _parser(prog)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from collections.abc import Callable
 
 from .._asyncio._client import open_unix_connection
 from .._asyncio._connection import AncillaryConnection
+from ._cli import OutputClosed
 
 _LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
@@ -54,9 +56,18 @@ def _leak_verdict(before: int | None, after: int | None) -> str:
     return f"open fds: {before} before, {after} after: {after - before:+d} LEAKED"
 
 
+def _out(text: str) -> None:
+    """Print to stdout now; a reader that went away (``demo | head -1``) is `OutputClosed`, not
+    a `BrokenPipeError` that the demo's handling of connection errors would take for B's."""
+    try:
+        # Both processes write to the same terminal: flush so lines appear in the order of events.
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise OutputClosed from None
+
+
 def _say(who: str, text: str) -> None:
-    # Both processes write to the same terminal: flush so lines appear in the order of events.
-    print(f"[{who}] {text}", flush=True)
+    _out(f"[{who}] {text}")
 
 
 # -- process B --------------------------------------------------------------------------------
@@ -148,11 +159,11 @@ def demo(loop: str) -> int:
     """``python -m aioancillary demo``: run A here and B in a child, both on ``loop``."""
     started = time.perf_counter()
     factory, loop_name = _loop_factory(loop)
-    print(
+    _out(
         "aioancillary demo: process A accepts a TCP client and hands the live connection to "
-        "process B,\nwhich answers it. Both processes run on " + loop_name + ".\n",
-        flush=True,
+        "process B,\nwhich answers it. Both processes run on " + loop_name + ".\n"
     )
+    failure = ""
     mine, theirs = socket.socketpair()
     try:
         worker = subprocess.Popen(
@@ -171,7 +182,7 @@ def demo(loop: str) -> int:
                 fd = conn.get_extra_info("socket").fileno()
                 ok = runner.run(_acceptor(conn, worker.pid, fd))
             except ConnectionError as exc:  # ConnectionClosedError included
-                print(f"process B stopped unexpectedly ({exc})", file=sys.stderr)
+                failure = f"process B stopped unexpectedly ({exc})"
                 ok = False
             finally:
                 conn.close()
@@ -181,14 +192,17 @@ def demo(loop: str) -> int:
         if worker.poll() is None:  # only after a failure: B is stuck, stop it
             worker.kill()
             worker.wait()
+    if status == -signal.SIGPIPE:  # B found the stdout both share closed: so is A's
+        raise OutputClosed
     elapsed = time.perf_counter() - started
     if ok and status == 0:
-        print(
+        _out(
             f"\nDone in {elapsed:.1f} s: the TCP connection accepted by pid {os.getpid()} was "
-            f"served by pid {worker.pid},\nand neither process leaked a file descriptor.",
-            flush=True,
+            f"served by pid {worker.pid},\nand neither process leaked a file descriptor."
         )
         return 0
+    if failure:
+        print(failure, file=sys.stderr)
     print(f"\nSomething went wrong (worker exit status {status}).", file=sys.stderr)
     return 1
 
