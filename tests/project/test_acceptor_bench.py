@@ -13,6 +13,10 @@ from helpers import NO_UVLOOP, uvloop
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.skipif(
+    not (ROOT / "benchmarks").is_dir(),
+    reason="benchmarks/ is not here: the sdist does not ship the benchmark harness",
+)
 @pytest.mark.skipif(shutil.which("cc") is None, reason="the benchmark's client is C: needs cc")
 @pytest.mark.skipif(uvloop is None, reason=f"{NO_UVLOOP}; the benchmark runs both loops")
 def test_handoff_benchmark_quick_mode_runs() -> None:
