@@ -55,7 +55,8 @@ def test_wheel_carries_the_package_and_its_metadata(dist: Path) -> None:
     info = {n.split("/", 1)[1] for n in names if ".dist-info/" in n}
     assert info == {"METADATA", "WHEEL", "RECORD", "entry_points.txt", "licenses/LICENSE"}
     with zipfile.ZipFile(wheel) as zf:
-        entry_points = zf.read(f"aioancillary-{aioancillary.__version__}.dist-info/entry_points.txt")
+        dist_info = f"aioancillary-{aioancillary.__version__}.dist-info"
+        entry_points = zf.read(f"{dist_info}/entry_points.txt")
     # The console script `aioancillary`, the same as `python -m aioancillary`.
     assert entry_points.decode().split() == [
         "[console_scripts]",
