@@ -668,7 +668,11 @@ async def test_hostile_clients_are_logged_once_each_not_reported_as_server_error
         assert reported == []  # a peer's fault is not the server's error
         assert stats.accepted == clients
         assert stats.handler_errors == 0
-        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        # The library's own warnings: asyncio's debug mode adds one of its own for a slow
+        # callback when the machine is loaded.
+        warnings = [
+            r for r in caplog.records if r.levelno == logging.WARNING and r.name == "aioancillary"
+        ]
         assert len(warnings) == clients  # once per connection
         assert all("wire-format version" in r.getMessage() for r in warnings)
     finally:
