@@ -35,3 +35,16 @@ def test_readme_links_are_absolute() -> None:
     assert targets
     relative = [t for t in targets if not re.match(r"https?://", t)]
     assert not relative, f"relative links break on the package index: {relative}"
+
+
+def test_docstrings_cross_reference_with_mkdocstrings_syntax() -> None:
+    """Cross-references are ``[`Name`][aioancillary.Name]`` (or plain code): a Sphinx role such as
+    ``:class:`Name``` renders as literal text on the site, since nothing translates it."""
+    role = re.compile(r":(?:class|func|meth|attr|data|mod|exc|obj|const):`")
+    found = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sorted((ROOT / "src").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if role.search(line)
+    ]
+    assert not found, f"Sphinx roles (use [`Name`][aioancillary.Name]): {found}"

@@ -1,4 +1,5 @@
-"""A single-process accept loop that knows its connections: :class:`ConnectionServer`.
+"""A single-process accept loop that knows its connections:
+[`ConnectionServer`][aioancillary.ConnectionServer].
 
 A daemon that reloads by handing its listening sockets to a successor must, when the
 successor is up, stop accepting without closing the sockets (the successor accepts on the
