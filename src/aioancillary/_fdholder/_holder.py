@@ -128,7 +128,7 @@ class Holder:
 
     @property
     def closing(self) -> bool:
-        """True once :meth:`close` was called: the holder never serves again."""
+        """True once `close` was called: the holder never serves again."""
         return self._closing is not None
 
     def freeze(self) -> None:
