@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 from .._core._errors import AncillaryError
 from .._core._fd import FD_MAX, close_raw
-from .._core._framing import DEFAULT_MAX_FRAME_SIZE, Decoder, FrameDecoder, Mode, ReadDecoder
+from .._core._framing import DEFAULT_MAX_FRAME_SIZE, Decoder, Mode
 from .._core._message import new_message
 from .._core._outbox import Outbox
 from .._core._platform import SCM_MAX_FD, Platform, current_platform
 from .._kernel import _fork
 from .._kernel._peercred import peer_credentials
-from .._kernel._syscalls import EOF_NEVER, EOF_NO_CREDENTIALS, EOF_ON_EMPTY, EOF_PEEK, Receiver
+from .._kernel._accel import FrameDecoder, ReadDecoder, Receiver
+from .._kernel._syscalls import EOF_NEVER, EOF_NO_CREDENTIALS, EOF_ON_EMPTY, EOF_PEEK
 from ._protocol import AncillaryProtocol
 from ._reading import ReadSide
 from ._writing import FRAMED_HIGH_WATER, WriteSide
