@@ -79,7 +79,7 @@ except ImportError:  # run as a script without hatchling
     BuildHookInterface = object  # type: ignore[assignment,misc]
 
 
-class SpeedupsHook(BuildHookInterface):  # type: ignore[misc,valid-type]
+class SpeedupsHook(BuildHookInterface):  # type: ignore[type-arg]
     """Compile the extension into the wheel (or in place for an editable install)."""
 
     PLUGIN_NAME = "custom"

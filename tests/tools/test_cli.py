@@ -8,6 +8,7 @@ children the demo and the benchmark start inherit it.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import pty
 import re
@@ -20,6 +21,7 @@ import pytest
 from helpers import NO_UVLOOP, uvloop
 
 import aioancillary
+from aioancillary._kernel import _accel
 from aioancillary._tools import _bench
 
 PROG = "usage: python -m aioancillary"
@@ -76,6 +78,23 @@ def test_version(flag: str) -> None:
     line = result.stdout.strip()
     assert line.startswith(f"aioancillary {aioancillary.__version__} (CPython ")
     assert ("uvloop not installed" in line) == (uvloop is None)
+    assert line.endswith(f"; hot paths: {_accel.PATH})")  # on one line, never wrapped
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_version_says_which_path_is_in_use(disabled: bool) -> None:
+    env = dict(os.environ, COLUMNS="40")
+    env.pop("AIOANCILLARY_NO_EXTENSIONS", None)
+    if disabled:
+        env["AIOANCILLARY_NO_EXTENSIONS"] = "1"
+    result = run("--version", env=env)
+    assert result.returncode == 0, result.stderr
+    if disabled:
+        assert "hot paths: pure Python, AIOANCILLARY_NO_EXTENSIONS is set" in result.stdout
+    elif importlib.util.find_spec("aioancillary._kernel._speedups") is not None:
+        assert "hot paths: C extension)" in result.stdout
+    else:
+        assert "hot paths: pure Python, the C extension is not available" in result.stdout
 
 
 def test_version_says_when_uvloop_is_missing(without_uvloop: dict[str, str]) -> None:

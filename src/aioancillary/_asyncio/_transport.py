@@ -29,8 +29,8 @@ from .._core._message import new_message
 from .._core._outbox import Outbox
 from .._core._platform import SCM_MAX_FD, Platform, current_platform
 from .._kernel import _fork
-from .._kernel._peercred import peer_credentials
 from .._kernel._accel import FrameDecoder, ReadDecoder, Receiver
+from .._kernel._peercred import peer_credentials
 from .._kernel._syscalls import EOF_NEVER, EOF_NO_CREDENTIALS, EOF_ON_EMPTY, EOF_PEEK
 from ._protocol import AncillaryProtocol
 from ._reading import ReadSide

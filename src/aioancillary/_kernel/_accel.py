@@ -34,15 +34,15 @@ __all__ = [
 
 def _load() -> tuple[ModuleType | None, str]:
     if os.environ.get("AIOANCILLARY_NO_EXTENSIONS", "") not in ("", "0"):
-        return None, "pure Python (AIOANCILLARY_NO_EXTENSIONS is set)"
+        return None, "pure Python, AIOANCILLARY_NO_EXTENSIONS is set"
     try:
         from . import _speedups  # noqa: PLC0415
     except ImportError as exc:
-        return None, f"pure Python (the C extension is not available: {exc})"
+        return None, f"pure Python, the C extension is not available ({exc})"
     return _speedups, "C extension"
 
 
-#: The extension module in use, or ``None`` on the pure-Python path.
+#: The extension module in use (``None``: pure Python), and the path in words (with why).
 EXTENSION, PATH = _load()
 
 if TYPE_CHECKING or EXTENSION is None:

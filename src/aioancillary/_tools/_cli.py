@@ -24,6 +24,7 @@ import sys
 from typing import Any, NoReturn
 
 from .. import __version__
+from .._kernel import _accel
 
 PROG = "python -m aioancillary"
 SCRIPT = "aioancillary"  # the console script ([project.scripts] in pyproject.toml)
@@ -50,8 +51,20 @@ def _version() -> str:
             uvloop = "installed"
     return (
         f"aioancillary {__version__} "
-        f"(CPython {platform.python_version()}, {platform.system()}; uvloop {uvloop})"
+        f"(CPython {platform.python_version()}, {platform.system()}; uvloop {uvloop}; "
+        f"hot paths: {_accel.PATH})"
     )
+
+
+class _VersionAction(argparse.Action):
+    """``--version`` on one line: argparse's own wraps it to the terminal's width."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object) -> None:
+        print(_version())
+        parser.exit()
 
 
 def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -61,7 +74,9 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
         epilog=f"Run '{prog} COMMAND --help' for a command's options. "
         "Documentation: https://aioancillary.readthedocs.io",
     )
-    parser.add_argument("-V", "--version", action="version", version=_version())
+    parser.add_argument(
+        "-V", "--version", action=_VersionAction, help="show the version and the path in use"
+    )
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
 
     demo = commands.add_parser(
