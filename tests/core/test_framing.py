@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 from helpers import alive, unique_fd
+from helpers.speedups import both_decoders  # noqa: F401 - the fixture below
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +23,9 @@ from aioancillary import (
     frame_header,
 )
 from aioancillary._core._framing import ReadDecoder
+
+# Every test here runs on the pure-Python decoders and on the C extension's.
+pytestmark = pytest.mark.usefixtures("both_decoders")
 
 
 # The decoder takes raw fd numbers (it owns them from the feed on). Each test fd has an inode

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 from helpers import alive, is_open, unique_fd
+from helpers.speedups import both_decoders  # noqa: F401 - the fixture below
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +32,9 @@ from aioancillary import (
     SocketAncillary,
     frame_header,
 )
+
+# Every test here runs on the pure-Python decoders and on the C extension's.
+pytestmark = pytest.mark.usefixtures("both_decoders")
 
 # More examples for a longer run: AIOANCILLARY_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py
 EXAMPLES = int(os.environ.get("AIOANCILLARY_FUZZ_EXAMPLES", "300"))
