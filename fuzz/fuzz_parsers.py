@@ -18,10 +18,14 @@ input the process must hold exactly the fds it held before, and every property b
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
+import struct
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 try:
     import atheris
@@ -48,7 +52,17 @@ else:
         SocketAncillary,
     )
 
+from aioancillary import AncillaryError
+from aioancillary._kernel._syscalls import _fds_of
+
+speedups: ModuleType | None
+try:
+    from aioancillary._kernel import _speedups as speedups
+except ImportError:  # no C extension built: the Python parsers only
+    speedups = None
+
 CORPUS = Path(__file__).with_name("corpus")
+BUFFER = memoryview(bytearray(b"abcdefgh"))
 PLATFORMS = [
     Platform("linux", SCM_MAX_FD, socket.MSG_CMSG_CLOEXEC),
     Platform("darwin", None, 0),
@@ -88,13 +102,15 @@ def _devnull() -> int:
     return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def fuzz_decoder(inp: Input) -> None:
+def fuzz_decoder(inp: Input, decoder_class: Any = FrameDecoder) -> list[object]:
+    """Drive one decoder; return what it did (messages and failure), to compare the two."""
     max_size, max_fds, max_pending = inp.byte(), inp.byte() % 8, inp.byte() % 16
-    decoder = FrameDecoder(
+    decoder = decoder_class(
         max_frame_size=max_size, max_fds_per_frame=max_fds, max_pending_fds=max_pending
     )
     given: list[OwnedFd] = []
     delivered: list[OwnedFd] = []
+    transcript: list[object] = []
     for _ in range(inp.byte() % 16):
         chunk = inp.bytes(inp.byte() % 64)
         fds = [OwnedFd(_devnull()) for _ in range(inp.byte() % 6)]
@@ -102,6 +118,7 @@ def fuzz_decoder(inp: Input) -> None:
         for msg in decoder.feed(chunk, fds):
             assert len(msg.data) <= max_size, msg
             assert len(msg.fds) <= max_fds, msg
+            transcript.append((msg.data, len(msg.fds)))
             delivered += msg.fds
         if decoder.failure is None:
             assert decoder.pending_fds <= max_pending + max_fds
@@ -109,8 +126,10 @@ def fuzz_decoder(inp: Input) -> None:
         else:
             assert decoder.pending_fds == 0
             assert decoder.buffered_bytes == 0
+        transcript.append((str(decoder.failure), decoder.pending_fds, decoder.buffered_bytes))
     if inp.byte() & 1:
         decoder.eof()
+        transcript.append(str(decoder.failure))
     decoder.close()
     ids = {id(f) for f in delivered}
     assert len(ids) == len(delivered), "an fd was delivered twice"
@@ -118,38 +137,65 @@ def fuzz_decoder(inp: Input) -> None:
         assert f.closed != (id(f) in ids), f"fd {f!r}: delivered={id(f) in ids}"
     for f in delivered:
         f.close()
+    return transcript
 
 
-def fuzz_cmsg(inp: Input) -> None:
+Record = tuple[str, int, bytes]  # (kind, how many fds, bytes)
+
+
+def read_cmsg_case(inp: Input) -> tuple[Platform, int, int, int | None, list[Record]]:
+    """The cmsg case an input describes, before any fd is opened."""
     platform = PLATFORMS[inp.byte() % len(PLATFORMS)]
     msg_flags = FLAGS[inp.byte() % len(FLAGS)]
     recv_flags = socket.MSG_CMSG_CLOEXEC if inp.byte() & 1 else 0
     maxfds_byte = inp.byte()
     maxfds = None if maxfds_byte >= 200 else maxfds_byte % 10
-    ancdata: list[tuple[int, int, bytes]] = []
-    rights: list[int] = []
-    real: list[int] = []
+    records: list[Record] = []
     for _ in range(inp.byte() % 6):
         kind = inp.byte() % 4
         if kind == 0:  # SCM_RIGHTS with real fds, maybe a partial int after them
-            fds = [_devnull() for _ in range(inp.byte() % 6)]
-            rights += fds
-            real += fds
-            ancdata.append(
-                (SOL, RIGHTS, array.array("i", fds).tobytes() + inp.bytes(inp.byte() % 4))
-            )
+            nfds = inp.byte() % 6
+            records.append(("rights", nfds, inp.bytes(inp.byte() % 4)))
         elif kind == 1 and platform.name == "linux":  # SCM_PIDFD: an fd the kernel adds
-            fd = _devnull()
-            real.append(fd)
-            ancdata.append((SOL, PIDFD, array.array("i", [fd]).tobytes()))
+            records.append(("pidfd", 1, b""))
         elif kind == 2:  # SCM_CREDENTIALS-shaped bytes
-            ancdata.append((SOL, CREDS, inp.bytes(inp.byte() % 24)))
+            records.append(("creds", 0, inp.bytes(inp.byte() % 24)))
         else:  # anything else: must never be taken for fds
             level = [SOL, 0, 41, 0xFFFF][inp.byte() % 4]
             kind_ = inp.byte() % 48
             if level == SOL and kind_ in (RIGHTS, PIDFD):
                 kind_ += 50
-            ancdata.append((level, kind_, inp.bytes(inp.byte() % 32)))
+            records.append((f"{level}:{kind_}", 0, inp.bytes(inp.byte() % 32)))
+    return platform, msg_flags, recv_flags, maxfds, records
+
+
+def materialise(records: list[Record]) -> tuple[list[tuple[int, int, bytes]], list[int], list[int]]:
+    """``(ancdata, rights, every fd opened)`` for the records, with fresh /dev/null fds."""
+    ancdata: list[tuple[int, int, bytes]] = []
+    rights: list[int] = []
+    real: list[int] = []
+    for kind, nfds, extra in records:
+        if kind in ("rights", "pidfd"):
+            fds = [_devnull() for _ in range(nfds)]
+            real += fds
+            if kind == "rights":
+                rights += fds
+            ancdata.append((SOL, RIGHTS if kind == "rights" else PIDFD, _ints(fds) + extra))
+        elif kind == "creds":
+            ancdata.append((SOL, CREDS, extra))
+        else:
+            level, kind_ = map(int, kind.split(":"))
+            ancdata.append((level, kind_, extra))
+    return ancdata, rights, real
+
+
+def _ints(fds: list[int]) -> bytes:
+    return array.array("i", fds).tobytes()
+
+
+def fuzz_cmsg(inp: Input) -> None:
+    platform, msg_flags, recv_flags, maxfds, records = read_cmsg_case(inp)
+    ancdata, rights, real = materialise(records)
     anc = SocketAncillary.parse(
         ancdata, msg_flags, recv_flags=recv_flags, maxfds=maxfds, platform=platform
     )
@@ -164,11 +210,62 @@ def fuzz_cmsg(inp: Input) -> None:
     anc.close()
 
 
+def control_buffer(ancdata: list[tuple[int, int, bytes]]) -> bytes:
+    """The raw control buffer a kernel would fill with these records (CMSG_SPACE-aligned)."""
+    out = b""
+    for level, kind, data in ancdata:
+        header = struct.pack("Lii", socket.CMSG_LEN(len(data)), level, kind)
+        out += (header + data).ljust(socket.CMSG_SPACE(len(data)), b"\0")
+    return out
+
+
+def fuzz_cmsg_c(inp: Input) -> None:
+    """The C parser against the Python rules (_syscalls._fds_of) on the same case."""
+    platform, msg_flags, recv_flags, _maxfds, records = read_cmsg_case(inp)
+    outcomes = []
+    for side in ("py", "c"):
+        ancdata, _rights, real = materialise(records)
+        try:
+            if side == "py":
+                fds = _fds_of(ancdata, msg_flags, recv_flags, platform, buffer=BUFFER, nbytes=3)
+            else:
+                fds = speedups.parse_control(  # type: ignore[union-attr]
+                    control_buffer(ancdata),
+                    msg_flags,
+                    recv_flags,
+                    platform,
+                    data=bytes(BUFFER[:3]),
+                    buffer_len=len(BUFFER),
+                )
+            error = None
+        except AncillaryError as exc:
+            fds, error = [], (type(exc), str(exc), getattr(exc, "closed_fds", None))
+        outcomes.append(([real.index(fd) for fd in fds], error, [_is_open(fd) for fd in real]))
+        for fd in real:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    assert outcomes[0] == outcomes[1], outcomes
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def TestOneInput(data: bytes) -> None:
     before = _fd_count()
     inp = Input(data)
-    fuzz_decoder(inp)
+    transcript = fuzz_decoder(inp)
+    at_cmsg = inp.pos
     fuzz_cmsg(inp)
+    if speedups is not None:  # the same input through the C parsers
+        assert fuzz_decoder(Input(data), speedups.FrameDecoder) == transcript
+        cmsg_input = Input(data)
+        cmsg_input.pos = at_cmsg
+        fuzz_cmsg_c(cmsg_input)
     after = _fd_count()
     assert after == before, f"fd leak: {before} -> {after} open fds"
 
@@ -177,7 +274,8 @@ def replay(paths: list[str]) -> int:
     files = [Path(p) for p in paths] or sorted(CORPUS.iterdir())
     for path in files:
         TestOneInput(path.read_bytes())
-    print(f"replayed {len(files)} input(s): ok")
+    also = "and the C extension's" if speedups is not None else "(no C extension: Python only)"
+    print(f"replayed {len(files)} input(s) through the Python parsers {also}: ok")
     return 0
 
 
