@@ -9,8 +9,11 @@ in pyproject.toml for why). Both listings are printed (``pytest -s`` shows them)
 from __future__ import annotations
 
 import email
+import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import zipfile
 from pathlib import Path
@@ -41,8 +44,16 @@ def _one(dist: Path, pattern: str) -> Path:
     return path
 
 
+def _compiler_expected() -> bool:
+    """The build hook compiles the C extension here (a compiler, and not disabled)."""
+    if os.environ.get("AIOANCILLARY_NO_EXTENSIONS", "") not in ("", "0"):
+        return False
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    return shutil.which(cc.split()[0]) is not None
+
+
 def test_wheel_carries_the_package_and_its_metadata(dist: Path) -> None:
-    wheel = _one(dist, f"aioancillary-{aioancillary.__version__}-py3-none-any.whl")
+    wheel = _one(dist, f"aioancillary-{aioancillary.__version__}-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = sorted(zf.namelist())
         metadata = email.message_from_bytes(
@@ -51,7 +62,15 @@ def test_wheel_carries_the_package_and_its_metadata(dist: Path) -> None:
     print("\n".join(["", f"{wheel.name}:", *names]))
     modules = {f"aioancillary/{p.relative_to(PACKAGE).as_posix()}" for p in PACKAGE.rglob("*.py")}
     package = {n for n in names if n.startswith("aioancillary/")}
-    assert package == {*modules, "aioancillary/py.typed"}
+    # The C extension (issue 20): compiled into a platform wheel where a compiler is present;
+    # its source stays in the sdist, its type stub ships with the package either way.
+    extension = "aioancillary/_kernel/_speedups" + (sysconfig.get_config_var("EXT_SUFFIX") or "")
+    built = extension in package
+    assert built == _compiler_expected()
+    tag = wheel.name.removeprefix(f"aioancillary-{aioancillary.__version__}-")
+    assert (tag == "py3-none-any.whl") == (not built), wheel.name
+    stub = "aioancillary/_kernel/_speedups.pyi"
+    assert package == {*modules, "aioancillary/py.typed", stub, *([extension] if built else [])}
     info = {n.split("/", 1)[1] for n in names if ".dist-info/" in n}
     assert info == {"METADATA", "WHEEL", "RECORD", "entry_points.txt", "licenses/LICENSE"}
     with zipfile.ZipFile(wheel) as zf:
@@ -89,6 +108,7 @@ def test_sdist_carries_what_the_tests_need_and_no_more(dist: Path) -> None:
         "conftest.py",
         "mkdocs.yml",
         "pyproject.toml",
+        "hatch_build.py",  # the build hook that compiles the optional C extension
         "docs",
         "examples",
         "src",
@@ -104,3 +124,32 @@ def test_sdist_carries_what_the_tests_need_and_no_more(dist: Path) -> None:
         missing = set(tracked.stdout.split()) - set(names)
         assert not missing, f"tracked files missing from the sdist: {sorted(missing)}"
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    assert "src/aioancillary/_kernel/_speedups.c" in names
+    assert not [n for n in names if n.endswith(".so")]  # never a module built in place
+
+
+def test_wheel_builds_pure_without_a_compiler(tmp_path: Path) -> None:
+    """No C compiler: the build still succeeds, with the pure-Python wheel."""
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc")}
+    env.pop("AIOANCILLARY_REQUIRE_EXTENSIONS", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--no-isolation",
+            "--wheel",
+            "--outdir",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert "building without the C extension (the pure-Python path): no C compiler" in (
+        result.stderr + result.stdout
+    )
+    _one(tmp_path, f"aioancillary-{aioancillary.__version__}-py3-none-any.whl")

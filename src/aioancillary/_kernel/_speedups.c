@@ -524,7 +524,9 @@ parse_control(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
         PyErr_NoMemory();
         goto done;
     }
-    memcpy(copy, control.buf, (size_t)control.len);
+    if (control.len > 0) {
+        memcpy(copy, control.buf, (size_t)control.len);
+    }
     struct msghdr msg;
     memset(&msg, 0, sizeof(msg));
     msg.msg_control = copy;
@@ -1171,7 +1173,9 @@ buf_append(FrameDecoderObject *self, const char *data, Py_ssize_t len)
     if (grow((void **)&self->buf, &self->bufcap, self->buflen + len, 1) < 0) {
         return -1;
     }
-    memcpy(self->buf + self->buflen, data, (size_t)len);
+    if (len > 0) { /* memcpy needs valid pointers even for 0 bytes (C11 7.24.1) */
+        memcpy(self->buf + self->buflen, data, (size_t)len);
+    }
     self->buflen += len;
     return 0;
 }
@@ -1259,7 +1263,9 @@ decoder_feed(FrameDecoderObject *self, PyObject *data, PyObject *fds)
                      sizeof(int)) < 0) {
                 goto nomem;
             }
-            memcpy(self->claimed, self->fifo + head, nfds * sizeof(int));
+            if (nfds) {
+                memcpy(self->claimed, self->fifo + head, nfds * sizeof(int));
+            }
             self->nclaimed = (Py_ssize_t)nfds;
             self->has_claimed = 1;
             head += (Py_ssize_t)nfds;
