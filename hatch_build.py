@@ -87,8 +87,8 @@ class SpeedupsHook(BuildHookInterface):  # type: ignore[type-arg]
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         if self.target_name != "wheel":
             return
-        if _truthy("AIOANCILLARY_NO_EXTENSIONS"):
-            _report("AIOANCILLARY_NO_EXTENSIONS is set")
+        if _truthy("AIOANCILLARY_NO_EXTENSIONS"):  # asked for: never an error
+            print("aioancillary: AIOANCILLARY_NO_EXTENSIONS is set: pure Python", file=sys.stderr)
             return
         suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
         if version == "editable":

@@ -49,6 +49,7 @@ class Impl:
     loop: str = ""
     variant: str = ""
     label: str = ""
+    path: str = ""  # aioancillary: "" the process's hot path (C when built), "py" pure Python
 
     def applies(self, workload: Workload) -> bool:
         if self.variant == "raw" and workload.sock_type != socket.SOCK_STREAM:
@@ -89,6 +90,12 @@ IMPLS = [
     Impl("aioancillary-uvloop-framed", "aioancillary", "uvloop", "framed", "aioancillary"),
     Impl("aioancillary-uvloop-raw", "aioancillary", "uvloop", "raw", "aioancillary"),
     Impl("aioancillary-uvloop-batch", "aioancillary", "uvloop", "batch", "aioancillary"),
+    # The same on the pure-Python path (issue 20: both paths side by side; "-py" rows).
+    *(
+        Impl(f"aioancillary-{loop}-{variant}-py", "aioancillary", loop, variant, "pure", "py")
+        for loop in ("asyncio", "uvloop")
+        for variant in ("framed", "raw", "batch")
+    ),
 ]
 
 
@@ -252,6 +259,7 @@ def _start(
                     nfds=nfds,
                     loop=child.impl.loop,
                     variant=child.impl.variant,
+                    path=child.impl.path,
                     latfile=latfile if child.role == "ping" else "",
                     rss_every=rss_every,
                     profile=f"{profile}-{'rx' if child.active else 'tx'}.pstats" if profile else "",

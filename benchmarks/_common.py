@@ -150,6 +150,7 @@ class Job:
     nfds: int  # fds per message
     loop: str = ""  # "asyncio" or "uvloop" for asyncio-based implementations
     variant: str = ""  # aioancillary: "framed", "raw" or "batch"
+    path: str = ""  # aioancillary: "py" for the pure-Python hot path
     latfile: str = ""  # ping: where to write the int64 ns latencies
     listener: socket.socket | None = None  # accept: the listening TCP socket
     rss_every: int = 0  # soak: sample RSS every this many messages (0: never)

@@ -26,6 +26,7 @@ from _common import (
 )
 
 from aioancillary import AncillaryConnection, open_unix_connection
+from aioancillary._kernel import _accel
 
 
 def _start_profile(job: Job) -> cProfile.Profile | None:
@@ -42,6 +43,8 @@ def _stop_profile(job: Job, profiler: cProfile.Profile) -> None:
 
 
 async def _connect(job: Job) -> AncillaryConnection:
+    if job.path == "py":
+        _accel.use_extension(False)  # this child measures the pure-Python hot path
     return await open_unix_connection(sock=job.sock, framed=job.variant != "raw")
 
 

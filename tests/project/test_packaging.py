@@ -132,6 +132,7 @@ def test_wheel_builds_pure_without_a_compiler(tmp_path: Path) -> None:
     """No C compiler: the build still succeeds, with the pure-Python wheel."""
     env = {**os.environ, "CC": str(tmp_path / "no-such-cc")}
     env.pop("AIOANCILLARY_REQUIRE_EXTENSIONS", None)
+    env.pop("AIOANCILLARY_NO_EXTENSIONS", None)
     result = subprocess.run(
         [
             sys.executable,

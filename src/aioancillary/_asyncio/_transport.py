@@ -28,8 +28,7 @@ from .._core._framing import DEFAULT_MAX_FRAME_SIZE, Decoder, Mode
 from .._core._message import new_message
 from .._core._outbox import Outbox
 from .._core._platform import SCM_MAX_FD, Platform, current_platform
-from .._kernel import _fork
-from .._kernel._accel import FrameDecoder, ReadDecoder, Receiver
+from .._kernel import _accel, _fork
 from .._kernel._peercred import peer_credentials
 from .._kernel._syscalls import EOF_NEVER, EOF_NO_CREDENTIALS, EOF_ON_EMPTY, EOF_PEEK
 from ._protocol import AncillaryProtocol
@@ -140,8 +139,9 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
         self._mode = mode = mode_of(sock.type, framed)
         self._max_message_size = max_message_size
         self._fd_cap = cap
+        # The hot path's classes, C or pure Python (_accel: looked up per transport).
         self._decoder: Decoder = (
-            FrameDecoder(
+            _accel.FrameDecoder(
                 max_frame_size=max_message_size,
                 max_fds_per_frame=platform.scm_max_fd or SCM_MAX_FD,
                 # One recvmsg returns the fds of at most one sendmsg, and a conforming sender
@@ -150,7 +150,7 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
                 max_pending_fds=platform.scm_max_fd or SCM_MAX_FD,
             )
             if mode is Mode.FRAMED
-            else ReadDecoder()
+            else _accel.ReadDecoder()
         )
         rsize = _READ_CHUNK if sock.type == socket.SOCK_STREAM else max_message_size
         # Anonymous mmap rather than bytearray: pages become resident only when a read fills
@@ -187,7 +187,7 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
             eof = EOF_NEVER
         else:
             eof = EOF_NO_CREDENTIALS if self._passcred else EOF_PEEK
-        self._receiver = Receiver(sock, self._rview, platform, eof)
+        self._receiver = _accel.Receiver(sock, self._rview, platform, eof)
         # Taken now: the credentials are fixed at connect time, and unreadable once closed.
         self._extra["peercred"] = peer_credentials(sock)
         # Linux's unix_dgram_sendmsg refuses (EMSGSIZE) a message over sk_sndbuf - 32 bytes;

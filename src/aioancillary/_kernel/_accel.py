@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 from .._core import _framing, _message
 from . import _syscalls
@@ -29,6 +28,7 @@ __all__ = [
     "ReadDecoder",
     "Receiver",
     "messages_of",
+    "use_extension",
 ]
 
 
@@ -44,20 +44,53 @@ def _load() -> tuple[ModuleType | None, str]:
 
 #: The extension module in use (``None``: pure Python), and the path in words (with why).
 EXTENSION, PATH = _load()
+_LOADED = EXTENSION
 
-if TYPE_CHECKING or EXTENSION is None:
-    Receiver: type[_syscalls.Receiver] = _syscalls.Receiver
-    FrameDecoder: type[_framing.FrameDecoder] = _framing.FrameDecoder
-    messages_of = _message.messages_of
-    ReadDecoder: type[_framing.ReadDecoder] = _framing.ReadDecoder
-else:
-    Receiver = EXTENSION.Receiver
-    FrameDecoder = EXTENSION.FrameDecoder
-    messages_of = EXTENSION.messages_of
+Receiver: type[_syscalls.Receiver]
+FrameDecoder: type[_framing.FrameDecoder]
+ReadDecoder: type[_framing.ReadDecoder]
 
+
+def _c_read_decoder(module: ModuleType) -> type[_framing.ReadDecoder]:
     class ReadDecoder(_framing.ReadDecoder):
         """:class:`ReadDecoder` whose batch path builds the messages in C."""
 
         __slots__ = ()
         # A builtin function is not a descriptor: called as messages_of(reads), no self.
-        feed_reads = EXTENSION.messages_of
+        feed_reads = module.messages_of
+
+    return ReadDecoder
+
+
+def _bind(module: ModuleType | None) -> None:
+    global Receiver, FrameDecoder, ReadDecoder, messages_of
+    if module is None:
+        Receiver = _syscalls.Receiver
+        FrameDecoder = _framing.FrameDecoder
+        ReadDecoder = _framing.ReadDecoder
+        messages_of = _message.messages_of
+    else:
+        Receiver = module.Receiver
+        FrameDecoder = module.FrameDecoder
+        ReadDecoder = _c_read_decoder(module)
+        messages_of = module.messages_of
+
+
+def use_extension(enabled: bool) -> None:
+    """Switch this process's hot path (for the benchmarks, which compare both in one run).
+
+    Transports created afterwards use the new path; existing ones keep theirs.
+
+    Raises:
+        RuntimeError: the extension was asked for and is not loaded.
+    """
+    global EXTENSION, PATH
+    if enabled and _LOADED is None:
+        raise RuntimeError(f"the C extension is not in use: {PATH}")
+    EXTENSION = _LOADED if enabled else None
+    PATH = "C extension" if enabled else "pure Python, switched with use_extension(False)"
+    _bind(EXTENSION)
+
+
+messages_of = _message.messages_of
+_bind(EXTENSION)
