@@ -20,6 +20,7 @@ import mmap
 import os
 import socket
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from .._core._errors import AncillaryError
@@ -41,6 +42,25 @@ if TYPE_CHECKING:
 __all__ = ["AncillaryTransport", "mode_of"]
 
 _READ_CHUNK = 256 * 1024  # stream read buffer: holds many small frames per recvmsg
+
+# Read buffers, shared by the transports of one loop (a loop runs its callbacks one at a time,
+# and every read is copied out of the buffer before the next), one per size: a connection
+# costs no buffer of its own, idle or after traffic. Anonymous private mmaps: pages become
+# resident only when a read fills them, and a forked child gets copies, not the same pages.
+_READ_BUFFERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, memoryview]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _read_buffer(loop: asyncio.AbstractEventLoop, size: int) -> memoryview:
+    buffers = _READ_BUFFERS.get(loop)
+    if buffers is None:
+        buffers = _READ_BUFFERS[loop] = {}
+    view = buffers.get(size)
+    if view is None:
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0)
+        view = buffers[size] = memoryview(mmap.mmap(-1, size, flags=flags))
+    return view
 
 
 class State(enum.Enum):
@@ -153,10 +173,7 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
             else _accel.ReadDecoder()
         )
         rsize = _READ_CHUNK if sock.type == socket.SOCK_STREAM else max_message_size
-        # Anonymous mmap rather than bytearray: pages become resident only when a read fills
-        # them, so hundreds of idle connections with 1 MiB message buffers cost little memory.
-        self._rbuf = mmap.mmap(-1, rsize)
-        self._rview = memoryview(self._rbuf)
+        self._rview = _read_buffer(loop, rsize)
         self._extra: dict[str, Any] = {
             "socket": sock,
             "framed": mode is Mode.FRAMED,
