@@ -35,3 +35,14 @@ async def test_transport_reads_through_the_selected_classes(sock_type: int, deco
     async with transport_pair(sock_type) as (ta, _pa, _tb, _pb):
         assert type(ta._receiver) is _accel.Receiver
         assert type(ta._decoder) is getattr(_accel, decoder)
+
+
+async def test_transports_of_a_loop_share_their_read_buffer() -> None:
+    # Every read is copied out before the next: a connection needs no buffer of its own.
+    async with (
+        transport_pair() as (ta, _pa, tb, _pb),
+        transport_pair(socket.SOCK_SEQPACKET) as (tc, _pc, td, _pd),
+    ):
+        assert ta._rview is tb._rview
+        assert tc._rview is td._rview
+        assert tc._rview is not ta._rview  # another size: a message's maximum, not 256 KiB
