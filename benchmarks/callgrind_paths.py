@@ -63,9 +63,13 @@ def _loop_factory(name: str) -> asyncio.AbstractEventLoop:
 
 async def _aioancillary(case: str, path: str, n: int) -> None:
     from aioancillary import connection_pair  # noqa: PLC0415
-    from aioancillary._kernel import _accel  # noqa: PLC0415
 
-    _accel.use_extension(path == "c")
+    try:
+        from aioancillary._kernel import _accel  # noqa: PLC0415
+    except ImportError:  # a tree from before the extension (--src): pure Python only
+        assert path == "py", "this tree has no C extension"
+    else:
+        _accel.use_extension(path == "c")
     kind, nfds, framed, pingpong = CASES[case]
     a, b = await connection_pair(kind, framed=framed if kind == socket.SOCK_STREAM else None)
     fd = os.open(os.devnull, os.O_RDONLY)
@@ -169,8 +173,14 @@ def child(case: str, impl: str, n: int) -> None:
             runner.run(_aioancillary(case, parts[2], n))
 
 
-def count(case: str, impl: str, n: int) -> int:
-    """Instructions of one whole run (callgrind's "Collected" total)."""
+def count(case: str, impl: str, n: int, src: str = "") -> int:
+    """Instructions of one whole run (callgrind's "Collected" total).
+
+    ``src``: another tree's ``src`` directory to import aioancillary from (a baseline).
+    """
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     result = subprocess.run(
         [
             "valgrind",
@@ -186,7 +196,7 @@ def count(case: str, impl: str, n: int) -> int:
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
+        env=env,
     )
     match = re.search(r"Collected : (\d+)", result.stderr)
     if match is None:
@@ -197,6 +207,9 @@ def count(case: str, impl: str, n: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", default=[], help="case or impl (glob)")
+    parser.add_argument(
+        "--src", default="", help="import aioancillary from this src/ (e.g. a baseline tree)"
+    )
     parser.add_argument("--child", nargs=3, metavar=("CASE", "IMPL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -214,7 +227,7 @@ def main() -> int:
     table: dict[tuple[str, str], float] = {}
     for case in cases:
         for impl in impls:
-            low, high = (count(case, impl, n) for n in COUNTS)
+            low, high = (count(case, impl, n, args.src) for n in COUNTS)
             table[case, impl] = (high - low) / (COUNTS[1] - COUNTS[0])
             print(f"{case:15} {impl:24} {table[case, impl] / 1000:7.1f}k", file=sys.stderr)
     unit = "round trip" if cases == ["pingpong"] else "message (ping-pong: round trip)"

@@ -63,6 +63,9 @@ SERVERS = [
     "docs-uvloop",
     "toolkit-asyncio",
     "toolkit-uvloop",
+    # The toolkit on the pure-Python hot path (issue 20: both paths side by side).
+    "toolkit-asyncio-py",
+    "toolkit-uvloop-py",
     "node-cluster",
 ]
 LABELS = {
@@ -72,6 +75,8 @@ LABELS = {
     "docs-uvloop": "docs idiom, uvloop",
     "toolkit-asyncio": "**toolkit, asyncio** (`Acceptor` + `Worker`)",
     "toolkit-uvloop": "**toolkit, uvloop**",
+    "toolkit-asyncio-py": "toolkit, asyncio, pure-Python hot path (`AIOANCILLARY_NO_EXTENSIONS=1`)",
+    "toolkit-uvloop-py": "toolkit, uvloop, pure-Python hot path",
     "node-cluster": "Node `cluster` round robin (primary hands off)",
 }
 WORKERS = 2
@@ -385,8 +390,12 @@ def start_server(kind: str, stamps: bool) -> tuple[subprocess.Popen[str], dict[s
     if kind == "node-cluster":
         args = ["node", str(NODE_SCRIPT), str(free_port())]
     else:
-        args = [sys.executable, __file__, "serve", kind, *(["--stamps"] if stamps else [])]
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        served = kind.removesuffix("-py")
+        args = [sys.executable, __file__, "serve", served, *(["--stamps"] if stamps else [])]
+    env = None
+    if kind.endswith("-py"):  # the server and its workers on the pure-Python hot path
+        env = {**os.environ, "AIOANCILLARY_NO_EXTENSIONS": "1"}
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -548,7 +557,7 @@ def targets(results: dict[str, list[dict[str, Any]]]) -> list[str]:
         return statistics.median(values) if values else None
 
     out = []
-    for loop in ("asyncio", "uvloop"):
+    for loop in ("asyncio", "uvloop", "asyncio-py", "uvloop-py"):
         kind = f"toolkit-{loop}"
         if kind not in results:
             continue
@@ -606,6 +615,8 @@ def main() -> int:
     if args.quick:
         args.repeat, args.n, args.lone = 1, 400, 20
     servers = [s for s in SERVERS if not args.only or s in args.only]
+    if args.quick and not args.only:  # a smoke test: the pure-Python rows run the same code
+        servers = [s for s in servers if not s.endswith("-py")]
     if args.defer_accept:
         os.environ[DEFER_ENV] = "1"
         servers = [s for s in servers if s != "node-cluster"]
