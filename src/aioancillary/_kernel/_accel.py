@@ -3,14 +3,14 @@
 The one selection point. The optional C extension ``_speedups`` (built at install where a
 compiler is present) replaces, with the same interface, results, errors and fds closed:
 
-* :class:`~aioancillary._kernel._syscalls.Receiver` (the read loop and the control-message
+* ``_syscalls.Receiver`` (the read loop and the control-message
   rules),
-* :class:`~aioancillary._core._framing.FrameDecoder` (framed streams),
-* :func:`~aioancillary._core._message.messages_of` (:class:`ReadDecoder`'s batch path).
+* ``_framing.FrameDecoder`` (framed streams),
+* ``_message.messages_of`` (``ReadDecoder``'s batch path).
 
 The pure-Python path is used when the extension is absent (no compiler at install, another
 interpreter) or when ``AIOANCILLARY_NO_EXTENSIONS`` is set to anything but ``""``/``"0"`` in
-the environment before the package is imported. :data:`PATH` names the one in use.
+the environment before the package is imported. ``PATH`` names the one in use.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ ReadDecoder: type[_framing.ReadDecoder]
 
 def _c_read_decoder(module: ModuleType) -> type[_framing.ReadDecoder]:
     class ReadDecoder(_framing.ReadDecoder):
-        """:class:`ReadDecoder` whose batch path builds the messages in C."""
+        """``ReadDecoder`` whose batch path builds the messages in C."""
 
         __slots__ = ()
         # A builtin function is not a descriptor: called as messages_of(reads), no self.
