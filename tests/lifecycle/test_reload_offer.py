@@ -12,8 +12,10 @@ and shortens that step only; every other deadline is generous (``NEVER``, ``TIME
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -174,3 +176,102 @@ async def test_garbage_from_a_peer_leaves_the_generation_serving(
         async with closing(g2):
             assert g2.inherited.names() == ["web", "state"]
             g2.inherited.close()
+
+
+# -- the handoff socket's accept loop -------------------------------------------------------
+
+
+class FlakyListener:
+    """The handoff listener as the server sees it, with ``accept()`` failing as told."""
+
+    def __init__(self, sock: socket.socket, error: int, times: int) -> None:
+        self.sock = sock
+        self.error = error
+        self.times = times  # how many accept() calls fail; then the real one answers
+        self.calls = 0
+
+    def accept(self) -> tuple[socket.socket, object]:
+        self.calls += 1
+        if self.calls <= self.times:
+            raise OSError(self.error, os.strerror(self.error))
+        return self.sock.accept()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def flaky(gen: Generation, error: int, times: int) -> FlakyListener:
+    server = gen._offering._server
+    assert server is not None
+    stand_in = FlakyListener(server._sock, error, times)  # type: ignore[arg-type]
+    server._sock = stand_in  # type: ignore[assignment]
+    return stand_in
+
+
+def accept_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "accept" in r.getMessage()]
+
+
+async def _iterations(count: int) -> None:
+    for _ in range(count):  # a spinning reader would run (and log) on each of these
+        await asyncio.sleep(0)
+
+
+async def test_a_handoff_socket_shut_down_underneath_is_dropped_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "handoff.sock"
+    g1 = await first_generation(path)
+    async with closing(g1):
+        server = g1._offering._server
+        assert server is not None
+        with caplog.at_level(logging.WARNING, "aioancillary"):
+            # Polls readable (EPOLLIN|EPOLLHUP) while accept() says EAGAIN, for ever.
+            server.sockets[0].shutdown(socket.SHUT_RDWR)
+            await wait_until(lambda: not server.is_serving())
+            await _iterations(50)
+        (line,) = accept_lines(caplog)
+        assert "stopped listening: accept() failed for good" in line
+        assert "shut down" in line
+        assert g1._states.state is GenerationState.SERVING  # it serves its own clients on
+    assert not path.exists()
+
+
+async def test_a_handoff_socket_failing_for_good_is_dropped_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "handoff.sock"
+    g1 = await first_generation(path)
+    async with closing(g1):
+        server = g1._offering._server
+        assert server is not None
+        stand_in = flaky(g1, errno.EINVAL, times=1_000_000)
+        with caplog.at_level(logging.WARNING, "aioancillary"), silent_peer(path, b""):
+            await wait_until(lambda: not server.is_serving())
+            await _iterations(50)
+        assert stand_in.calls == 1  # dropped at the first failure, never tried again
+        (line,) = accept_lines(caplog)
+        assert "accept() failed for good" in line
+        assert "Invalid argument" in line
+
+
+async def test_a_handoff_socket_out_of_fds_retries_at_a_pace_and_logs_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "handoff.sock"
+    g1 = await first_generation(path)
+    async with closing(g1):
+        stand_in = flaky(g1, errno.EMFILE, times=3)
+        with caplog.at_level(logging.WARNING, "aioancillary"):
+            # The successor waits in the backlog through three failed tries, then is served.
+            g2 = await within(start_generation(path, timeout=TIMEOUT))
+            async with closing(g2):
+                assert g2.inherited.names() == ["web", "state"]
+                g2.inherited.close()
+        assert stand_in.calls >= 4
+        started, ended = accept_lines(caplog)  # one line per episode, not one per try
+        assert "cannot accept ([Errno 24]" in started
+        assert "accepts again after 3 failed tries" in ended

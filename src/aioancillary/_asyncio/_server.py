@@ -9,6 +9,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from .._core._errors import (
 )
 from .._core._framing import DEFAULT_MAX_FRAME_SIZE
 from .._kernel import _fork
+from .._kernel._accept import AcceptErrorKind, AcceptFailure, ResourcePause, accept_burst
 from .._kernel._unix import Authorize, PathArg, check_listening, check_peer, is_abstract, listen
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, AncillaryConnection
 from ._protocol import AncillaryProtocol
@@ -45,10 +47,13 @@ logger = logging.getLogger("aioancillary")
 Handler = Callable[[AncillaryConnection], Awaitable[None]]
 # What a peer can make a receiving handler raise: logged once when the transport closes.
 _PEER_FAULTS = (ProtocolError, FdTruncatedError, DataTruncatedError, CloexecError)
-# accept() errors that mean "out of resources for now": back off instead of spinning.
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# accept() errors about one client that went away before it was accepted.
-_CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO})
+
+
+def _hung_up(fd: int) -> bool:
+    """True when ``fd`` polls ``POLLHUP`` (a listening Unix socket that was shut down)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +114,8 @@ class AncillaryServer:
         self._idle: asyncio.Future[None] | None = None
         self._closed = self._loop.create_future()
         self._accepted = self._rejected = self._peer_errors = self._handler_errors = 0
+        where = f"the server at {path!r}" if path is not None else "the server"
+        self._pause = ResourcePause(logger, where)
         self._pid = _fork.track(self)
         self._loop.add_reader(self._fileno, self._on_accept)
 
@@ -129,7 +136,8 @@ class AncillaryServer:
         )
 
     def is_serving(self) -> bool:
-        """True while the server accepts connections."""
+        """True while the server accepts connections (not after ``close()``, nor once its
+        listener failed for good: logged once, the listener closed)."""
         return self._sock is not None
 
     def _forked(self) -> None:
@@ -142,38 +150,52 @@ class AncillaryServer:
         sock = self._sock
         if sock is None:
             return
-        for _ in range(64):
+        accepted: list[tuple[socket.socket, object]] = []
+        failure = accept_burst(sock.accept, 64, accepted)
+        for i, (conn_sock, _addr) in enumerate(accepted):
             try:
-                conn_sock, _addr = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
-                    # Out of fds: stop accepting for a moment instead of spinning on the
-                    # readiness callback; pending clients wait in the backlog.
-                    logger.error("accept failed (%s); retrying in 100 ms", exc)
-                    self._loop.remove_reader(self._fileno)
-                    self._loop.call_later(0.1, self._resume_accepting)
-                    return
-                if exc.errno in _CLIENT_GONE:
-                    continue
-                raise
-            self._accepted += 1
-            try:
-                check_peer(conn_sock, self._authorize)
-            except PeerRejectedError as exc:
-                conn_sock.close()  # any fds the peer already sent are closed by the kernel
-                self._rejected += 1
-                logger.log(self._peer_level, "%s", exc)
-                continue
+                self._take(conn_sock)
             except BaseException:
-                conn_sock.close()
+                for rest, _ in accepted[i:]:  # this one and those not taken yet
+                    rest.close()
                 raise
-            try:
-                self._serve(conn_sock)
-            except BaseException:
-                conn_sock.close()
-                raise
+        if failure is None and not accepted and _hung_up(self._fileno):
+            # unix_poll reports EPOLLHUP on a listener shut down underneath the server, while
+            # accept() returns EAGAIN: the reader would fire again at once, forever.
+            shut = OSError(errno.ESHUTDOWN, "the listening socket was shut down")
+            failure = AcceptFailure(AcceptErrorKind.FATAL, shut)
+        if failure is None:
+            self._pause.recovered()
+        elif failure.kind is AcceptErrorKind.RESOURCE:
+            # Out of fds or memory: stop accepting for a moment instead of spinning on the
+            # readiness callback; pending clients wait in the backlog. Logged once per episode.
+            delay = self._pause.failed(failure.error)
+            self._loop.remove_reader(self._fileno)
+            self._loop.call_later(delay, self._resume_accepting)
+        else:
+            self._drop_listener(failure.error)
+
+    def _take(self, conn_sock: socket.socket) -> None:
+        self._accepted += 1
+        try:
+            check_peer(conn_sock, self._authorize)
+        except PeerRejectedError as exc:
+            conn_sock.close()  # any fds the peer already sent are closed by the kernel
+            self._rejected += 1
+            logger.log(self._peer_level, "%s", exc)
+            return
+        self._serve(conn_sock)
+
+    def _drop_listener(self, exc: OSError) -> None:
+        # accept() fails for good (EINVAL: no longer listening; EBADF...): stop serving the
+        # listener, once, instead of failing again on every readiness callback.
+        logger.error(
+            "the server at %r stopped listening: accept() failed for good (%s); its "
+            "connections go on, new ones are refused: start a new server",
+            self._path if self._path is not None else "inherited socket",
+            exc,
+        )
+        self.close()
 
     def _resume_accepting(self) -> None:
         if self._sock is not None and os.getpid() == self._pid:
