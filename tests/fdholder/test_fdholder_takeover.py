@@ -212,7 +212,7 @@ async def read_event(proc: asyncio.subprocess.Process) -> dict[str, Any]:
     return event
 
 
-@pytest.mark.parametrize("step", ["offer", "fds", "ready"])
+@pytest.mark.parametrize("step", ["offer", "fds", "ready", "nonsense"])
 async def test_a_successor_that_dies_mid_takeover_leaves_everything_with_the_first(
     tmp_path: Path, step: str
 ) -> None:

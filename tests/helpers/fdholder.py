@@ -142,8 +142,14 @@ class HolderProcess:
         return self.returncode()
 
     def stop(self) -> None:
+        """End the holder as an operator would (SIGTERM: it drops its store and cleans up);
+        SIGKILL only if that does not work."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.terminate()
+            try:
+                self.proc.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         self.proc.wait(WAIT)
         self._reader.join(WAIT)
         assert self.proc.stderr is not None

@@ -162,7 +162,7 @@ class Daemon:
                 store, listener, Admit(config.allow_uids, config.allow_gids), source.handle
             )
             if offer is not None:
-                adopt(offer, gen, holder.adopt)
+                adopt(offer, gen.inherited, holder.adopt)
             await gen.ready()  # a takeover's commit point: the running holder stops here
         except BaseException:
             # Nothing committed: what this process holds goes, the running holder resumes.

@@ -50,6 +50,7 @@ from .._core._message import AncillaryMessage
 from .._core._platform import SCM_MAX_FD
 from .._kernel._authorize import root_or_same_user
 from .._lifecycle._reload import Generation, start_generation
+from .._lifecycle._systemd import NamedFds
 from ._holder import Holder, describe
 from ._store import StoreError, check_name
 from ._wire import MAX_MESSAGE, SUPPORTED_VERSIONS, decode, encode, error_of, read_hello
@@ -141,6 +142,7 @@ class TakeoverSource:
             logger.info("handed %s over to pid %d; exiting", describe(entries), creds.pid)
             self.handed_over.set_result(creds.pid)
             return
+        conn.close()  # after an offer only "bye" is expected: anything else ends the request
         if holder.closing:
             return  # stopped by a signal meanwhile: the store is being dropped, no resuming
         logger.warning(
@@ -390,9 +392,12 @@ def check_fits(offer: Offer, max_entries: int, max_fds: int) -> None:
 
 
 def adopt(
-    offer: Offer, gen: Generation, add: Callable[[str, tuple[OwnedFd, ...], float | None], None]
+    offer: Offer,
+    inherited: NamedFds,
+    add: Callable[[str, tuple[OwnedFd, ...], float | None], None],
 ) -> None:
-    """Move every offered entry's fds from ``gen``'s inherited fds into the store (``add``).
+    """Move every offered entry's fds from the generation's ``inherited`` fds into the store
+    (``add``).
 
     Raises:
         FdHolderError: an entry's fds are missing or do not match the offer; every fd not
@@ -400,7 +405,7 @@ def adopt(
     """
     for entry in offer.entries:
         try:
-            fds = gen.inherited.take_fds(entry.key)
+            fds = inherited.take_fds(entry.key)
         except AncillaryError as exc:
             raise FdHolderError(f"takeover: {exc}") from None
         if len(fds) != entry.fd_count:

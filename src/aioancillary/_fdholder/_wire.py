@@ -159,7 +159,7 @@ def _answer(msg: AncillaryMessage, expected: str) -> dict[str, Any]:
         raise FdHolderError(f"fd holder protocol error: expected {expected!r}, got {body['op']!r}")
     if expected != "fds" and msg.fd_count:
         msg.close()
-        raise FdHolderError(f"fd holder protocol error: a {expected!r} answer carried fds")
+        raise FdHolderError(f"fd holder protocol error: the {expected!r} answer carried fds")
     return body
 
 

@@ -50,23 +50,31 @@ def check_parent(sock: socket.socket) -> str | None:
 
 
 def receive(sock: socket.socket, count: int) -> list[int]:
-    """``count`` fds from the parent (close-on-exec); raise ``OSError`` if they do not come."""
+    """``count`` fds from the parent (close-on-exec); raise ``OSError`` if they do not come
+    (the fds that did are closed then)."""
     fds: list[int] = []
     flags = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-    while len(fds) < count:
-        data, ancdata, msg_flags, _ = sock.recvmsg(16, socket.CMSG_SPACE(SCM_MAX_FD * _INT), flags)
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(payload[: len(payload) - len(payload) % _INT])
-                fds.extend(got)
-        if msg_flags & socket.MSG_CTRUNC:
-            raise OSError("fds were dropped on the way (MSG_CTRUNC): RLIMIT_NOFILE too low?")
-        if not data and not ancdata:
-            raise OSError(f"the parent went away after {len(fds)} of {count} fds")
-    if not flags:
+    try:
+        while len(fds) < count:
+            data, ancdata, msg_flags, _ = sock.recvmsg(
+                16, socket.CMSG_SPACE(SCM_MAX_FD * _INT), flags
+            )
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(payload[: len(payload) - len(payload) % _INT])
+                    fds.extend(got)
+            if msg_flags & socket.MSG_CTRUNC:
+                raise OSError("fds were dropped on the way (MSG_CTRUNC): RLIMIT_NOFILE too low?")
+            if not data and not ancdata:
+                raise OSError(f"the parent went away after {len(fds)} of {count} fds")
+        if not flags:
+            for fd in fds:
+                fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+    except BaseException:
         for fd in fds:
-            fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+            os.close(fd)
+        raise
     return fds
 
 
@@ -109,9 +117,11 @@ def main(argv: list[str]) -> int:
         sock.connect(address)
         reason = check_parent(sock)
         if reason is not None:
+            sock.close()
             return fail(reason)
         fds = receive(sock, count)
     except OSError as exc:
+        sock.close()
         return fail(f"cannot get the fds from the parent: {exc}")
     ctl = place(fds, sock.detach())
     os.environ["LISTEN_PID"] = str(os.getpid())
