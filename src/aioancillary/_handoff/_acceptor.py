@@ -294,7 +294,8 @@ class Acceptor:
 
     def _forked(self) -> None:
         # In a child process after fork(): drop this process's copies of the listeners and
-        # of the clients waiting here; the loop and its registrations are the parent's.
+        # of the clients waiting here; the loop and its registrations are the parent's, and
+        # so are the workers (their links' transports are inert here, see _fork).
         self._stopped = self._closed = True
         self._accepting = False
         listeners, self._listeners = self._listeners, []
@@ -302,6 +303,12 @@ class Acceptor:
             listener.sock.close()
         held, self._held = list(self._held), collections.deque()
         _close_fds(held)
+        self._workers = []
+
+    def _in_child(self) -> bool:
+        # A forked child holds an inert copy: nothing it could wait for will ever happen
+        # there (no worker leaves, no completion arrives), so no wait may block it.
+        return os.getpid() != self._pid
 
     # -- listeners --------------------------------------------------------------------------
 
@@ -431,6 +438,11 @@ class Acceptor:
         """
         if len(self._workers) >= count:
             return
+        if self._in_child():
+            raise ConnectionClosedError(
+                f"this acceptor belongs to process {self._pid}: a forked child cannot use it "
+                "(create one in the child)"
+            )
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._worker_waiters.append((count, waiter))
         try:
@@ -784,8 +796,8 @@ class Acceptor:
         Returns:
             ``True`` if nothing is in flight, ``False`` if the timeout expired first.
         """
-        if self._in_flight() == 0:
-            return True
+        if self._in_flight() == 0 or self._in_child():
+            return True  # in a forked child nothing is in flight: the clients are the parent's
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._drain_waiters.append(waiter)
         try:
@@ -827,7 +839,13 @@ class Acceptor:
 
     async def wait_closed(self) -> None:
         """Wait until [`close`][aioancillary.Acceptor.close] was called and every worker has
-        left."""
+        left.
+
+        In a process forked from the one that created the acceptor it returns at once: the
+        workers and registration servers are the parent's.
+        """
+        if self._in_child():
+            return
         for server in self._servers:
             await server.wait_closed()
         await asyncio.shield(self._all_gone)
@@ -863,6 +881,8 @@ class Acceptor:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+        if self._in_child():
+            return  # the child's copy is inert; asyncio.timeout() would not even run there
         try:
             async with asyncio.timeout(5.0):
                 await self.wait_closed()

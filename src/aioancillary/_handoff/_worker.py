@@ -197,6 +197,7 @@ class Worker(AncillaryProtocol):
         self._flush_scheduled = False
         self._handler: ClientHandler | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pid = os.getpid()
 
     @classmethod
     async def connect(
@@ -452,7 +453,9 @@ class Worker(AncillaryProtocol):
             self._transport.close()
 
     async def wait_closed(self) -> None:
-        """Wait until the link is closed."""
+        """Wait until the link is closed (at once in a forked child: the link is the parent's)."""
+        if os.getpid() != self._pid:
+            return  # the child's copy of the link is inert (see _fork): it never closes here
         await asyncio.shield(self._lost)
 
     @property
