@@ -39,6 +39,7 @@ from .._core._message import AncillaryMessage, take_raw_fds
 from .._core._platform import SCM_MAX_FD
 from .._kernel import _fork
 from .._kernel._accept import AcceptErrorKind, AcceptFailure, ResourcePause, accept_burst
+from .._kernel._authorize import same_user
 from .._kernel._unix import Authorize
 from . import _wire as wire
 from ._dispatch import DispatchPolicy, Picker, WorkerInfo, make_policy
@@ -368,21 +369,39 @@ class Acceptor:
         self,
         path: str | os.PathLike[str],
         *,
-        authorize: Authorize | None = None,
+        authorize: Authorize = same_user,
         mode: int = 0o600,
     ) -> AncillaryServer:
         """Let workers register by connecting to the Unix socket ``path``
         ([`Worker.connect`][aioancillary.Worker.connect]).
 
+        A registered worker gets clients: their sockets and the bytes they send. So each
+        worker's credentials (recorded by the kernel at ``connect()``, ``SO_PEERCRED``) are
+        checked before anything is sent to it; by default only a process of this process's
+        own user may register, whatever the socket's address: a Linux abstract name has no
+        permissions at all, and a socket file's mode is only as good as its directory.
+
         Args:
-            path: Where to listen; the socket file is created with permissions ``mode``.
-            authorize: Called with each worker's credentials (pid, uid, gid) before anything
-                is exchanged; a worker it refuses is disconnected.
+            path: Where to listen: a socket file, created with permissions ``mode``, or a
+                Linux abstract name (``"\0name"``).
+            authorize: Called with each worker's credentials before anything is exchanged; a
+                worker it refuses is disconnected (counted in the server's ``stats.rejected``).
+                Default [`same_user`][aioancillary.same_user]; widen it for workers of other
+                users, e.g. ``allow_uids(uid)`` for workers that dropped root.
             mode: Permissions of the socket file (default: owner only).
 
         Returns:
             The registration server (closed by [`close`][aioancillary.Acceptor.close]).
+
+        Raises:
+            TypeError: ``authorize`` is ``None``.
         """
+        if authorize is None:
+            raise TypeError(
+                "listen_for_workers(authorize=None) would hand clients to any process that "
+                "can connect: pass a policy (the default, same_user, admits workers of this "
+                "user; allow_uids(...) or root_or_same_user widen it)"
+            )
         server = await _registration_server(self, path, authorize, mode)
         self._servers.append(server)
         return server
@@ -909,7 +928,7 @@ def _address_name(sock: socket.socket) -> str:
 async def _registration_server(
     acceptor: Acceptor,
     path: str | os.PathLike[str],
-    authorize: Authorize | None,
+    authorize: Authorize,
     mode: int,
 ) -> AncillaryServer:
     """Listen for workers on ``path``; each one that connects becomes a `_WorkerLink`."""
