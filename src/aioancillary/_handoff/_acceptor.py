@@ -54,6 +54,8 @@ _Item = tuple[bytes, int]
 
 #: Seconds before a worker whose socket refused a hand-off (not because it left) gets more.
 _RETRY_DELAY = 0.1
+#: Seconds the ``async with`` exit waits for the workers to leave before it aborts them.
+_CLOSE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -903,7 +905,7 @@ class Acceptor:
         if self._in_child():
             return  # the child's copy is inert; asyncio.timeout() would not even run there
         try:
-            async with asyncio.timeout(5.0):
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
                 await self.wait_closed()
         except TimeoutError:
             self.abort()
