@@ -152,7 +152,7 @@ async def test_leaving_async_with_aborts_workers_that_do_not_leave(
             assert len(acceptor.workers) == 1
         # close() ended the link; the worker did not leave within the deadline, so the
         # link was aborted and the exit returned.
-        assert acceptor.workers == ()
+        assert not acceptor.workers
         stuck.setblocking(False)
         with contextlib.suppress(BlockingIOError):
             while stuck.recv(65536):  # the welcome, then the end of the link
