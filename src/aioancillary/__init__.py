@@ -89,7 +89,7 @@ from ._fdholder._blocking import FdHolderBlockingClient
 from ._fdholder._client import FdHolderClient
 from ._fdholder._wire import FdHolderEntry
 from ._handoff._acceptor import Acceptor, AcceptorStats
-from ._handoff._dispatch import Picker, WorkerInfo
+from ._handoff._dispatch import DispatchName, Picker, WorkerInfo
 from ._handoff._pool import WorkerPool
 from ._handoff._worker import HandedClient, Worker
 from ._kernel._authorize import (
@@ -131,6 +131,7 @@ __all__ = [
     "ConnectionServerStats",
     "Credentials",
     "DataTruncatedError",
+    "DispatchName",
     "FdHolderBlockingClient",
     "FdHolderClient",
     "FdHolderEntry",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 from dataclasses import dataclass
+from typing import get_args
 
 import pytest
 from hypothesis import given
@@ -248,3 +249,17 @@ def test_policy_names() -> None:
     assert isinstance(make_policy("round-robin"), RoundRobin)
     with pytest.raises(ValueError, match="unknown dispatch policy"):
         make_policy("random")
+
+
+async def test_dispatch_names_are_typed_and_checked() -> None:
+    from aioancillary import Acceptor, DispatchName, WorkerPool  # noqa: PLC0415
+
+    assert set(get_args(DispatchName)) == {"least-busy", "round-robin"}
+    for name in get_args(DispatchName):
+        Acceptor(dispatch=name).close()
+    # A typo is a type error (mypy --strict checks this file: an ignore that is not needed is
+    # an error itself) and a ValueError at run time, naming the valid choices.
+    with pytest.raises(ValueError, match="'least-busy', 'round-robin' or a picker"):
+        Acceptor(dispatch="least_busy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown dispatch policy 'fastest'"):
+        WorkerPool("helpers.pool_handlers:handle", processes=1, dispatch="fastest")  # type: ignore[arg-type]

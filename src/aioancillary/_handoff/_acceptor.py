@@ -42,7 +42,7 @@ from .._kernel._accept import AcceptErrorKind, AcceptFailure, ResourcePause, acc
 from .._kernel._authorize import same_user
 from .._kernel._unix import Authorize
 from . import _wire as wire
-from ._dispatch import DispatchPolicy, Picker, WorkerInfo, make_policy
+from ._dispatch import DispatchName, DispatchPolicy, Picker, WorkerInfo, make_policy
 
 __all__ = ["Acceptor", "AcceptorStats"]
 
@@ -247,9 +247,10 @@ class Acceptor:
             await acceptor.serve_forever()
 
     Args:
-        dispatch: ``"least-busy"`` (default: the worker with the fewest clients in flight),
-            ``"round-robin"``, or a [`Picker`][aioancillary.Picker] function (e.g. sticky by client
-            address).
+        dispatch: A [`DispatchName`][aioancillary.DispatchName]: ``"least-busy"`` (default:
+            the worker with the fewest clients in flight) or ``"round-robin"``; or a
+            [`Picker`][aioancillary.Picker] function (e.g. sticky by client address). Another
+            string is a type error, and a ``ValueError`` at run time.
         worker_limit: The most clients one worker may hold at once (handed over and not
             reported finished). When every worker is at its limit the acceptor stops
             accepting; the kernel's backlog holds new clients until one frees up.
@@ -260,7 +261,7 @@ class Acceptor:
     def __init__(
         self,
         *,
-        dispatch: str | Picker = "least-busy",
+        dispatch: DispatchName | Picker = "least-busy",
         worker_limit: int = 1024,
         accept_burst: int = 64,
     ) -> None:

@@ -10,9 +10,10 @@ worker is at its limit (the acceptor then stops accepting: the kernel's backlog 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, get_args
 
 __all__ = [
+    "DispatchName",
     "DispatchPolicy",
     "LeastBusy",
     "Picker",
@@ -66,6 +67,11 @@ class WorkerInfo(Protocol):
 
 
 W = TypeVar("W", bound=WorkerInfo)
+
+#: The built-in dispatch policies, by name: ``"least-busy"`` (the worker with the fewest
+#: clients in flight) and ``"round-robin"``. A type checker refuses any other string given
+#: as ``dispatch=``; at run time it is a ``ValueError``.
+DispatchName = Literal["least-busy", "round-robin"]
 
 #: A caller's dispatch function: ``picker(peer_address, listener_name, workers)`` returns one
 #: of ``workers`` (all live workers, in registration order), or ``None`` to let least-busy
@@ -127,7 +133,8 @@ class DispatchPolicy(Protocol):
 
 
 def make_policy(dispatch: str) -> DispatchPolicy:
-    """The policy named ``"least-busy"`` or ``"round-robin"``.
+    """The policy named ``"least-busy"`` or ``"round-robin"`` (a ``str``: names may come from
+    configuration, unchecked by a type checker).
 
     Raises:
         ValueError: another name.
@@ -136,7 +143,5 @@ def make_policy(dispatch: str) -> DispatchPolicy:
         return LeastBusy()
     if dispatch == "round-robin":
         return RoundRobin()
-    raise ValueError(
-        f"unknown dispatch policy {dispatch!r}: use 'least-busy', 'round-robin' or a "
-        "picker function"
-    )
+    names = ", ".join(repr(name) for name in get_args(DispatchName))
+    raise ValueError(f"unknown dispatch policy {dispatch!r}: use {names} or a picker function")

@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from ._acceptor import Acceptor
-from ._dispatch import Picker
+from ._dispatch import DispatchName, Picker
 from ._worker import ClientHandler
 
 __all__ = ["WorkerPool", "handler_reference", "resolve_handler"]
@@ -134,7 +134,7 @@ class WorkerPool:
         *,
         processes: int | None = None,
         loop: Literal["asyncio", "uvloop"] = "asyncio",
-        dispatch: str | Picker = "least-busy",
+        dispatch: DispatchName | Picker = "least-busy",
         worker_limit: int = 1024,
         env: dict[str, str] | None = None,
         shutdown_timeout: float = 30.0,
