@@ -136,7 +136,7 @@ async def test_graceful_shutdown_finishes_in_flight_clients_and_refuses_new_ones
         assert (await within(reader.readline())).strip() == b"released"
         writer.close()
     assert await within(shutdown, 30) is True
-    assert [p.returncode for p in processes if p] == [0, 0]
+    assert [p.returncode for p in processes] == [0, 0]
     assert pool.pids == []
 
 
@@ -146,8 +146,9 @@ async def test_shutdown_deadline_terminates_workers_still_serving() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     pool.acceptor.add_listener(listener)
     reader, writer, _pid = await hold(listener.getsockname()[1])
+    processes = [c.process for c in pool._children]
     assert await within(pool.shutdown(timeout=0.3)) is False
-    assert [c.process.returncode for c in pool._children if c.process] == [-signal.SIGTERM]
+    assert [p.returncode for p in processes] == [-signal.SIGTERM]
     assert await within(reader.read()) == b""
     writer.close()
     await writer.wait_closed()

@@ -22,11 +22,13 @@ Every error the library raises on purpose derives from
     │   ├── HandoffTimeoutError     a handoff step timed out (TimeoutError)
     │   └── HandoffBusyError        another upgrade is in progress: retry later
     ├── SpawnError              a program could not be started with its named fds (OSError)
-    └── FdHolderError           the fd holder refused a request, or broke its protocol
-        ├── FdHolderRefusedError    the holder does not admit this process (PermissionError)
-        ├── FdHolderNotFoundError   no entry of that name (LookupError)
-        ├── FdHolderExistsError     an entry of that name is already stored
-        └── FdHolderFullError       the holder's store is at its bound (entries or fds)
+    ├── FdHolderError           the fd holder refused a request, or broke its protocol
+    │   ├── FdHolderRefusedError    the holder does not admit this process (PermissionError)
+    │   ├── FdHolderNotFoundError   no entry of that name (LookupError)
+    │   ├── FdHolderExistsError     an entry of that name is already stored
+    │   └── FdHolderFullError       the holder's store is at its bound (entries or fds)
+    ├── WorkerStartError        a pool's worker process exited or hung before it was ready
+    └── AppStartupError         an application served in a worker failed its startup
 
 Whenever one of these is raised on the receive path, every fd that arrived with the faulty
 message has already been closed: catching the error never leaves an fd open in the process.
@@ -37,6 +39,7 @@ from __future__ import annotations
 __all__ = [
     "ActivationError",
     "AncillaryError",
+    "AppStartupError",
     "CloexecError",
     "ConnectionClosedError",
     "DataTruncatedError",
@@ -59,6 +62,7 @@ __all__ = [
     "ProtocolError",
     "SpawnError",
     "TooManyFdsError",
+    "WorkerStartError",
 ]
 
 
@@ -228,3 +232,28 @@ class FdHolderExistsError(FdHolderError):
 class FdHolderFullError(FdHolderError):
     """The store is at its bound (``--max-entries`` or ``--max-fds``). The holder closed the
     fds sent with the refused store; delete entries, or run the holder with higher bounds."""
+
+
+class WorkerStartError(AncillaryError, RuntimeError):
+    """A :class:`WorkerPool` worker process exited, or did not become ready in time, before
+    it registered with the acceptor (its main failed: an import error, a failing startup).
+
+    The workers already serving go on (a failed reload keeps the old ones). The worker's own
+    error is on its stderr, which it shares with the pool's process.
+
+    Attributes:
+        exit_status: The worker's exit status (negative: the signal that ended it), or
+            ``None`` when it was still running at the deadline (it was killed then).
+    """
+
+    def __init__(self, message: str, exit_status: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class AppStartupError(AncillaryError, RuntimeError):
+    """An application served in a worker failed its startup (an ASGI lifespan startup that
+    failed, an aiohttp ``on_startup`` handler that raised): the worker cannot serve it.
+
+    The application's own error is logged (or chained as ``__cause__``).
+    """

@@ -123,6 +123,7 @@ class _WorkerLink(AncillaryProtocol):
         "pending",
         "pid",
         "refusing",
+        "retired",
         "transport",
     )
 
@@ -140,6 +141,7 @@ class _WorkerLink(AncillaryProtocol):
         self.gone = False
         self.paused = False  # its socket is full (pause_writing)
         self.refusing = False  # its last hand-off failed (logged once until one succeeds)
+        self.retired = False  # Acceptor.retire_worker: no more clients, stream ended
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, AncillaryTransport)
@@ -181,7 +183,7 @@ class _WorkerLink(AncillaryProtocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        if not self.gone:
+        if not self.gone and not self.retired:
             self.cap = self.limit
             self._acceptor._on_room()
 
@@ -281,6 +283,7 @@ class Acceptor:
         self._resource = ResourcePause(logger, "the acceptor")
         self._cooling = False  # after a resource failure, until the paced retry
         self._workers: list[_WorkerLink] = []
+        self._retiring: list[_WorkerLink] = []  # retire_worker(): finishing, not dispatched to
         self._next_index = 0
         self._dirty: list[_WorkerLink] = []
         self._held: collections.deque[_Item] = collections.deque()  # waiting for a worker
@@ -479,6 +482,32 @@ class Acceptor:
             if count <= registered and not waiter.done():
                 waiter.set_result(None)
 
+    def retire_worker(self, worker: WorkerInfo) -> None:
+        """Hand ``worker`` no more clients and end its client stream: a graceful stop of one
+        worker (a pool shrinking, or a reload replacing its workers).
+
+        The worker still gets the clients already on their way to it, then the end of its
+        stream (its iteration or :meth:`Worker.serve` ends); it finishes what it holds,
+        reporting each client, and leaves. Until it has left, its clients count in
+        ``stats().in_flight`` and :meth:`drain`; it is no longer in :attr:`workers`.
+
+        Raises:
+            ValueError: ``worker`` is not one of :attr:`workers` (retired already, gone, or
+                another acceptor's).
+        """
+        link = worker
+        if not isinstance(link, _WorkerLink) or link not in self._workers:
+            raise ValueError(f"{worker!r} is not a registered worker of this acceptor")
+        self._workers.remove(link)
+        self._retiring.append(link)
+        link.retired = True
+        link.cap = 0
+        if link.transport is not None:
+            link.transport.write_eof()  # after what is queued: its iteration ends there
+        logger.debug("worker %r retired", link)
+        if not self._has_room():
+            self._pause_accepting()  # the kernel's backlog holds clients until a worker comes
+
     def _drop_worker(self, link: _WorkerLink, exc: Exception) -> None:
         logger.error(
             "dropping worker #%d (pid %s): %s; its queued clients go to other workers",
@@ -497,6 +526,8 @@ class Acceptor:
         link.cap = 0
         if link in self._workers:
             self._workers.remove(link)
+        elif link in self._retiring:
+            self._retiring.remove(link)
         if link.pending:
             items, link.pending = link.pending, []
             link.in_flight -= len(items)
@@ -513,7 +544,7 @@ class Acceptor:
                 exc or "connection closed",
             )
         link.in_flight = 0
-        if not self._workers and not self._all_gone.done():
+        if not self._workers and not self._retiring and not self._all_gone.done():
             self._all_gone.set_result(None)
         self._dispatch_held()
         self._check_drained()
@@ -544,12 +575,12 @@ class Acceptor:
 
     # -- accepting --------------------------------------------------------------------------
 
-    def _on_acceptable(self, listener: _Listener) -> None:
+    def _on_acceptable(self, listener: _Listener) -> int:
         # Never more than the workers have room for: the rest wait in the kernel's backlog.
         room = self._room()
         if not room:
             self._pause_accepting()
-            return
+            return 0
         accepted: list[tuple[int, Any]] = []
         failure = accept_burst(listener.accept, room, accepted)
         if accepted:
@@ -559,6 +590,7 @@ class Acceptor:
             self._accept_failed(listener, failure)
         elif self._resource.active:
             self._resource.recovered()
+        return len(accepted)
 
     def _assign(self, accepted: list[tuple[int, Any]], listener: _Listener) -> None:
         workers = self._workers
@@ -705,7 +737,9 @@ class Acceptor:
 
     def _reopen(self, link: _WorkerLink) -> None:
         transport = link.transport
-        if not link.gone and not link.paused and transport and not transport.is_closing():
+        if link.gone or link.retired or link.paused:
+            return
+        if transport and not transport.is_closing():
             link.cap = link.limit
             self._dispatch_held()
 
@@ -785,17 +819,23 @@ class Acceptor:
     def stop_accepting(self) -> None:
         """Stop accepting for good and close the listeners; clients already accepted go on.
 
-        New clients are refused by the kernel from now on (the listening sockets are closed;
-        clients still in their backlogs are reset).
+        New clients are refused by the kernel from now on (the listening sockets are closed).
+        Clients already in a listener's backlog are accepted and handed over first: closing a
+        listener resets every connection still queued on it (``inet_csk_listen_stop``).
         """
         self._stopped = True
+        if os.getpid() == self._pid:
+            for listener in list(self._listeners):  # a failing one drops itself
+                while listener in self._listeners and self._on_acceptable(listener):
+                    pass
         self._pause_accepting()
         listeners, self._listeners = self._listeners, []
         for listener in listeners:
             listener.sock.close()
 
     def _in_flight(self) -> int:
-        return sum(link.in_flight for link in self._workers) + len(self._held)
+        in_flight = sum(link.in_flight for link in self._workers) + len(self._held)
+        return in_flight + sum(link.in_flight for link in self._retiring)
 
     def _check_drained(self) -> None:
         if self._drain_waiters and self._in_flight() == 0:
@@ -855,7 +895,7 @@ class Acceptor:
         """Close at once: every worker's link is aborted (see
         [`close`][aioancillary.Acceptor.close])."""
         self.close()
-        for link in list(self._workers):
+        for link in [*self._workers, *self._retiring]:
             if link.transport is not None:
                 link.transport.abort()
 

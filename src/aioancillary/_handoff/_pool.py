@@ -1,114 +1,131 @@
-"""A prefork pool: N worker processes serving an [`Acceptor`][aioancillary.Acceptor]'s clients with
-a handler.
+"""A prefork pool: N worker processes serving an :class:`Acceptor`'s clients.
 
 Each worker is a fresh interpreter (``python -m aioancillary._handoff._pool_child``, started with
-``asyncio.create_subprocess_exec``: never a fork of the running loop) that inherits one end of a
-``socketpair`` as its link to the acceptor and runs [`Worker.serve`][aioancillary.Worker.serve] with
-the handler, on the loop asked for. A worker that exits is replaced;
-[`WorkerPool.shutdown`][aioancillary.WorkerPool.shutdown] stops accepting, lets in-flight clients
-finish within a deadline, then ends the workers.
+``asyncio.create_subprocess_exec``: never a fork of the running loop) that inherits one end of
+a ``socketpair`` as its link to the acceptor and the write end of a "ready" pipe. It runs a
+handler for every client, or a ``main`` of yours (:class:`PoolWorker`), on the loop asked for.
+The pool registers a worker with the acceptor once it says it is ready, so a worker that
+fails to start never holds a client.
+
+A worker that exits is replaced in its slot, after a delay that grows only while that slot's
+workers keep dying young (:class:`RestartBackoff`). :meth:`WorkerPool.reload` replaces every
+worker without refusing a client: the new ones start and register, then the old ones are
+retired (:meth:`Acceptor.retire_worker`) and finish what they hold. :meth:`add_worker` and
+:meth:`remove_worker` grow and shrink the pool by one. :meth:`shutdown` stops accepting, ends
+every worker's client stream and waits for the workers to finish, within a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import os
 import signal
 import socket
 import sys
+import time
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Literal, Self
 
+from .._core._errors import WorkerStartError
 from ._acceptor import Acceptor
-from ._dispatch import DispatchName, Picker
+from ._dispatch import DispatchName, Picker, WorkerInfo
+from ._pool_worker import READY, WorkerMain, callable_reference, resolve_reference
 from ._worker import ClientHandler
 
-__all__ = ["WorkerPool", "handler_reference", "resolve_handler"]
+__all__ = ["RestartBackoff", "WorkerPool"]
 
 logger = logging.getLogger("aioancillary")
 
-#: A worker that exits sooner than this after starting is restarted only after a delay that
-#: doubles each time (up to ``_MAX_BACKOFF``), so a broken handler does not spin.
-_QUICK_EXIT = 1.0
-_MAX_BACKOFF = 10.0
+# Module attributes so that the tests can run the backoff without waiting real seconds.
+_clock = time.monotonic
+_sleep = asyncio.sleep
 
 
-def handler_reference(handler: str | ClientHandler) -> dict[str, str]:
-    """How a child process finds ``handler``: ``{"ref": "module:qualname"}``, plus ``"path"``
-    when it lives in a script run as ``__main__``.
+class RestartBackoff:
+    """When to restart one worker slot's next process (sans-I/O).
 
-    Raises:
-        ValueError: a lambda, a nested function, or a string without ``module:name``.
+    A worker that ran at least ``stable`` seconds is restarted at once and clears its slot's
+    record. One that exits sooner (a crash at start-up, a handler that kills the process)
+    waits ``first`` seconds, doubled for each such exit in a row in the same slot, up to
+    ``most``: a broken worker does not spin, and a slot's old failures are forgotten as soon
+    as one of its workers runs stably. Other slots are not affected.
     """
-    if isinstance(handler, str):
-        if ":" not in handler:
-            raise ValueError(f"handler {handler!r} must be 'module:function'")
-        return {"ref": handler}
-    module = getattr(handler, "__module__", None)
-    qualname = getattr(handler, "__qualname__", "")
-    if not module or "<" in qualname:
-        raise ValueError(
-            f"handler {handler!r} cannot be found by a new process: pass a module-level "
-            "async function, or 'module:function'"
-        )
-    if module != "__main__":
-        return {"ref": f"{module}:{qualname}"}
-    main = sys.modules["__main__"]
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name:  # run as python -m pkg.mod: importable by name
-        return {"ref": f"{spec.name}:{qualname}"}
-    path = getattr(main, "__file__", None)
-    if path is None:
-        raise ValueError("handlers defined in an interactive session cannot be sent to workers")
-    return {"ref": f"__main__:{qualname}", "path": os.path.abspath(path)}
+
+    __slots__ = ("failures", "first", "most", "stable")
+
+    def __init__(self, first: float = 0.1, most: float = 10.0, stable: float = 10.0) -> None:
+        self.first = first
+        self.most = most
+        self.stable = stable
+        #: Quick exits in a row in this slot.
+        self.failures = 0
+
+    def delay(self, lived: float) -> float:
+        """Seconds to wait before restarting a worker that exited after ``lived`` seconds."""
+        if lived >= self.stable:
+            self.failures = 0
+            return 0.0
+        self.failures += 1
+        return min(self.most, self.first * 2.0 ** min(self.failures - 1, 60))
 
 
-def resolve_handler(reference: dict[str, str]) -> ClientHandler:
-    """The handler named by `handler_reference` (in the child).
-
-    A script's handler is loaded by running the script under the name ``__mp_main__``, as
-    ``multiprocessing`` does, so its ``if __name__ == "__main__":`` block does not run.
-    """
-    module_name, _, qualname = reference["ref"].partition(":")
-    if "path" in reference:
-        import runpy  # noqa: PLC0415 - only for handlers defined in a script
-
-        namespace = runpy.run_path(reference["path"], run_name="__mp_main__")
-        obj: Any = namespace[qualname.split(".")[0]]
-        for part in qualname.split(".")[1:]:
-            obj = getattr(obj, part)
-    else:
-        obj = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"handler {reference['ref']!r} is not callable")
-    handler: ClientHandler = obj
-    return handler
-
-
-class _Child:
-    __slots__ = ("index", "process", "started", "watcher")
+class _Slot:
+    __slots__ = ("backoff", "child", "index")
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.process: asyncio.subprocess.Process | None = None
+        self.child: _Child | None = None
+        self.backoff = RestartBackoff()
+
+
+class _Child:
+    """One worker process: a slot's current one, one starting, or one retiring."""
+
+    __slots__ = (
+        "link",
+        "process",
+        "ready_fd",
+        "reaper",
+        "retired",
+        "slot",
+        "sock",
+        "started",
+        "supervised",
+        "watcher",
+    )
+
+    def __init__(
+        self, slot: _Slot, process: asyncio.subprocess.Process, sock: socket.socket, ready_fd: int
+    ) -> None:
+        self.slot = slot
+        self.process = process
+        self.sock: socket.socket | None = sock  # ours until the acceptor owns it (registered)
+        self.ready_fd: int | None = ready_fd
+        self.link: WorkerInfo | None = None
+        self.started = _clock()
+        self.supervised = False  # restarted when it exits (a slot's current worker)
+        self.retired = False
         self.watcher: asyncio.Task[None] | None = None
-        self.started = 0.0
+        self.reaper: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
 
 class WorkerPool:
-    """Start ``processes`` worker processes that serve clients with ``handler``.
+    """Start ``processes`` worker processes that serve an :class:`Acceptor`'s clients.
 
-    Create it inside a coroutine. The pool owns an [`Acceptor`][aioancillary.Acceptor] (`acceptor`):
-    add listeners to it. Each worker runs ``handler(client)`` for every
-    [`HandedClient`][aioancillary.HandedClient] it gets, in its own interpreter, on the event loop
-    named by ``loop``. A worker that dies is restarted (what it was serving is lost with it and
-    counted in the acceptor's stats).
+    Create it inside a coroutine. The pool owns an :class:`Acceptor` (:attr:`acceptor`): add
+    listeners to it. Each worker runs, in its own interpreter on the event loop named by
+    ``loop``, either ``handler(client)`` for every :class:`HandedClient` it gets, or your
+    ``main(pool_worker)`` (:class:`PoolWorker`), which sets up what it needs, connects and
+    serves. A worker that dies is restarted (what it was serving is lost with it and counted
+    in the acceptor's stats).
 
     Example::
 
@@ -119,38 +136,62 @@ class WorkerPool:
     Args:
         handler: ``async def handler(client: HandedClient) -> None``, at module level (a
             function of the running script works too), or ``"module:function"``.
+        main: Instead of a handler: ``async def main(pool_worker: PoolWorker) -> None``, the
+            whole life of a worker process (same rules as ``handler``).
+        args: A JSON-serialisable dict handed to ``main`` as :attr:`PoolWorker.args`.
         processes: How many workers (default: the number of CPUs).
         loop: ``"asyncio"`` or ``"uvloop"``: the workers' event loop.
-        dispatch: As for [`Acceptor`][aioancillary.Acceptor].
-        worker_limit: As for [`Acceptor`][aioancillary.Acceptor].
+        dispatch: As for :class:`Acceptor`.
+        worker_limit: As for :class:`Acceptor`.
         env: Extra environment variables for the workers.
-        shutdown_timeout: Default deadline of [`shutdown`][aioancillary.WorkerPool.shutdown], in
-            seconds.
+        shutdown_timeout: Default deadline of :meth:`shutdown`, and how long a retired worker
+            (:meth:`reload`, :meth:`remove_worker`) may take to finish, in seconds.
+        ready_timeout: How long a new worker may take to become ready (import, set up,
+            connect), in seconds; one that takes longer is killed.
+
+    Raises:
+        TypeError: neither or both of ``handler`` and ``main``; ``args`` not serialisable.
+        ValueError: a handler or main that a new process cannot find, a bad ``loop``.
     """
 
     def __init__(
         self,
-        handler: str | ClientHandler,
+        handler: str | ClientHandler | None = None,
         *,
+        main: str | WorkerMain | None = None,
+        args: Mapping[str, Any] | None = None,
         processes: int | None = None,
         loop: Literal["asyncio", "uvloop"] = "asyncio",
         dispatch: DispatchName | Picker = "least-busy",
         worker_limit: int = 1024,
         env: dict[str, str] | None = None,
         shutdown_timeout: float = 30.0,
+        ready_timeout: float = 60.0,
     ) -> None:
         if loop not in ("asyncio", "uvloop"):
             raise ValueError(f"loop must be 'asyncio' or 'uvloop', got {loop!r}")
-        self._reference = handler_reference(handler)
-        if "path" not in self._reference:
-            resolve_handler(self._reference)  # fail here, not in every child, if it is wrong
+        if (handler is None) == (main is None):
+            raise TypeError("WorkerPool needs a handler or main=, not both")
+        if handler is not None:
+            reference = callable_reference(handler)
+            self._target: dict[str, Any] = {"handler": reference}
+        else:
+            assert main is not None
+            reference = callable_reference(main, "main")
+            self._target = {"main": reference}
+        if "path" not in reference:
+            resolve_reference(reference)  # fail here, not in every child, if it is wrong
+        self._args = json.loads(json.dumps(dict(args or {})))  # TypeError if not JSON
         self._size = processes or os.cpu_count() or 1
         self._loop_name = loop
         self._env = env
         self._shutdown_timeout = shutdown_timeout
+        self._ready_timeout = ready_timeout
         #: The acceptor the workers register with: add listeners to it.
         self.acceptor = Acceptor(dispatch=dispatch, worker_limit=worker_limit)
-        self._children: list[_Child] = []
+        self._slots: list[_Slot] = []
+        self._children: set[_Child] = set()  # every process started and not yet reaped
+        self._lock = asyncio.Lock()  # one change of the worker set at a time
         self._closing = False
         self._restarts = 0
 
@@ -161,23 +202,134 @@ class WorkerPool:
 
     @property
     def pids(self) -> list[int]:
-        """The process ids of the running workers."""
-        return [c.process.pid for c in self._children if c.process and c.process.returncode is None]
+        """The process ids of the serving workers, in slot order."""
+        return [
+            slot.child.pid
+            for slot in self._slots
+            if slot.child is not None and slot.child.process.returncode is None
+        ]
+
+    @property
+    def retiring(self) -> list[int]:
+        """The process ids of retired workers still finishing their clients."""
+        return sorted(c.pid for c in self._children if c.retired and c.process.returncode is None)
+
+    @property
+    def size(self) -> int:
+        """How many workers the pool keeps (:meth:`add_worker`, :meth:`remove_worker`)."""
+        return self._size
+
+    # -- starting workers ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the workers (each is registered with the acceptor when this returns)."""
-        for index in range(self._size):
-            child = _Child(index)
-            self._children.append(child)
-            await self._spawn(child)
+        """Start the workers; each is ready and registered with the acceptor when this returns.
 
-    async def _spawn(self, child: _Child) -> None:
+        Raises:
+            WorkerStartError: a worker exited (or hung) before it was ready; none is left
+                running.
+        """
+        async with self._lock:
+            slots = [_Slot(index) for index in range(self._size)]
+            children = await self._start_children(slots)
+            for slot, child in zip(slots, children, strict=True):
+                self._adopt(slot, child)
+            self._slots = slots
+
+    async def reload(self) -> None:
+        """Replace every worker with a fresh process (new code), refusing and losing no client.
+
+        New workers start, one per slot; once every one of them is ready and registered, the
+        old ones are retired: they get no more clients, finish what they hold and exit (within
+        ``shutdown_timeout``, then they are terminated). Returns when the new workers serve;
+        :attr:`retiring` lists the old ones still finishing.
+
+        Raises:
+            WorkerStartError: a new worker failed to start; the others were stopped and the
+                old workers serve on.
+        """
+        async with self._lock:
+            self._check_open()
+            slots = list(self._slots)
+            children = await self._start_children(slots)
+            for slot, child in zip(slots, children, strict=True):
+                old = slot.child
+                self._adopt(slot, child)
+                if old is not None:
+                    self._retire(old)
+            logger.info("reloaded: workers %s replace %s", self.pids, self.retiring)
+
+    async def add_worker(self) -> int:
+        """Start one more worker; returns its pid once it is ready and registered.
+
+        Raises:
+            WorkerStartError: it failed to start (the pool keeps its size).
+        """
+        async with self._lock:
+            self._check_open()
+            used = {slot.index for slot in self._slots}
+            slot = _Slot(min(set(range(len(used) + 1)) - used))
+            (child,) = await self._start_children([slot])
+            self._adopt(slot, child)
+            self._slots.append(slot)
+            self._slots.sort(key=lambda s: s.index)
+            self._size += 1
+            return child.pid
+
+    async def remove_worker(self) -> int:
+        """Retire the worker of the highest slot: it finishes its clients and exits.
+
+        Returns:
+            Its pid.
+
+        Raises:
+            ValueError: it is the last worker.
+        """
+        async with self._lock:
+            self._check_open()
+            if len(self._slots) <= 1:
+                raise ValueError("a pool keeps at least one worker")
+            slot = self._slots.pop()
+            self._size -= 1
+            child, slot.child = slot.child, None
+            if child is None:
+                return 0
+            self._retire(child)
+            return child.pid
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise RuntimeError("the pool is shutting down")
+
+    async def _start_children(self, slots: list[_Slot]) -> list[_Child]:
+        """Start a worker for each slot; register them all once all are ready, or none."""
+        children: list[_Child] = []
+        try:
+            for slot in slots:
+                children.append(await self._spawn(slot))
+            results = await asyncio.gather(
+                *(self._until_ready(child) for child in children), return_exceptions=True
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        except BaseException:
+            await self._discard(children)
+            raise
+        for child in children:
+            self._register(child)
+        return children
+
+    async def _spawn(self, slot: _Slot) -> _Child:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ready_r, ready_w = os.pipe()
         try:
             config = {
-                "handler": self._reference,
+                **self._target,
+                "args": self._args,
+                "index": slot.index,
                 "loop": self._loop_name,
                 "fd": theirs.fileno(),
+                "ready": ready_w,
                 "sys_path": sys.path,
             }
             env = None if self._env is None else {**os.environ, **self._env}
@@ -186,70 +338,177 @@ class WorkerPool:
                 "-m",
                 "aioancillary._handoff._pool_child",
                 json.dumps(config),
-                pass_fds=(theirs.fileno(),),
+                pass_fds=(theirs.fileno(), ready_w),
                 env=env,
             )
         except BaseException:
             ours.close()
+            os.close(ready_r)
             raise
         finally:
-            theirs.close()  # the child has its own copy
-        child.process = process
-        child.started = asyncio.get_running_loop().time()
-        self.acceptor.add_worker(ours, pid=process.pid)
-        child.watcher = asyncio.get_running_loop().create_task(self._watch(child, process))
+            theirs.close()  # the child has its own copies
+            os.close(ready_w)
+        child = _Child(slot, process, ours, ready_r)
+        self._children.add(child)
+        child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
+        return child
 
-    async def _watch(self, child: _Child, process: asyncio.subprocess.Process) -> None:
-        code = await process.wait()
-        if self._closing:
-            return
+    async def _until_ready(self, child: _Child) -> None:
+        """Wait for the child's ready byte; raise :class:`WorkerStartError` if it never comes."""
         loop = asyncio.get_running_loop()
-        lived = loop.time() - child.started
-        logger.warning(
-            "worker %d (pid %d) exited with %s after %.1f s; restarting it",
-            child.index,
-            process.pid,
-            _describe(code),
-            lived,
-        )
-        if lived < _QUICK_EXIT:
-            delay = min(_MAX_BACKOFF, 0.1 * 2 ** min(self._restarts, 10))
-            await asyncio.sleep(delay)
-            if self._closing:
-                return
-        self._restarts += 1
+        fd = child.ready_fd
+        assert fd is not None
+        said: asyncio.Future[bytes] = loop.create_future()
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 1)
+            except OSError:
+                data = b""
+            if not said.done():
+                said.set_result(data)
+
+        loop.add_reader(fd, readable)
         try:
-            await self._spawn(child)
-        except Exception:  # e.g. out of fds or processes: the pool goes on with one fewer
-            logger.exception("could not restart worker %d", child.index)
+            async with asyncio.timeout(self._ready_timeout):
+                data = await said
+        except TimeoutError:
+            raise WorkerStartError(
+                f"worker {child.slot.index} (pid {child.pid}) was not ready after "
+                f"{self._ready_timeout:g} s (ready_timeout); it was stopped"
+            ) from None
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+            child.ready_fd = None
+        if data != READY:  # the pipe's end: the process exited (or closed it) first
+            code = await child.process.wait()
+            raise WorkerStartError(
+                f"worker {child.slot.index} (pid {child.pid}) exited with {_describe(code)} "
+                "before it was ready; its error is above, on stderr",
+                code,
+            )
+
+    def _register(self, child: _Child) -> None:
+        sock, child.sock = child.sock, None
+        assert sock is not None
+        child.link = self.acceptor.add_worker(sock, pid=child.pid)
+
+    def _adopt(self, slot: _Slot, child: _Child) -> None:
+        slot.child = child
+        child.supervised = True
+
+    async def _discard(self, children: list[_Child]) -> None:
+        """Stop children that never became ready (they hold no client)."""
+        for child in children:
+            if child.sock is not None:
+                child.sock.close()
+                child.sock = None
+        await _terminate([c.process for c in children if c.process.returncode is None], 0.5)
+
+    # -- workers leaving ----------------------------------------------------------------------
+
+    def _retire(self, child: _Child) -> None:
+        """Stop a worker gracefully: no more clients; it finishes its own and exits."""
+        child.retired = True
+        if child.link is not None:
+            with contextlib.suppress(ValueError):  # it left already
+                self.acceptor.retire_worker(child.link)
+        elif child.sock is not None:
+            child.sock.close()
+            child.sock = None
+        child.reaper = asyncio.get_running_loop().create_task(self._reap(child))
+
+    async def _reap(self, child: _Child) -> None:
+        try:
+            async with asyncio.timeout(self._shutdown_timeout):
+                await child.process.wait()
+        except TimeoutError:
+            logger.warning(
+                "retired worker %d (pid %d) still running after %g s; terminating it",
+                child.slot.index,
+                child.pid,
+                self._shutdown_timeout,
+            )
+            await _terminate([child.process])
+
+    async def _watch(self, child: _Child) -> None:
+        code = await child.process.wait()
+        self._children.discard(child)
+        if child.sock is not None and child.ready_fd is None:
+            child.sock.close()  # never registered, not starting any more
+            child.sock = None
+        slot = child.slot
+        if self._closing or child.retired or not child.supervised or slot.child is not child:
+            return
+        delay = slot.backoff.delay(_clock() - child.started)
+        logger.warning(
+            "worker %d (pid %d) exited with %s after %.1f s; restarting it%s",
+            slot.index,
+            child.pid,
+            _describe(code),
+            _clock() - child.started,
+            f" in {delay:g} s" if delay else "",
+        )
+        if delay:
+            await _sleep(delay)
+        await self._restart(slot, child)
+
+    async def _restart(self, slot: _Slot, old: _Child) -> None:
+        async with self._lock:
+            if self._closing or slot.child is not old or slot not in self._slots:
+                return  # shut down, reloaded or removed meanwhile
+            try:
+                child = await self._spawn(slot)
+            except Exception:  # e.g. out of fds or processes: the pool goes on with one fewer
+                logger.exception("could not restart worker %d", slot.index)
+                return
+            self._adopt(slot, child)  # if it fails to start, its own watcher restarts it
+            self._restarts += 1
+            try:
+                await self._until_ready(child)
+            except WorkerStartError as exc:
+                logger.error("%s", exc)
+                if child.process.returncode is None:
+                    await _terminate([child.process], 0.5)  # hung: its watcher restarts it
+                return
+            self._register(child)
+
+    # -- stopping -----------------------------------------------------------------------------
 
     # One deadline shared by several steps (drain, exits, then signals): a caller's
     # asyncio.timeout() could only cut the whole stop short, leaving workers running.
     async def shutdown(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
-        """Stop gracefully: stop accepting, let in-flight clients finish, stop the workers.
+        """Stop gracefully: stop accepting, let the workers finish their clients, stop them.
 
-        New clients are refused from the start (the listeners are closed). Workers get the end
-        of their client stream once nothing is in flight, or when the deadline passes, and
-        exit when their handlers have returned; workers still running at the deadline are
-        terminated (SIGTERM, then SIGKILL).
+        The listeners are closed at once (clients already in their backlogs are handed over
+        first; new ones are refused by the kernel). Every worker gets the end of its client
+        stream right away, finishes what it holds and exits; workers still running at the
+        deadline are terminated (SIGTERM, then SIGKILL).
 
         Args:
             timeout: Deadline in seconds (default: ``shutdown_timeout``).
 
         Returns:
-            ``True`` if every client finished and every worker exited by itself in time.
+            ``True`` if every worker finished its clients and exited by itself in time.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._shutdown_timeout if timeout is None else timeout)
         self._closing = True
-        for child in self._children:
-            if child.watcher is not None and not child.watcher.done():
-                child.watcher.cancel()
+        current = asyncio.current_task()
+        tasks = [t for c in self._children for t in (c.watcher, c.reaper) if t is not None]
+        tasks = [t for t in tasks if t is not current and not t.done()]
+        for task in tasks:
+            task.cancel()
         self.acceptor.stop_accepting()
-        clean = await self.acceptor.drain(max(0.0, deadline - loop.time()))
-        self.acceptor.close()
-        processes = [c.process for c in self._children if c.process is not None]
-        pending = [p for p in processes if p.returncode is None]
+        self.acceptor.close()  # every worker's client stream ends: they finish and exit
+        for child in self._children:
+            if child.sock is not None:  # never registered: the end of its link stops it
+                child.sock.close()
+                child.sock = None
+        children = list(self._children)
+        pending = [c.process for c in children if c.process.returncode is None]
+        clean = True
         if pending:
             waits = [loop.create_task(p.wait()) for p in pending]
             _, late = await asyncio.wait(waits, timeout=max(0.0, deadline - loop.time()))
@@ -257,8 +516,12 @@ class WorkerPool:
                 clean = False
                 await _terminate([p for p in pending if p.returncode is None])
                 await asyncio.wait(waits)
-        for process in processes:
-            clean = clean and process.returncode == 0
+        for child in children:
+            if child.link is not None:
+                clean = clean and child.process.returncode == 0
+        if tasks:
+            await asyncio.wait(tasks)
+        self._children.clear()
         self.acceptor.abort()  # links of workers that were killed
         await self.acceptor.wait_closed()
         return clean
@@ -292,6 +555,9 @@ class WorkerPool:
 
 
 async def _terminate(processes: list[asyncio.subprocess.Process], grace: float = 2.0) -> None:
+    processes = [p for p in processes if p.returncode is None]
+    if not processes:
+        return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
         for process in processes:
             with contextlib.suppress(ProcessLookupError):

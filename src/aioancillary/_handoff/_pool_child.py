@@ -1,27 +1,38 @@
 """Entry point of a [`WorkerPool`][aioancillary.WorkerPool] worker process.
 
-Run as ``python -m aioancillary._handoff._pool_child``.
+Run as ``python -m aioancillary._handoff._pool_child CONFIG``, where CONFIG is a JSON object
+from the pool: the handler's or main's reference, the pool's ``args``, the slot index, the
+event loop to run, the inherited fds (the link to the acceptor, the ready pipe) and the
+parent's ``sys.path``.
 
-The single argument is a JSON object from the pool: the handler's reference, the event loop
-to run, the inherited fd of the link to the acceptor, and the parent's ``sys.path``.
+Exit status: 0 when the main returned (the acceptor ended the client stream), 1 when it
+raised, :data:`LOAD_FAILED` when the handler or main could not be imported.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
-import socket
 import sys
+import traceback
 from collections.abc import Callable
+from typing import Any
 
-from ._pool import resolve_handler
-from ._worker import ClientHandler, Worker
+from ._pool_worker import PoolWorker, resolve_reference, serve_handler
+
+#: Exit status of a worker whose handler or main cannot be imported (as gunicorn's
+#: ``APP_LOAD_ERROR``): nothing would change by restarting it.
+LOAD_FAILED = 4
 
 
-async def _serve(sock: socket.socket, handler: ClientHandler) -> None:
-    async with await Worker.connect(sock=sock) as worker:
-        await worker.serve(handler)
+def _load(config: dict[str, Any]) -> Callable[[PoolWorker], Any]:
+    if "main" in config:
+        main: Callable[[PoolWorker], Any] = resolve_reference(config["main"])
+        return main
+    handler = resolve_reference(config["handler"])
+    return lambda pool_worker: serve_handler(pool_worker, handler)
 
 
 def main(argv: list[str]) -> int:
@@ -31,15 +42,34 @@ def main(argv: list[str]) -> int:
     for entry in reversed(config["sys_path"]):
         if entry not in sys.path:
             sys.path.insert(0, entry)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, config["fd"])
-    handler = resolve_handler(config["handler"])
-    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-    if config["loop"] == "uvloop":
-        import uvloop  # noqa: PLC0415 - optional dependency, only when asked for
+    # pass_fds made them inheritable: processes this worker starts must not get them.
+    os.set_inheritable(config["fd"], False)
+    os.set_inheritable(config["ready"], False)
+    args = config.get("args") or {}
+    pool_worker = PoolWorker(config["index"], args, config["fd"], config["ready"])
+    try:
+        try:
+            target = _load(config)
+        except Exception as exc:
+            ref = (config.get("main") or config["handler"])["ref"]
+            print(
+                f"aioancillary worker {os.getpid()}: cannot load {ref!r}: "
+                f"{type(exc).__name__}: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+            if not isinstance(exc, ModuleNotFoundError | AttributeError):
+                traceback.print_exc()
+            return LOAD_FAILED
+        factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+        if config["loop"] == "uvloop":
+            import uvloop  # noqa: PLC0415 - optional dependency, only when asked for
 
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_serve(sock, handler))
+            factory = uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(target(pool_worker))
+    finally:
+        pool_worker.close()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The command line: ``aioancillary {demo,bench,fdholder} ...``, the same as
+"""The command line: ``aioancillary {demo,bench,fdholder,serve} ...``, the same as
 ``python -m aioancillary``.
 
 Conventions: ``--help`` prints to stdout and exits 0; a usage error (an unknown option, a
@@ -121,7 +121,12 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
         metavar="R",
         help="runs of every cell, interleaved; the best is shown (default 3)",
     )
-    return parser, {"demo": demo, "bench": bench, "fdholder": _fdholder_parser(commands)}
+    return parser, {
+        "demo": demo,
+        "bench": bench,
+        "fdholder": _fdholder_parser(commands),
+        "serve": _serve_parser(commands),
+    }
 
 
 def _fdholder_parser(commands: Any) -> argparse.ArgumentParser:
@@ -175,6 +180,23 @@ def _fdholder_parser(commands: Any) -> argparse.ArgumentParser:
     delete.add_argument("name", help="the entry's name")
     delete.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS)
     return fdholder  # type: ignore[no-any-return]
+
+
+def _serve_parser(commands: Any) -> argparse.ArgumentParser:
+    from .._serve import _options  # noqa: PLC0415 - argument definitions only (no app import)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve an ASGI, aiohttp or asyncio application with worker processes",
+        description="The runner: this process accepts clients and hands each connection to "
+        "the least busy of N worker processes (fresh interpreters) that serve the "
+        "application. Signals: HUP reloads (new workers with new code, old ones finish what "
+        "they hold: no client refused or lost), TERM/INT stop gracefully, TTIN/TTOU add or "
+        "remove a worker. Under systemd: listeners from LISTEN_FDS, and READY/RELOADING/"
+        "STOPPING/STATUS/watchdog notifications.",
+    )
+    _options.add_arguments(serve, default_loop="uvloop" if _has_uvloop() else "asyncio")
+    return serve  # type: ignore[no-any-return]
 
 
 def _positive(text: str) -> int:
@@ -273,4 +295,15 @@ def _run(argv: list[str], prog: str) -> int:
             commands["fdholder"].error(f"--loop uvloop: {UVLOOP_MISSING}")
         default_loop = "uvloop" if _has_uvloop() else "asyncio"
         return fdholder(args, commands["fdholder"], default_loop)
+    if args.command == "serve":
+        return _serve(args, commands["serve"])
     return _bench(args, commands["bench"])
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``serve``: the runner (see :mod:`aioancillary._serve._runner`)."""
+    from .._serve import _options, _runner  # noqa: PLC0415 - loaded only when serving
+
+    if args.loop == "uvloop" and not _has_uvloop():
+        parser.error(f"--loop uvloop: {UVLOOP_MISSING}")
+    return _runner.run(_options.from_namespace(args))

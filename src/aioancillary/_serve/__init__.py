@@ -1,0 +1,2 @@
+"""Serve applications from handed clients: adapters (ASGI, aiohttp, protocol, stream
+handler) and the ``serve`` runner. Imports ``_handoff``, ``_lifecycle`` and the layers below."""

@@ -1,0 +1,385 @@
+"""Serve handed clients with an application: the part every interface shares.
+
+A :class:`ClientAdapter` takes the clients of a :class:`Worker` (``serve``) and serves each
+one with the application until the connection ends, then reports it finished: a keep-alive
+HTTP connection is one client until it closes. When the worker's client stream ends (the
+acceptor retired it: a reload, a smaller pool, a shutdown), the adapter stops gracefully:
+
+* requests in progress finish, and their responses say ``Connection: close``;
+* a connection that sends another request gets its answer, also with ``Connection: close``;
+* a connection that stays quiet for ``drain_idle`` seconds (nothing received, no request in
+  progress) is closed;
+* whatever is left at the deadline is aborted.
+
+Closing a keep-alive connection that looks idle is what loses requests under load in other
+servers' graceful stops: the client may be sending its next request at that very moment, and
+gets the end of the connection instead of a response. Waiting for a quiet period first, and
+ending busy connections only after a response that announced it, leaves no such window for a
+client that keeps sending.
+
+Protocol-based interfaces wrap the application's protocol in a :class:`_Tracked` protocol
+that forwards every callback and reports the client when the connection is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from types import TracebackType
+from typing import Any, Self
+
+from .._core._errors import AncillaryError, ConnectionClosedError
+from .._handoff._worker import HandedClient, Worker
+
+__all__ = ["ClientAdapter", "ProtocolAdapter"]
+
+logger = logging.getLogger("aioancillary.serve")
+
+_EAGER = sys.version_info >= (3, 12)
+
+#: Default quiet period after which a draining connection is closed, in seconds.
+DRAIN_IDLE = 1.0
+
+
+class ClientAdapter:
+    """Serves the clients a :class:`Worker` receives with one application (base class).
+
+    Use it as an async context manager around the worker's life: entering runs the
+    application's startup, :meth:`serve` serves until the acceptor ends the client stream and
+    then stops gracefully, leaving runs the application's shutdown::
+
+        async with AsgiAdapter(app) as adapter:
+            async with await pool_worker.connect() as worker:
+                await adapter.serve(worker, graceful_timeout=30)
+
+    Args:
+        drain_idle: While stopping, a connection that received nothing for this many seconds
+            and has no request in progress is closed.
+    """
+
+    def __init__(self, *, drain_idle: float = DRAIN_IDLE) -> None:
+        self._drain_idle = drain_idle
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._empty: asyncio.Event | None = None
+
+    # -- the application's life -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Run the application's startup (lifespan, ``on_startup``...).
+
+        Raises:
+            AppStartupError: the startup failed.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    async def close(self) -> None:
+        """Run the application's shutdown (after :meth:`serve` has returned)."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- clients ----------------------------------------------------------------------------
+
+    def serve_client(self, client: HandedClient) -> None:
+        """Start serving ``client``; it is reported finished when its connection ends."""
+        raise NotImplementedError
+
+    @property
+    def connections(self) -> int:
+        """How many clients are being served now."""
+        raise NotImplementedError
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`begin_drain` was called (every response now closes its connection)."""
+        return self._draining
+
+    async def serve(
+        self,
+        worker: Worker,
+        *,
+        graceful_timeout: float = 30.0,
+        stop: asyncio.Event | None = None,
+    ) -> bool:
+        """Serve every client of ``worker`` until its client stream ends, then stop gracefully.
+
+        Args:
+            worker: The worker's link to its acceptor.
+            graceful_timeout: Once stopping, how long connections may take to finish before
+                they are aborted, in seconds.
+            stop: Setting it starts the graceful stop before the stream ends (e.g. on
+                SIGTERM); clients that still arrive are served in the same way, until the
+                stream ends or the deadline passes.
+
+        Returns:
+            ``True`` if every connection finished by itself before the deadline.
+        """
+        loop = asyncio.get_running_loop()
+        pulling = loop.create_task(self._pull(worker))
+        if stop is None:
+            await asyncio.shield(pulling)
+        else:
+            stopping = loop.create_task(stop.wait())
+            try:
+                await asyncio.wait((pulling, stopping), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+        deadline = loop.time() + graceful_timeout
+        self.begin_drain()
+        if not pulling.done():  # stopped early: keep serving what still arrives
+            try:
+                await asyncio.wait_for(asyncio.shield(pulling), graceful_timeout)
+            except TimeoutError:
+                pulling.cancel()
+        clean = await self.drain(max(0.0, deadline - loop.time()))
+        if not pulling.done():
+            pulling.cancel()
+        await asyncio.wait((pulling,))
+        return clean
+
+    async def _pull(self, worker: Worker) -> None:
+        serve_client = self.serve_client
+        try:
+            async for client in worker:
+                serve_client(client)
+        except (AncillaryError, ConnectionClosedError) as exc:
+            logger.error("the link to the acceptor failed (%s): stopping", exc)
+
+    # -- stopping -------------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Start the graceful stop: responses close their connections, quiet ones close."""
+        self._draining = True
+
+    # A deadline that answers "did they finish in time?" instead of raising: the stop goes on.
+    async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until every connection has ended; abort those left at the deadline.
+
+        Returns:
+            ``True`` if none had to be aborted.
+        """
+        assert self._empty is not None, "start() was not called"
+        if not self._draining:
+            self.begin_drain()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._empty.wait()
+            return True
+        except TimeoutError:
+            count = self.connections
+            logger.warning("aborting %d connection(s) still open after the graceful timeout", count)
+            self._abort_all()
+            try:
+                async with asyncio.timeout(5.0):  # their connection_lost, a loop turn or two
+                    await self._empty.wait()
+            except TimeoutError:
+                logger.error("%d connection(s) did not end when aborted", self.connections)
+            return False
+
+    def _abort_all(self) -> None:
+        raise NotImplementedError
+
+
+class _Tracked(asyncio.Protocol):
+    """Forwards a connection's callbacks to the application's protocol and reports the
+    handed client finished when the connection is lost."""
+
+    __slots__ = ("_adapter", "active", "client", "inner", "transport")
+
+    def __init__(self, adapter: ProtocolAdapter, client: HandedClient, inner: Any) -> None:
+        self._adapter = adapter
+        self.client = client
+        self.inner = inner
+        self.transport: asyncio.Transport | None = None
+        #: Something arrived since the last look (the drain's idle check clears it).
+        self.active = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self._adapter._made(self)
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.active = True
+        self.inner.data_received(data)
+        # An upgrade (uvicorn's websocket) hands the transport to another protocol with
+        # set_protocol(): follow it, or the end of the connection would go unreported.
+        transport = self.transport
+        if transport is not None and transport.get_protocol() is not self:
+            self._follow(transport)
+
+    def _follow(self, transport: asyncio.Transport) -> None:
+        if transport.is_closing():
+            return
+        self.inner = transport.get_protocol()
+        transport.set_protocol(self)
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self.inner.eof_received()
+        return result
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self.inner.connection_lost(exc)
+        finally:
+            self._adapter._lost(self)
+
+
+class _TrackedBuffered(_Tracked, asyncio.BufferedProtocol):
+    """:class:`_Tracked` for an application protocol that reads into its own buffer."""
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint: int) -> Any:
+        return self.inner.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.active = True
+        self.inner.buffer_updated(nbytes)
+        transport = self.transport
+        if transport is not None and transport.get_protocol() is not self:
+            self._follow(transport)
+
+
+class ProtocolAdapter(ClientAdapter):
+    """Serves each client with a new protocol from ``protocol_factory`` (the ``protocol``
+    interface; also the base of the HTTP adapters).
+
+    A plain protocol has no notion of a request: stopping gracefully waits for its
+    connections to end by themselves, and aborts what is left at the deadline.
+
+    Args:
+        protocol_factory: Called with no argument for each client, like the factory given to
+            ``loop.create_server``.
+        drain_idle: See :class:`ClientAdapter`.
+    """
+
+    def __init__(self, protocol_factory: Any = None, *, drain_idle: float = DRAIN_IDLE) -> None:
+        super().__init__(drain_idle=drain_idle)
+        self._factory = protocol_factory
+        self._tracked: set[_Tracked] = set()
+        self._connecting: set[asyncio.Task[None]] = set()
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def connections(self) -> int:
+        return len(self._tracked)
+
+    def serve_client(self, client: HandedClient) -> None:
+        loop = self._loop
+        assert loop is not None, "start() was not called"
+        try:
+            protocol = self._new_protocol()
+            if self._draining:
+                self._drain_protocol(protocol)
+        except Exception:
+            logger.exception("the protocol factory failed; closing the client")
+            client.done()
+            return
+        if isinstance(protocol, asyncio.BufferedProtocol):
+            tracked: _Tracked = _TrackedBuffered(self, client, protocol)
+        else:
+            tracked = _Tracked(self, client, protocol)
+        coro = self._connect(tracked)
+        if _EAGER:  # connected without a trip through the scheduler
+            task = asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
+            if task.done():
+                return
+        else:
+            task = loop.create_task(coro)
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _connect(self, tracked: _Tracked) -> None:
+        client = tracked.client
+        try:
+            await client.connect_protocol(lambda: tracked)
+        except Exception as exc:  # the client left before its transport was made
+            logger.debug("could not serve %r: %s", client, exc)
+            if tracked in self._tracked:
+                self._lost(tracked)
+            else:
+                client.done()
+
+    # -- hooks of the interfaces --------------------------------------------------------------
+
+    def _new_protocol(self) -> Any:
+        """The application's protocol for one connection."""
+        return self._factory()
+
+    def _drain_protocol(self, protocol: Any) -> None:
+        """The stop began: make this connection's next response close it."""
+
+    def _is_idle(self, protocol: Any) -> bool:
+        """No request in progress: the connection may be closed if it stays quiet."""
+        return False
+
+    def _close_idle(self, protocol: Any, transport: asyncio.Transport) -> None:
+        transport.close()
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _made(self, tracked: _Tracked) -> None:
+        self._tracked.add(tracked)
+        assert self._empty is not None
+        self._empty.clear()
+
+    def _lost(self, tracked: _Tracked) -> None:
+        self._tracked.discard(tracked)
+        tracked.client.done()
+        if not self._tracked:
+            assert self._empty is not None
+            self._empty.set()
+
+    def begin_drain(self) -> None:
+        if self._draining:
+            return
+        super().begin_drain()
+        for tracked in list(self._tracked):
+            tracked.active = False
+            self._drain_protocol(tracked.inner)
+        assert self._loop is not None
+        self._idle_timer = self._loop.call_later(self._drain_idle, self._close_quiet)
+
+    def _close_quiet(self) -> None:
+        """Close the connections that stayed quiet and idle for a whole ``drain_idle``."""
+        for tracked in list(self._tracked):
+            transport = tracked.transport
+            if transport is None or transport.is_closing():
+                continue
+            if not tracked.active and self._is_idle(tracked.inner):
+                self._close_idle(tracked.inner, transport)
+            tracked.active = False
+        if self._tracked:
+            assert self._loop is not None
+            self._idle_timer = self._loop.call_later(self._drain_idle, self._close_quiet)
+
+    def _abort_all(self) -> None:
+        for tracked in list(self._tracked):
+            if tracked.transport is not None:
+                tracked.transport.abort()
+
+    async def close(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        await super().close()
