@@ -235,8 +235,9 @@ class FdHolderFullError(FdHolderError):
 
 
 class WorkerStartError(AncillaryError, RuntimeError):
-    """A :class:`WorkerPool` worker process exited, or did not become ready in time, before
-    it registered with the acceptor (its main failed: an import error, a failing startup).
+    """A [`WorkerPool`][aioancillary.WorkerPool] worker process exited, or did not become ready in
+    time, before it registered with the acceptor (its main failed: an import error, a failing
+    startup).
 
     The workers already serving go on (a failed reload keeps the old ones). The worker's own
     error is on its stderr, which it shares with the pool's process.

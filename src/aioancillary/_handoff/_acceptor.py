@@ -487,13 +487,14 @@ class Acceptor:
         worker (a pool shrinking, or a reload replacing its workers).
 
         The worker still gets the clients already on their way to it, then the end of its
-        stream (its iteration or :meth:`Worker.serve` ends); it finishes what it holds,
-        reporting each client, and leaves. Until it has left, its clients count in
-        ``stats().in_flight`` and :meth:`drain`; it is no longer in :attr:`workers`.
+        stream (its iteration or [`Worker.serve`][aioancillary.Worker.serve] ends); it finishes what
+        it holds, reporting each client, and leaves. Until it has left, its clients count in
+        ``stats().in_flight`` and [`drain`][aioancillary.Acceptor.drain]; it is no longer in
+        [`workers`][aioancillary.Acceptor.workers].
 
         Raises:
-            ValueError: ``worker`` is not one of :attr:`workers` (retired already, gone, or
-                another acceptor's).
+            ValueError: ``worker`` is not one of [`workers`][aioancillary.Acceptor.workers] (retired
+                already, gone, or another acceptor's).
         """
         link = worker
         if not isinstance(link, _WorkerLink) or link not in self._workers:

@@ -1,18 +1,20 @@
-"""A prefork pool: N worker processes serving an :class:`Acceptor`'s clients.
+"""A prefork pool: N worker processes serving an [`Acceptor`][aioancillary.Acceptor]'s clients.
 
 Each worker is a fresh interpreter (``python -m aioancillary._handoff._pool_child``, started with
 ``asyncio.create_subprocess_exec``: never a fork of the running loop) that inherits one end of
 a ``socketpair`` as its link to the acceptor and the write end of a "ready" pipe. It runs a
-handler for every client, or a ``main`` of yours (:class:`PoolWorker`), on the loop asked for.
-The pool registers a worker with the acceptor once it says it is ready, so a worker that
-fails to start never holds a client.
+handler for every client, or a ``main`` of yours ([`PoolWorker`][aioancillary.PoolWorker]), on the
+loop asked for. The pool registers a worker with the acceptor once it says it is ready, so a worker
+that fails to start never holds a client.
 
 A worker that exits is replaced in its slot, after a delay that grows only while that slot's
-workers keep dying young (:class:`RestartBackoff`). :meth:`WorkerPool.reload` replaces every
-worker without refusing a client: the new ones start and register, then the old ones are
-retired (:meth:`Acceptor.retire_worker`) and finish what they hold. :meth:`add_worker` and
-:meth:`remove_worker` grow and shrink the pool by one. :meth:`shutdown` stops accepting, ends
-every worker's client stream and waits for the workers to finish, within a deadline.
+workers keep dying young (`RestartBackoff`). [`WorkerPool.reload`][aioancillary.WorkerPool.reload]
+replaces every worker without refusing a client: the new ones start and register, then the old
+ones are retired ([`Acceptor.retire_worker`][aioancillary.Acceptor.retire_worker]) and finish
+what they hold. [`add_worker`][aioancillary.WorkerPool.add_worker] and
+[`remove_worker`][aioancillary.WorkerPool.remove_worker] grow and shrink the pool by one.
+[`shutdown`][aioancillary.WorkerPool.shutdown] stops accepting, ends every worker's client stream
+and waits for the workers to finish, within a deadline.
 """
 
 from __future__ import annotations
@@ -118,14 +120,16 @@ class _Child:
 
 
 class WorkerPool:
-    """Start ``processes`` worker processes that serve an :class:`Acceptor`'s clients.
+    """Start ``processes`` worker processes that serve an [`Acceptor`][aioancillary.Acceptor]'s
+    clients.
 
-    Create it inside a coroutine. The pool owns an :class:`Acceptor` (:attr:`acceptor`): add
-    listeners to it. Each worker runs, in its own interpreter on the event loop named by
-    ``loop``, either ``handler(client)`` for every :class:`HandedClient` it gets, or your
-    ``main(pool_worker)`` (:class:`PoolWorker`), which sets up what it needs, connects and
-    serves. A worker that dies is restarted (what it was serving is lost with it and counted
-    in the acceptor's stats).
+    Create it inside a coroutine. The pool owns an [`Acceptor`][aioancillary.Acceptor]
+    ([`acceptor`][aioancillary.WorkerPool.acceptor]): add listeners to it. Each worker runs, in its
+    own interpreter on the event loop named by ``loop``, either ``handler(client)`` for every
+    [`HandedClient`][aioancillary.HandedClient] it gets, or your ``main(pool_worker)``
+    ([`PoolWorker`][aioancillary.PoolWorker]), which sets up what it needs, connects and serves. A
+    worker that dies is restarted (what it was serving is lost with it and counted in the acceptor's
+    stats).
 
     Example::
 
@@ -138,14 +142,17 @@ class WorkerPool:
             function of the running script works too), or ``"module:function"``.
         main: Instead of a handler: ``async def main(pool_worker: PoolWorker) -> None``, the
             whole life of a worker process (same rules as ``handler``).
-        args: A JSON-serialisable dict handed to ``main`` as :attr:`PoolWorker.args`.
+        args: A JSON-serialisable dict handed to ``main`` as
+            [`PoolWorker.args`][aioancillary.PoolWorker.args].
         processes: How many workers (default: the number of CPUs).
         loop: ``"asyncio"`` or ``"uvloop"``: the workers' event loop.
-        dispatch: As for :class:`Acceptor`.
-        worker_limit: As for :class:`Acceptor`.
+        dispatch: As for [`Acceptor`][aioancillary.Acceptor].
+        worker_limit: As for [`Acceptor`][aioancillary.Acceptor].
         env: Extra environment variables for the workers.
-        shutdown_timeout: Default deadline of :meth:`shutdown`, and how long a retired worker
-            (:meth:`reload`, :meth:`remove_worker`) may take to finish, in seconds.
+        shutdown_timeout: Default deadline of [`shutdown`][aioancillary.WorkerPool.shutdown], and
+            how long a retired worker ([`reload`][aioancillary.WorkerPool.reload],
+            [`remove_worker`][aioancillary.WorkerPool.remove_worker]) may take to finish, in
+            seconds.
         ready_timeout: How long a new worker may take to become ready (import, set up,
             connect), in seconds; one that takes longer is killed.
 
@@ -216,7 +223,8 @@ class WorkerPool:
 
     @property
     def size(self) -> int:
-        """How many workers the pool keeps (:meth:`add_worker`, :meth:`remove_worker`)."""
+        """How many workers the pool keeps ([`add_worker`][aioancillary.WorkerPool.add_worker],
+        [`remove_worker`][aioancillary.WorkerPool.remove_worker])."""
         return self._size
 
     # -- starting workers ---------------------------------------------------------------------
@@ -241,7 +249,7 @@ class WorkerPool:
         New workers start, one per slot; once every one of them is ready and registered, the
         old ones are retired: they get no more clients, finish what they hold and exit (within
         ``shutdown_timeout``, then they are terminated). Returns when the new workers serve;
-        :attr:`retiring` lists the old ones still finishing.
+        [`retiring`][aioancillary.WorkerPool.retiring] lists the old ones still finishing.
 
         Raises:
             WorkerStartError: a new worker failed to start; the others were stopped and the
@@ -354,7 +362,7 @@ class WorkerPool:
         return child
 
     async def _until_ready(self, child: _Child) -> None:
-        """Wait for the child's ready byte; raise :class:`WorkerStartError` if it never comes."""
+        """Wait for the child's ready byte; raise `WorkerStartError` if it never comes."""
         loop = asyncio.get_running_loop()
         fd = child.ready_fd
         assert fd is not None

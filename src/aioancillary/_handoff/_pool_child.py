@@ -6,7 +6,7 @@ event loop to run, the inherited fds (the link to the acceptor, the ready pipe) 
 parent's ``sys.path``.
 
 Exit status: 0 when the main returned (the acceptor ended the client stream), 1 when it
-raised, :data:`LOAD_FAILED` when the handler or main could not be imported.
+raised, `LOAD_FAILED` when the handler or main could not be imported.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What a :class:`WorkerPool` worker process runs: a handler for every client, or your own main.
+"""What a [`WorkerPool`][aioancillary.WorkerPool] worker process runs: a handler for every client,
+or your own main.
 
 The pool starts each worker as a fresh interpreter (``_pool_child``) with two inherited fds:
 one end of a ``socketpair``, its link to the acceptor, and the write end of a pipe on which
@@ -24,13 +25,15 @@ READY = b"R"
 
 
 class PoolWorker:
-    """A pool worker process's place in its :class:`WorkerPool`, given to a ``main``.
+    """A pool worker process's place in its [`WorkerPool`][aioancillary.WorkerPool], given to a
+    ``main``.
 
     A ``main`` sets up what its worker needs (imports, an application, connections), then
-    calls :meth:`connect`: the pool counts the worker as started from then on and its acceptor
-    hands it clients. A ``main`` that raises, or returns, before connecting makes the pool's
-    :meth:`~WorkerPool.start` (or :meth:`~WorkerPool.reload`) fail with
-    :class:`WorkerStartError`.
+    calls [`connect`][aioancillary.PoolWorker.connect]: the pool counts the worker as started from
+    then on and its acceptor hands it clients. A ``main`` that raises, or returns, before connecting
+    makes the pool's [`start`][aioancillary.WorkerPool.start] (or
+    [`reload`][aioancillary.WorkerPool.reload]) fail with
+    [`WorkerStartError`][aioancillary.WorkerStartError].
 
     Example (``myapp/worker.py``; the pool is ``WorkerPool(main="myapp.worker:main")``)::
 
@@ -55,7 +58,8 @@ class PoolWorker:
         self._ready_fd = ready_fd
 
     async def connect(self) -> Worker:
-        """Tell the pool this worker is ready and return its :class:`Worker` (the link).
+        """Tell the pool this worker is ready and return its [`Worker`][aioancillary.Worker] (the
+        link).
 
         Clients arrive once the pool has registered the link with its acceptor, right after
         this returns. Call it once.
@@ -76,7 +80,8 @@ class PoolWorker:
         return worker
 
     def close(self) -> None:
-        """Close what :meth:`connect` was not called for (the entry point does it on exit)."""
+        """Close what [`connect`][aioancillary.PoolWorker.connect] was not called for (the entry
+        point does it on exit)."""
         if self._link_fd is not None:
             os.close(self._link_fd)
             self._link_fd = None
@@ -88,7 +93,8 @@ class PoolWorker:
 
 
 #: ``async def main(pool_worker: PoolWorker) -> None``: a pool worker's whole life. It calls
-#: :meth:`PoolWorker.connect` once set up and serves until its acceptor ends the client stream.
+#: [`PoolWorker.connect`][aioancillary.PoolWorker.connect] once set up and serves until its
+#: acceptor ends the client stream.
 WorkerMain = Callable[[PoolWorker], Awaitable[None]]
 
 
@@ -123,7 +129,7 @@ def callable_reference(target: str | Callable[..., Any], what: str = "handler") 
 
 
 def resolve_reference(reference: dict[str, str]) -> Callable[..., Any]:
-    """The callable named by :func:`callable_reference` (in the child).
+    """The callable named by `callable_reference` (in the child).
 
     A script's callable is loaded by running the script under the name ``__mp_main__``, as
     ``multiprocessing`` does, so its ``if __name__ == "__main__":`` block does not run.

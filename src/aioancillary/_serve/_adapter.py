@@ -1,6 +1,7 @@
 """Serve handed clients with an application: the part every interface shares.
 
-A :class:`ClientAdapter` takes the clients of a :class:`Worker` (``serve``) and serves each
+A [`ClientAdapter`][aioancillary.ClientAdapter] takes the clients of a
+[`Worker`][aioancillary.Worker] (``serve``) and serves each
 one with the application until the connection ends, then reports it finished: a keep-alive
 HTTP connection is one client until it closes. When the worker's client stream ends (the
 acceptor retired it: a reload, a smaller pool, a shutdown), the adapter stops gracefully:
@@ -17,7 +18,7 @@ gets the end of the connection instead of a response. Waiting for a quiet period
 ending busy connections only after a response that announced it, leaves no such window for a
 client that keeps sending.
 
-Protocol-based interfaces wrap the application's protocol in a :class:`_Tracked` protocol
+Protocol-based interfaces wrap the application's protocol in a `_Tracked` protocol
 that forwards every callback and reports the client when the connection is lost.
 """
 
@@ -43,11 +44,12 @@ DRAIN_IDLE = 1.0
 
 
 class ClientAdapter:
-    """Serves the clients a :class:`Worker` receives with one application (base class).
+    """Serves the clients a [`Worker`][aioancillary.Worker] receives with one application (base
+    class).
 
     Use it as an async context manager around the worker's life: entering runs the
-    application's startup, :meth:`serve` serves until the acceptor ends the client stream and
-    then stops gracefully, leaving runs the application's shutdown::
+    application's startup, [`serve`][aioancillary.ClientAdapter.serve] serves until the acceptor
+    ends the client stream and then stops gracefully, leaving runs the application's shutdown::
 
         async with AsgiAdapter(app) as adapter:
             async with await pool_worker.connect() as worker:
@@ -77,7 +79,8 @@ class ClientAdapter:
         self._empty.set()
 
     async def close(self) -> None:
-        """Run the application's shutdown (after :meth:`serve` has returned)."""
+        """Run the application's shutdown (after [`serve`][aioancillary.ClientAdapter.serve] has
+        returned)."""
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -104,7 +107,8 @@ class ClientAdapter:
 
     @property
     def draining(self) -> bool:
-        """Whether :meth:`begin_drain` was called (every response now closes its connection)."""
+        """Whether [`begin_drain`][aioancillary.ClientAdapter.begin_drain] was called (every
+        response now closes its connection)."""
         return self._draining
 
     async def serve(
@@ -245,7 +249,7 @@ class _Tracked(asyncio.Protocol):
 
 
 class _TrackedBuffered(_Tracked, asyncio.BufferedProtocol):
-    """:class:`_Tracked` for an application protocol that reads into its own buffer."""
+    """`_Tracked` for an application protocol that reads into its own buffer."""
 
     __slots__ = ()
 
@@ -270,7 +274,7 @@ class ProtocolAdapter(ClientAdapter):
     Args:
         protocol_factory: Called with no argument for each client, like the factory given to
             ``loop.create_server``.
-        drain_idle: See :class:`ClientAdapter`.
+        drain_idle: See [`ClientAdapter`][aioancillary.ClientAdapter].
     """
 
     def __init__(self, protocol_factory: Any = None, *, drain_idle: float = DRAIN_IDLE) -> None:

@@ -28,9 +28,9 @@ logger = logging.getLogger("aioancillary.serve")
 class AiohttpAdapter(ProtocolAdapter):
     """Serves handed clients with an aiohttp ``web.Application``.
 
-    Entering it (or :meth:`start`) runs the application's ``on_startup`` handlers; leaving it
-    (or :meth:`close`) its ``on_shutdown`` and ``on_cleanup``: once per worker. Needs
-    ``aioancillary[aiohttp]``.
+    Entering it (or [`start`][aioancillary.AiohttpAdapter.start]) runs the application's
+    ``on_startup`` handlers; leaving it (or [`close`][aioancillary.AiohttpAdapter.close]) its
+    ``on_shutdown`` and ``on_cleanup``: once per worker. Needs ``aioancillary[aiohttp]``.
 
     Example (in a pool worker's main)::
 
@@ -43,7 +43,7 @@ class AiohttpAdapter(ProtocolAdapter):
         keepalive_timeout: Seconds an idle keep-alive connection stays open (``None``:
             aiohttp's default).
         access_log: Log every request on the ``aiohttp.access`` logger.
-        drain_idle: See :class:`ClientAdapter`.
+        drain_idle: See [`ClientAdapter`][aioancillary.ClientAdapter].
         **options: Further ``web.AppRunner`` arguments (``access_log_format``,
             ``shutdown_timeout``, ``client_max_size`` does not belong here: give it to the
             application).

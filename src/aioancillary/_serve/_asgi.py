@@ -15,7 +15,7 @@ of uvicorn that serve one connection (uvicorn >= 0.30, tested up to 0.55):
 
 These are uvicorn's internal names: ``tests/serve`` checks each one against the installed
 version. The graceful stop uses the protocols' ``cycle``, ``pipeline``, ``app`` and
-``shutdown()`` (see :meth:`AsgiAdapter._drain_protocol`).
+``shutdown()`` (see [`AsgiAdapter._drain_protocol`][aioancillary.AsgiAdapter._drain_protocol]).
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ def closing_app(app: _App) -> _App:
 class AsgiAdapter(ProtocolAdapter):
     """Serves handed clients with an ASGI application, through uvicorn's HTTP protocol.
 
-    Entering it (or :meth:`start`) runs the application's lifespan startup; leaving it (or
-    :meth:`close`) its shutdown: once per worker. Needs ``aioancillary[asgi]`` (uvicorn, and
-    httptools for ``http="httptools"``).
+    Entering it (or [`start`][aioancillary.AsgiAdapter.start]) runs the application's lifespan
+    startup; leaving it (or [`close`][aioancillary.AsgiAdapter.close]) its shutdown: once per
+    worker. Needs ``aioancillary[asgi]`` (uvicorn, and httptools for ``http="httptools"``).
 
     Example (in a pool worker's main)::
 
@@ -81,7 +81,7 @@ class AsgiAdapter(ProtocolAdapter):
         lifespan: ``"auto"`` (run it if the application supports it), ``"on"`` or ``"off"``.
         timeout_keep_alive: Seconds an idle keep-alive connection stays open.
         access_log: Log every request on the ``uvicorn.access`` logger.
-        drain_idle: See :class:`ClientAdapter`.
+        drain_idle: See [`ClientAdapter`][aioancillary.ClientAdapter].
         **options: Further ``uvicorn.Config`` arguments (``root_path``, ``proxy_headers``,
             ``forwarded_allow_ips``, ``limit_concurrency``, ``ws``, ``headers``...). The
             listening and process options (``host``, ``port``, ``workers``...) do not apply.

@@ -52,9 +52,9 @@ class Listener:
 
 
 def open_listeners(binds: tuple[str, ...], *, backlog: int, defer_accept: bool) -> list[Listener]:
-    """Every listener of ``binds`` (see :func:`parse_bind`), inherited ones first.
+    """Every listener of ``binds`` (see `parse_bind`), inherited ones first.
 
-    Without ``binds``: every socket the service manager passed, or :data:`DEFAULT_BIND`.
+    Without ``binds``: every socket the service manager passed, or `DEFAULT_BIND`.
 
     Raises:
         BindError: an address is taken, unusable, or an inherited fd is not a listener. The

@@ -1,5 +1,5 @@
 """The options of ``python -m aioancillary serve``: parsed once in the runner, passed to every
-worker as JSON (:attr:`PoolWorker.args`)."""
+worker as JSON ([`PoolWorker.args`][aioancillary.PoolWorker.args])."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class ServeOptions:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServeOptions:
-        """Back from :meth:`to_json` (in a worker)."""
+        """Back from `to_json` (in a worker)."""
         data = dict(data)
         data["binds"] = tuple(data.get("binds", ()))
         return cls(**data)

@@ -1,8 +1,8 @@
 """``python -m aioancillary serve``: the runner process that operators drive with signals.
 
-The runner owns the listening sockets and an :class:`Acceptor` (least-busy dispatch) in its
-own process, and a :class:`WorkerPool` of fresh interpreters that serve the application
-(:mod:`._worker`). Signals:
+The runner owns the listening sockets and an [`Acceptor`][aioancillary.Acceptor] (least-busy
+dispatch) in its own process, and a [`WorkerPool`][aioancillary.WorkerPool] of fresh interpreters
+that serve the application (`._worker`). Signals:
 
 * ``HUP``: reload. New workers import the application afresh (new code) and start; once all
   are ready the old ones are retired: they get no more clients, finish what they hold and

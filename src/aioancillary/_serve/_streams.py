@@ -31,7 +31,8 @@ class StreamAdapter(ClientAdapter):
     Args:
         handler: ``async def handler(reader, writer) -> None``.
         limit: The readers' buffer limit (as for ``asyncio.start_server``).
-        drain_idle: See :class:`ClientAdapter` (unused: a handler decides when it is done).
+        drain_idle: See [`ClientAdapter`][aioancillary.ClientAdapter] (unused: a handler decides
+            when it is done).
     """
 
     def __init__(

@@ -5,8 +5,8 @@ its startup, and only then connects to the runner's acceptor (the pool counts it
 It serves until the acceptor ends its client stream (a reload, a smaller pool, a stop), then
 stops gracefully within ``--graceful-timeout`` and runs the application's shutdown.
 
-Exit status: 0 after a normal stop; :data:`LOAD_FAILED` (4) when the application or the
-worker-init function cannot be imported; :data:`STARTUP_FAILED` (3) when the application's
+Exit status: 0 after a normal stop; `LOAD_FAILED` (4) when the application or the
+worker-init function cannot be imported; `STARTUP_FAILED` (3) when the application's
 startup (or the worker-init function) failed.
 """
 
@@ -39,7 +39,7 @@ LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
 def configure_logging(level: str) -> None:
-    """One stderr handler on the root logger with :data:`LOG_FORMAT` (runner and workers)."""
+    """One stderr handler on the root logger with `LOG_FORMAT` (runner and workers)."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
 
 

@@ -301,7 +301,7 @@ def _run(argv: list[str], prog: str) -> int:
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """``serve``: the runner (see :mod:`aioancillary._serve._runner`)."""
+    """``serve``: the runner (see `aioancillary._serve._runner`)."""
     from .._serve import _options, _runner  # noqa: PLC0415 - loaded only when serving
 
     if args.loop == "uvloop" and not _has_uvloop():
