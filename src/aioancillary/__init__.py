@@ -33,7 +33,12 @@ Layers, bottom up (each uses only the ones below it):
 * hand-off toolkit: [`Acceptor`][aioancillary.Acceptor] hands accepted clients to worker processes
   running [`Worker`][aioancillary.Worker] (clients arrive as
   [`HandedClient`][aioancillary.HandedClient]); [`WorkerPool`][aioancillary.WorkerPool] starts and
-  restarts such workers.
+  restarts such workers, each running a handler or a main of yours
+  ([`PoolWorker`][aioancillary.PoolWorker]);
+* serving applications from handed clients: [`AsgiAdapter`][aioancillary.AsgiAdapter] (through
+  uvicorn), [`AiohttpAdapter`][aioancillary.AiohttpAdapter],
+  [`ProtocolAdapter`][aioancillary.ProtocolAdapter], [`StreamAdapter`][aioancillary.StreamAdapter];
+  and the runner, ``python -m aioancillary serve``.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from ._core._cmsg import Credentials, SocketAncillary
 from ._core._errors import (
     ActivationError,
     AncillaryError,
+    AppStartupError,
     CloexecError,
     ConnectionClosedError,
     DataTruncatedError,
@@ -80,6 +86,7 @@ from ._core._errors import (
     ProtocolError,
     SpawnError,
     TooManyFdsError,
+    WorkerStartError,
 )
 from ._core._fd import FdLike, HasFileno, OwnedFd
 from ._core._framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, frame_header
@@ -91,6 +98,7 @@ from ._fdholder._wire import FdHolderEntry
 from ._handoff._acceptor import Acceptor, AcceptorStats
 from ._handoff._dispatch import DispatchName, Picker, WorkerInfo
 from ._handoff._pool import WorkerPool
+from ._handoff._pool_worker import PoolWorker, WorkerMain
 from ._handoff._worker import HandedClient, Worker
 from ._kernel._authorize import (
     allow_gids,
@@ -106,6 +114,10 @@ from ._lifecycle._notify import notify, notify_async, watchdog_interval
 from ._lifecycle._reload import Generation, start_generation
 from ._lifecycle._spawn import spawn_with_fds
 from ._lifecycle._systemd import NamedFds, listen_fds
+from ._serve._adapter import ClientAdapter, ProtocolAdapter
+from ._serve._aiohttp import AiohttpAdapter
+from ._serve._asgi import AsgiAdapter
+from ._serve._streams import StreamAdapter, StreamHandler
 
 __version__ = "0.1.0"
 
@@ -118,13 +130,17 @@ __all__ = [
     "Acceptor",
     "AcceptorStats",
     "ActivationError",
+    "AiohttpAdapter",
     "AncillaryConnection",
     "AncillaryError",
     "AncillaryMessage",
     "AncillaryProtocol",
     "AncillaryServer",
     "AncillaryTransport",
+    "AppStartupError",
+    "AsgiAdapter",
     "Authorize",
+    "ClientAdapter",
     "CloexecError",
     "ConnectionClosedError",
     "ConnectionServer",
@@ -161,15 +177,21 @@ __all__ = [
     "PeerRejectedError",
     "Picker",
     "Platform",
+    "PoolWorker",
+    "ProtocolAdapter",
     "ProtocolError",
     "ReceivedInto",
     "ServerStats",
     "SocketAncillary",
     "SpawnError",
+    "StreamAdapter",
+    "StreamHandler",
     "TooManyFdsError",
     "Worker",
     "WorkerInfo",
+    "WorkerMain",
     "WorkerPool",
+    "WorkerStartError",
     "allow_gids",
     "allow_group_members",
     "allow_uids",

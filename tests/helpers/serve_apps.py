@@ -103,6 +103,8 @@ def make_aiohttp_app() -> Any:
     """The aiohttp test application (a factory: each worker makes its own)."""
     from aiohttp import web  # noqa: PLC0415 - only where aiohttp is installed
 
+    STARTED = web.AppKey("started", int)
+
     def reply(body: str) -> web.Response:
         return web.Response(text=body, headers={"X-Pid": str(os.getpid())})
 
@@ -128,13 +130,13 @@ def make_aiohttp_app() -> Any:
         return reply(str(fd_count()))
 
     async def state(request: web.Request) -> web.Response:
-        return reply(str(request.app.get("started")))
+        return reply(str(request.app.get(STARTED)))
 
     async def on_startup(application: web.Application) -> None:
         _record("startup")
         if os.environ.get("SERVE_TEST_FAIL_STARTUP"):
             raise RuntimeError("told to fail")
-        application["started"] = os.getpid()
+        application[STARTED] = os.getpid()
 
     async def on_cleanup(application: web.Application) -> None:
         _record("shutdown")

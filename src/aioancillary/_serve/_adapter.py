@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 from types import TracebackType
 from typing import Any, Self
@@ -41,6 +42,7 @@ _EAGER = sys.version_info >= (3, 12)
 
 #: Default quiet period after which a draining connection is closed, in seconds.
 DRAIN_IDLE = 1.0
+_INET = (socket.AF_INET, socket.AF_INET6)
 
 
 class ClientAdapter:
@@ -65,6 +67,7 @@ class ClientAdapter:
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._empty: asyncio.Event | None = None
+        self._nodelay = True
 
     # -- the application's life -------------------------------------------------------------
 
@@ -77,6 +80,8 @@ class ClientAdapter:
         self._loop = asyncio.get_running_loop()
         self._empty = asyncio.Event()
         self._empty.set()
+        # uvloop's TCP transport sets TCP_NODELAY on every socket itself.
+        self._nodelay = not type(self._loop).__module__.startswith("uvloop")
 
     async def close(self) -> None:
         """Run the application's shutdown (after [`serve`][aioancillary.ClientAdapter.serve] has
@@ -197,6 +202,19 @@ class ClientAdapter:
         raise NotImplementedError
 
 
+def set_nodelay(client: HandedClient) -> None:
+    """TCP_NODELAY on a TCP client, as asyncio's transports mean to set it.
+
+    asyncio sets it only on sockets whose proto is ``IPPROTO_TCP`` (``base_events._set_nodelay``);
+    a listener made by ``socket.create_server`` has proto 0, and so do its handed clients.
+    Without it, a response written in two parts (HTTP headers, then the body) waits for the
+    client's delayed ACK: 40 ms (``tcp(7)``, Nagle's algorithm).
+    """
+    sock = client.sock
+    if sock.family in _INET:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class _Tracked(asyncio.Protocol):
     """Forwards a connection's callbacks to the application's protocol and reports the
     handed client finished when the connection is lost."""
@@ -291,6 +309,8 @@ class ProtocolAdapter(ClientAdapter):
     def serve_client(self, client: HandedClient) -> None:
         loop = self._loop
         assert loop is not None, "start() was not called"
+        if self._nodelay:
+            set_nodelay(client)
         try:
             protocol = self._new_protocol()
             if self._draining:

@@ -44,9 +44,9 @@ class AiohttpAdapter(ProtocolAdapter):
             aiohttp's default).
         access_log: Log every request on the ``aiohttp.access`` logger.
         drain_idle: See [`ClientAdapter`][aioancillary.ClientAdapter].
-        **options: Further ``web.AppRunner`` arguments (``access_log_format``,
-            ``shutdown_timeout``, ``client_max_size`` does not belong here: give it to the
-            application).
+        **options: Further ``web.AppRunner`` arguments (``access_log_format``, and
+            ``shutdown_timeout``: how long [`close`][aioancillary.AiohttpAdapter.close] waits
+            for request handlers of aborted connections before cancelling them, default 1 s).
     """
 
     def __init__(
@@ -60,7 +60,9 @@ class AiohttpAdapter(ProtocolAdapter):
     ) -> None:
         super().__init__(drain_idle=drain_idle)
         self._app = app
-        self._options = dict(options)
+        # Handlers still running when the adapter closes belong to connections the graceful
+        # stop aborted at its deadline: cancel them soon (aiohttp waits 60 s by default).
+        self._options = {"shutdown_timeout": 1.0, **options}
         if keepalive_timeout is not None:
             self._options["keepalive_timeout"] = keepalive_timeout
         if not access_log:

@@ -167,6 +167,13 @@ class AsgiAdapter(ProtocolAdapter):
         """Run the application's lifespan shutdown."""
         self._stop_ticker()
         await super().close()
+        tasks = list(self._state.tasks) if self._state is not None else []
+        if tasks:
+            # Requests of connections the graceful stop aborted at its deadline (uvicorn's
+            # own stop cancels them the same way, after its graceful timeout).
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=5.0)
         lifespan, self._lifespan = self._lifespan, None
         if lifespan is not None and not lifespan.should_exit:
             await lifespan.shutdown()

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from .._handoff._worker import HandedClient
-from ._adapter import DRAIN_IDLE, ClientAdapter
+from ._adapter import DRAIN_IDLE, ClientAdapter, set_nodelay
 
 __all__ = ["StreamAdapter", "StreamHandler"]
 
@@ -51,6 +51,8 @@ class StreamAdapter(ClientAdapter):
         loop = self._loop
         assert loop is not None, "start() was not called"
         assert self._empty is not None
+        if self._nodelay:
+            set_nodelay(client)
         coro = self._run(client)
         if _EAGER:
             task = asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
