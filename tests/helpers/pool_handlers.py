@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+from aioancillary._handoff._pool_worker import PoolWorker
 from aioancillary._handoff._worker import HandedClient
 
 
@@ -28,3 +29,26 @@ async def handle(client: HandedClient) -> None:
     else:
         reply = f"{pid} {request.decode()}"
     await loop.sock_sendall(sock, reply.encode() + b"\n")
+
+
+async def main(pool_worker: PoolWorker) -> None:
+    """A pool ``main``: answers every client with "SLOT GREETING PID", then closes it.
+
+    With ``args["fail_if"]`` naming a file that exists, it raises before connecting (a worker
+    whose new code is broken); with ``args["hang"]``, it never connects.
+    """
+    fail_if = pool_worker.args.get("fail_if")
+    if fail_if and os.path.exists(fail_if):
+        raise RuntimeError(f"told to fail: {fail_if} exists")
+    if pool_worker.args.get("hang"):
+        await asyncio.sleep(3600)
+    greeting = pool_worker.args.get("greeting", "hi")
+
+    async def serve(client: HandedClient) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.sock_recv(client.sock, 1024)
+        reply = f"{pool_worker.index} {greeting} {os.getpid()}\n"
+        await loop.sock_sendall(client.sock, reply.encode())
+
+    async with await pool_worker.connect() as worker:
+        await worker.serve(serve)
