@@ -11,7 +11,7 @@ import asyncio
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ def test_backoff_depends_only_on_the_quick_exits_since_the_last_stable_run(
 
 
 @pytest.fixture
-def fake_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+def fake_time(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """The pool's clock and restart sleep, replaced: restart delays are recorded, not slept."""
     state: dict[str, Any] = {"now": 1000.0, "delays": []}
 
@@ -96,7 +96,7 @@ def fake_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
 
     monkeypatch.setattr(_pool, "_clock", lambda: state["now"])
     monkeypatch.setattr(_pool, "_sleep", sleep)
-    yield state
+    return state
 
 
 @pytest.mark.parametrize("loop_name", LOOP_NAMES)
@@ -111,9 +111,11 @@ def test_pool_backs_off_per_slot_and_forgets_after_a_stable_run(
                 old = pool.pids
                 os.kill(old[slot], signal.SIGKILL)
                 await wait_until(
-                    lambda: len(pool.pids) == 2
-                    and pool.pids[slot] != old[slot]
-                    and len(pool.acceptor.workers) == 2,
+                    lambda: (
+                        len(pool.pids) == 2
+                        and pool.pids[slot] != old[slot]
+                        and len(pool.acceptor.workers) == 2
+                    ),
                     timeout=60,
                 )
 

@@ -98,6 +98,7 @@ class HttpLoad:
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
+        self._stopping = False
         self._tasks = [asyncio.ensure_future(self._run()) for _ in range(self.connections)]
 
     async def stop(self) -> LoadResult:

@@ -30,6 +30,12 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd")) - 1
 
 
+def _fail_startup() -> bool:
+    """Told to fail: ``SERVE_TEST_FAIL_STARTUP`` set, or naming a file that exists."""
+    value = os.environ.get("SERVE_TEST_FAIL_STARTUP")
+    return bool(value) and (value == "1" or os.path.exists(value))
+
+
 def _record(event: str) -> None:
     directory = os.environ.get(EVENTS_DIR)
     if directory:
@@ -65,7 +71,7 @@ async def app(
             message = await receive()
             if message["type"] == "lifespan.startup":
                 _record("startup")
-                if os.environ.get("SERVE_TEST_FAIL_STARTUP"):
+                if _fail_startup():
                     await send({"type": "lifespan.startup.failed", "message": "told to fail"})
                     return
                 scope["state"]["started"] = os.getpid()
@@ -134,7 +140,7 @@ def make_aiohttp_app() -> Any:
 
     async def on_startup(application: web.Application) -> None:
         _record("startup")
-        if os.environ.get("SERVE_TEST_FAIL_STARTUP"):
+        if _fail_startup():
             raise RuntimeError("told to fail")
         application[STARTED] = os.getpid()
 

@@ -97,8 +97,9 @@ class Runner:
         self._pool = pool
         for listener in self._listeners:
             pool.acceptor.add_listener(listener.sock, name=listener.name)
-        names = ", ".join(listener.describe() for listener in self._listeners)
-        logger.info("listening on %s; starting %d worker(s)", names, options.workers)
+        for listener in self._listeners:
+            logger.info("listening on %s", listener.describe())
+        logger.info("starting %d worker(s)", options.workers)
         loop = asyncio.get_running_loop()
         handlers = {
             signal.SIGTERM: self._on_stop,
