@@ -32,8 +32,8 @@ def fd_count() -> int:
 
 def _fail_startup() -> bool:
     """Told to fail: ``SERVE_TEST_FAIL_STARTUP`` set, or naming a file that exists."""
-    value = os.environ.get("SERVE_TEST_FAIL_STARTUP")
-    return bool(value) and (value == "1" or os.path.exists(value))
+    value = os.environ.get("SERVE_TEST_FAIL_STARTUP", "")
+    return value == "1" or (bool(value) and os.path.exists(value))
 
 
 def _record(event: str) -> None:

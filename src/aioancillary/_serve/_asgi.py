@@ -13,9 +13,10 @@ of uvicorn that serve one connection (uvicorn >= 0.30, tested up to 0.55):
 * a protocol per client: ``config.http_protocol_class(config=, server_state=, app_state=,
   _loop=)``, connected with ``loop.connect_accepted_socket``.
 
-These are uvicorn's internal names: ``tests/serve`` checks each one against the installed
-version. The graceful stop uses the protocols' ``cycle``, ``pipeline``, ``app`` and
-``shutdown()`` (see [`AsgiAdapter._drain_protocol`][aioancillary.AsgiAdapter._drain_protocol]).
+These are uvicorn's internal names: ``tests/serve/test_internals.py`` checks each one against
+the installed version. The graceful stop also uses the protocols' ``cycle``, ``pipeline``,
+``app`` and ``shutdown()``, and the cycles' ``keep_alive``, ``response_started``,
+``response_complete`` and ``default_headers``.
 """
 
 from __future__ import annotations
@@ -113,7 +114,6 @@ class AsgiAdapter(ProtocolAdapter):
         self._lifespan: Any = None
         self._protocol_class: Any = None
         self._app_state: dict[str, Any] = {}
-        self._h11: type | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._closing_app: _App | None = None
 
@@ -132,12 +132,6 @@ class AsgiAdapter(ProtocolAdapter):
         self._config = config
         self._state = ServerState()
         self._protocol_class = config.http_protocol_class
-        try:
-            from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: PLC0415
-        except ImportError:  # h11 missing: only httptools can be in use
-            pass
-        else:
-            self._h11 = H11Protocol
         self._tick()
         self._lifespan = config.lifespan_class(config)
         await self._lifespan.startup()
@@ -201,14 +195,12 @@ class AsgiAdapter(ProtocolAdapter):
         protocol.app = self._closing_app
         cycle = protocol.cycle
         if cycle is not None and not cycle.response_complete:
-            # In progress: its response closes the connection (uvicorn's own graceful stop).
+            # In progress: its response closes the connection (uvicorn's own graceful stop),
+            # and says so if it has not started: a "connection: close" among the headers the
+            # cycle adds to every response makes both protocols announce and do it.
             cycle.keep_alive = False
-            if self._h11 is not None and isinstance(protocol, self._h11):
-                # h11's cycle closes without saying so; a request header that asks for it
-                # makes uvicorn's h11 cycle add "connection: close" to the response.
-                headers = cycle.scope["headers"]
-                if not cycle.response_started and _CLOSE not in headers:
-                    headers.append(_CLOSE)
+            if not cycle.response_started:
+                cycle.default_headers = [*cycle.default_headers, _CLOSE]
 
     def _is_idle(self, protocol: Any) -> bool:
         if not isinstance(protocol, self._protocol_class):
