@@ -1,0 +1,336 @@
+"""``aioancillary serve`` against gunicorn with uvicorn workers and ``uvicorn --workers``.
+
+The same tiny ASGI application (``serve_app.py``) on every server, with httptools and uvloop
+on every side and 2 workers, loaded by a C client (``c/httpload.c``, 64 connections):
+
+* **keep-alive**: every connection sends its requests one after the other;
+* **new connection per request** (``Connection: close``);
+* **HUP under load**: SIGHUP to the server's main process twice during a run (a reload:
+  new workers replace the old ones), both modes; every failed request is counted, nothing
+  is retried.
+
+Requests/s and latency percentiles come from the client; CPU per request is the CPU time
+(user + system, ``/proc/PID/stat``) of the server's whole process tree (main process and
+workers) over the measured window, divided by the requests answered in it. Servers are
+interleaved repeat by repeat, so that load from elsewhere on the machine spreads over all of
+them; the table shows medians over the repeats, and each server's ratio to gunicorn+uvicorn
+measured in the same repeat.
+
+Usage (from the repository root, with the ``bench`` dependency group installed)::
+
+    .venv/bin/python benchmarks/serve_bench.py                # 5 repeats, 5 s per cell
+    .venv/bin/python benchmarks/serve_bench.py --quick        # a smoke run, about a minute
+    .venv/bin/python benchmarks/serve_bench.py --publish      # writes benchmarks/results/serve.md
+
+Without ``--publish`` the report goes to ``benchmarks/_out/serve.md`` (and ``.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BUILD = HERE / "_build"
+CLIENT = BUILD / "httpload"
+TICK = os.sysconf("SC_CLK_TCK")
+PY = sys.executable
+BASE = "gunicorn+uvicorn"
+
+
+def servers(workers: int, port: int) -> dict[str, list[str]]:
+    """Each server's command line (cwd: benchmarks/, so that ``serve_app`` imports)."""
+    bind = f"127.0.0.1:{port}"
+    return {
+        "aioancillary": [
+            PY, "-m", "aioancillary", "serve", "serve_app:app", "--workers", str(workers),
+            "--loop", "uvloop", "--http", "httptools", "--bind", bind, "--log-level", "warning",
+        ],
+        BASE: [
+            PY, "-W", "ignore::DeprecationWarning", "-m", "gunicorn", "--workers", str(workers),
+            "--worker-class", "uvicorn.workers.UvicornWorker", "--bind", bind,
+            "--log-level", "warning", "serve_app:app",
+        ],
+        "uvicorn": [
+            PY, "-m", "uvicorn", "serve_app:app", "--workers", str(workers), "--loop", "uvloop",
+            "--http", "httptools", "--no-access-log", "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "warning",
+        ],
+    }  # fmt: skip
+
+
+def build_client(cc: str) -> None:
+    BUILD.mkdir(exist_ok=True)
+    source = HERE / "c" / "httpload.c"
+    if CLIENT.exists() and CLIENT.stat().st_mtime >= source.stat().st_mtime:
+        return
+    subprocess.run([cc, "-O2", "-Wall", "-o", str(CLIENT), str(source)], check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
+
+
+def get(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running(name: str, command: list[str], port: int, workers: int) -> Iterator[int]:
+    """Start a server, wait until all its workers answer; stop it (TERM) afterwards."""
+    log = open(BUILD / f"{name.replace('+', '-')}.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(command, cwd=HERE, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while len(tree(proc.pid)) < workers + 1 or not get(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start; see {log.name}")
+            time.sleep(0.1)
+        time.sleep(1.0)  # every worker up and idle
+        yield proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            for pid in tree(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@dataclass
+class Cell:
+    server: str
+    mode: str
+    repeat: int
+    rps: float
+    p50_us: float
+    p99_us: float
+    cpu_us: float  # server CPU per request
+    client_cpu: float  # the client's CPU share of the window (1.0 = one core)
+    failed: int
+    failures: dict[str, int] = field(default_factory=dict)
+
+
+def load(
+    server_pid: int, port: int, mode: str, conns: int, warmup: float, seconds: float,
+    hups: list[float] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One client run; the server tree's CPU over the window; HUPs at the given offsets."""
+    client = subprocess.Popen(
+        [str(CLIENT), "127.0.0.1", str(port), "--mode", mode, "--conns", str(conns),
+         "--warmup", str(warmup), "--seconds", str(seconds)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert client.stdout is not None
+    assert client.stdout.readline().strip() == "start"
+    pids = tree(server_pid)
+    cpu0, client0, t0 = cpu_seconds(pids), cpu_seconds([client.pid]), time.monotonic()
+    for offset in hups or []:
+        time.sleep(max(0.0, t0 + offset - time.monotonic()))
+        os.kill(server_pid, signal.SIGHUP)
+    assert client.stdout.readline().strip() == "end"
+    pids = sorted(set(pids) | set(tree(server_pid)))
+    cpu1, client1, t1 = cpu_seconds(pids), cpu_seconds([client.pid]), time.monotonic()
+    result: dict[str, Any] = json.loads(client.stdout.readline())
+    client.wait()
+    result["server_cpu"] = cpu1 - cpu0
+    result["client_cpu"] = (client1 - client0) / (t1 - t0)
+    return result
+
+
+def cell(server: str, mode: str, repeat: int, result: dict[str, Any]) -> Cell:
+    requests = max(1, result["requests"])
+    return Cell(
+        server=server,
+        mode=mode,
+        repeat=repeat,
+        rps=result["rps"],
+        p50_us=result["p50_us"],
+        p99_us=result["p99_us"],
+        cpu_us=result["server_cpu"] / requests * 1e6,
+        client_cpu=result["client_cpu"],
+        failed=result["failed"],
+        failures=result["failures"],
+    )
+
+
+def measure(args: argparse.Namespace) -> list[Cell]:
+    cells: list[Cell] = []
+    names = [n for n in servers(args.workers, 0) if not args.only or n in args.only]
+    for repeat in range(args.repeat):
+        for name in names:
+            port = free_port()
+            command = servers(args.workers, port)[name]
+            with running(name, command, port, args.workers) as pid:
+                for mode in ("keepalive", "close"):
+                    result = load(pid, port, mode, args.conns, args.warmup, args.seconds)
+                    cells.append(cell(name, mode, repeat, result))
+                    progress(cells[-1])
+    if args.hup_seconds:
+        offsets = [args.hup_seconds * 0.25, args.hup_seconds * 0.6]
+        for name in names:
+            for mode in ("keepalive", "close"):
+                port = free_port()
+                command = servers(args.workers, port)[name]
+                with running(name, command, port, args.workers) as pid:
+                    result = load(pid, port, mode, args.conns, 0.5, args.hup_seconds, offsets)
+                    cells.append(cell(name, f"hup-{mode}", 0, result))
+                    progress(cells[-1])
+    return cells
+
+
+def progress(c: Cell) -> None:
+    print(
+        f"  {c.server:18} {c.mode:15} #{c.repeat}: {c.rps:9.0f} req/s  p99 {c.p99_us:8.0f} µs  "
+        f"{c.cpu_us:6.1f} µs CPU/req  client {c.client_cpu:4.0%}  failed {c.failed} "
+        f"{ {k: v for k, v in c.failures.items() if v} or ''}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def report(cells: list[Cell], args: argparse.Namespace) -> str:
+    names = list(dict.fromkeys(c.server for c in cells))
+    rows = []
+
+    def pick(server: str, mode: str) -> list[Cell]:
+        return [c for c in cells if c.server == server and c.mode == mode]
+
+    def ratio(server: str, mode: str, attr: str) -> float:
+        pairs = []
+        for c in pick(server, mode):
+            base = [b for b in pick(BASE, mode) if b.repeat == c.repeat]
+            if base and getattr(base[0], attr):
+                pairs.append(getattr(c, attr) / getattr(base[0], attr))
+        return median(pairs)
+
+    for name in names:
+        row = [name]
+        for mode in ("keepalive", "close"):
+            got = pick(name, mode)
+            rps = median([c.rps for c in got])
+            cpu = median([c.cpu_us for c in got])
+            row += [
+                f"{rps:,.0f} ({ratio(name, mode, 'rps'):.2f}×)",
+                f"{median([c.p99_us for c in got]):,.0f}",
+                f"{cpu:.1f} ({ratio(name, mode, 'cpu_us'):.2f}×)",
+            ]
+        hups = [
+            str(sum(c.failed for c in pick(name, f"hup-{mode}")))
+            for mode in ("keepalive", "close")
+        ]
+        row.append(" / ".join(hups) if any(pick(name, "hup-keepalive")) else "not run")
+        rows.append(row)
+    head = [
+        "server",
+        "keep-alive req/s",
+        "p99 µs",
+        "CPU µs/req",
+        "new conn. req/s",
+        "p99 µs",
+        "CPU µs/req",
+        "failed across 2 HUPs (keep-alive / new conn.)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    versions = {}
+    for module in ("aioancillary", "gunicorn", "uvicorn", "httptools", "uvloop"):
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version  # noqa: PLC0415
+
+            versions[module] = version(module)
+    load = os.getloadavg()
+    meta = (
+        f"{args.repeat} repeats (medians; ratios to {BASE} in the same repeat), "
+        f"{args.seconds:g} s per cell after {args.warmup:g} s of warm-up, {args.conns} "
+        f"connections, {args.workers} workers; HUP runs: {args.hup_seconds:g} s, SIGHUP at "
+        f"25 % and 60 %. CPython {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"load average {load[0]:.1f} at the end; "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+    )
+    return "\n".join(lines) + "\n\n" + meta + "\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--conns", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--hup-seconds", type=float, default=10.0, help="0: no HUP runs")
+    parser.add_argument("--only", action="append", help="a server name (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="1 repeat of 2 s, HUP runs of 5 s")
+    parser.add_argument("--publish", action="store_true", help="write benchmarks/results/")
+    parser.add_argument("--cc", default="cc")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeat, args.seconds, args.warmup, args.hup_seconds = 1, 2.0, 0.5, 5.0
+    build_client(args.cc)
+    cells = measure(args)
+    text = report(cells, args)
+    print(text)
+    out = HERE / ("results" if args.publish else "_out")
+    out.mkdir(exist_ok=True)
+    (out / "serve.md").write_text("# Serve benchmark\n\n" + text)
+    (out / "serve.json").write_text(json.dumps([c.__dict__ for c in cells], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
