@@ -163,7 +163,7 @@ class Cell:
 
 
 def load(
-    server_pid: int, port: int, mode: str, conns: int, warmup: float, seconds: float,
+    server_pid: int, port: int, *, mode: str, conns: int, warmup: float, seconds: float,
     hups: list[float] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """One client run; the server tree's CPU over the window; HUPs at the given offsets."""
@@ -214,7 +214,10 @@ def measure(args: argparse.Namespace) -> list[Cell]:
             command = servers(args.workers, port)[name]
             with running(name, command, port, args.workers) as pid:
                 for mode in ("keepalive", "close"):
-                    result = load(pid, port, mode, args.conns, args.warmup, args.seconds)
+                    result = load(
+                        pid, port, mode=mode, conns=args.conns, warmup=args.warmup,
+                        seconds=args.seconds,
+                    )  # fmt: skip
                     cells.append(cell(name, mode, repeat, result))
                     progress(cells[-1])
     if args.hup_seconds:
@@ -224,7 +227,10 @@ def measure(args: argparse.Namespace) -> list[Cell]:
                 port = free_port()
                 command = servers(args.workers, port)[name]
                 with running(name, command, port, args.workers) as pid:
-                    result = load(pid, port, mode, args.conns, 0.5, args.hup_seconds, offsets)
+                    result = load(
+                        pid, port, mode=mode, conns=args.conns, warmup=0.5,
+                        seconds=args.hup_seconds, hups=offsets,
+                    )  # fmt: skip
                     cells.append(cell(name, f"hup-{mode}", 0, result))
                     progress(cells[-1])
     return cells
@@ -234,7 +240,7 @@ def progress(c: Cell) -> None:
     print(
         f"  {c.server:18} {c.mode:15} #{c.repeat}: {c.rps:9.0f} req/s  p99 {c.p99_us:8.0f} µs  "
         f"{c.cpu_us:6.1f} µs CPU/req  client {c.client_cpu:4.0%}  failed {c.failed} "
-        f"{ {k: v for k, v in c.failures.items() if v} or ''}",
+        f"{ {k: v for k, v in c.failures.items() if v} or '' }",
         file=sys.stderr,
         flush=True,
     )
@@ -266,13 +272,12 @@ def report(cells: list[Cell], args: argparse.Namespace) -> str:
             rps = median([c.rps for c in got])
             cpu = median([c.cpu_us for c in got])
             row += [
-                f"{rps:,.0f} ({ratio(name, mode, 'rps'):.2f}×)",
+                f"{rps:,.0f} ({ratio(name, mode, 'rps'):.2f}x)",
                 f"{median([c.p99_us for c in got]):,.0f}",
-                f"{cpu:.1f} ({ratio(name, mode, 'cpu_us'):.2f}×)",
+                f"{cpu:.1f} ({ratio(name, mode, 'cpu_us'):.2f}x)",
             ]
         hups = [
-            str(sum(c.failed for c in pick(name, f"hup-{mode}")))
-            for mode in ("keepalive", "close")
+            str(sum(c.failed for c in pick(name, f"hup-{mode}"))) for mode in ("keepalive", "close")
         ]
         row.append(" / ".join(hups) if any(pick(name, "hup-keepalive")) else "not run")
         rows.append(row)
