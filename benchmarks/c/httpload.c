@@ -18,10 +18,13 @@
  * Failures: "refused" (connect() refused), "connect" (another connect() error), "reset"
  * (ECONNRESET/EPIPE after the request was written), "eof" (the server closed the connection
  * before the whole response), "status" (an answer other than 200), "timeout" (no answer in
- * 10 s), "bad" (a response that does not parse).
+ * --timeout seconds, default 10), "bad" (a response that does not parse).
+ *
+ * With --requests N the window ends after N answers instead (for instruction counts: a fixed
+ * amount of work), whatever the time.
  *
  * Usage: httpload HOST PORT [--mode keepalive|close] [--conns N] [--warmup S] [--seconds S]
- *                           [--path PATH]
+ *                           [--requests N] [--timeout S] [--path PATH]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -39,7 +42,6 @@
 #include <unistd.h>
 
 #define BUF 8192
-#define TIMEOUT_NS 10000000000LL
 
 enum { CONNECTING, WRITING, READING };
 enum { F_REFUSED, F_CONNECT, F_RESET, F_EOF, F_STATUS, F_TIMEOUT, F_BAD, F_KINDS };
@@ -64,6 +66,8 @@ static struct {
     int keepalive;
     int conns;
     double warmup, seconds;
+    long requests;      /* --requests: end the window after this many answers */
+    int64_t timeout;    /* --timeout: a request not answered in this long failed (ns) */
     char request[512];
     int request_len;
     int epfd;
@@ -259,7 +263,7 @@ static double pct_us(double q) {
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: httpload HOST PORT [--mode keepalive|close] [--conns N] "
-                        "[--warmup S] [--seconds S] [--path PATH]\n");
+                        "[--warmup S] [--seconds S] [--requests N] [--timeout S] [--path PATH]\n");
         return 2;
     }
     const char *host = argv[1], *path = "/";
@@ -268,11 +272,14 @@ int main(int argc, char **argv) {
     G.conns = 64;
     G.warmup = 1.0;
     G.seconds = 5.0;
+    G.timeout = 10000000000LL;
     for (int i = 3; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--mode")) G.keepalive = strcmp(argv[i + 1], "close") != 0;
         else if (!strcmp(argv[i], "--conns")) G.conns = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--warmup")) G.warmup = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--seconds")) G.seconds = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--requests")) G.requests = atol(argv[i + 1]);
+        else if (!strcmp(argv[i], "--timeout")) G.timeout = (int64_t)(atof(argv[i + 1]) * 1e9);
         else if (!strcmp(argv[i], "--path")) path = argv[i + 1];
         else {
             fprintf(stderr, "httpload: unknown option %s\n", argv[i]);
@@ -328,7 +335,7 @@ int main(int argc, char **argv) {
             printf("start\n");
             fflush(stdout);
         }
-        if (G.in_window && t >= end) {
+        if (G.in_window && (G.requests ? G.ok >= G.requests : t >= end)) {
             G.in_window = 0;
             G.done = 1;
             window_end = t;
@@ -337,7 +344,7 @@ int main(int argc, char **argv) {
         }
         for (int i = 0; i < G.conns; i++) { /* answers that never come */
             struct conn *c = &conns[i];
-            if (c->fd >= 0 && c->state != CONNECTING && c->sent && t - c->start > TIMEOUT_NS)
+            if (c->fd >= 0 && c->state != CONNECTING && c->sent && t - c->start > G.timeout)
                 fail(c, F_TIMEOUT);
         }
     }

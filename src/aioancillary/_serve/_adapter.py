@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
+from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, Self
 
@@ -38,7 +38,6 @@ __all__ = ["ClientAdapter", "ProtocolAdapter"]
 
 logger = logging.getLogger("aioancillary.serve")
 
-_EAGER = sys.version_info >= (3, 12)
 
 #: Default quiet period after which a draining connection is closed, in seconds.
 DRAIN_IDLE = 1.0
@@ -66,7 +65,7 @@ class ClientAdapter:
         self._drain_idle = drain_idle
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._empty: asyncio.Event | None = None
+        self._emptied: asyncio.Future[None] | None = None  # drain() waits on it
         self._nodelay = True
 
     # -- the application's life -------------------------------------------------------------
@@ -78,8 +77,6 @@ class ClientAdapter:
             AppStartupError: the startup failed.
         """
         self._loop = asyncio.get_running_loop()
-        self._empty = asyncio.Event()
-        self._empty.set()
         # uvloop's TCP transport sets TCP_NODELAY on every socket itself.
         self._nodelay = not type(self._loop).__module__.startswith("uvloop")
 
@@ -180,12 +177,12 @@ class ClientAdapter:
         Returns:
             ``True`` if none had to be aborted.
         """
-        assert self._empty is not None, "start() was not called"
+        assert self._loop is not None, "start() was not called"
         if not self._draining:
             self.begin_drain()
         try:
             async with asyncio.timeout(timeout):
-                await self._empty.wait()
+                await self._until_empty()
             return True
         except TimeoutError:
             count = self.connections
@@ -193,10 +190,25 @@ class ClientAdapter:
             self._abort_all()
             try:
                 async with asyncio.timeout(5.0):  # their connection_lost, a loop turn or two
-                    await self._empty.wait()
+                    await self._until_empty()
             except TimeoutError:
                 logger.error("%d connection(s) did not end when aborted", self.connections)
             return False
+
+    async def _until_empty(self) -> None:
+        while self.connections:
+            assert self._loop is not None
+            self._emptied = self._loop.create_future()
+            try:
+                await self._emptied
+            finally:
+                self._emptied = None
+
+    def _on_empty(self) -> None:
+        """The last connection ended (called by the subclasses)."""
+        emptied = self._emptied
+        if emptied is not None and not emptied.done():
+            emptied.set_result(None)
 
     def _abort_all(self) -> None:
         raise NotImplementedError
@@ -219,10 +231,11 @@ class _Tracked(asyncio.Protocol):
     """Forwards a connection's callbacks to the application's protocol and reports the
     handed client finished when the connection is lost."""
 
-    __slots__ = ("_adapter", "active", "client", "inner", "transport")
+    __slots__ = ("_adapter", "_live", "active", "client", "inner", "transport")
 
     def __init__(self, adapter: ProtocolAdapter, client: HandedClient, inner: Any) -> None:
         self._adapter = adapter
+        self._live = adapter._tracked
         self.client = client
         self.inner = inner
         self.transport: asyncio.Transport | None = None
@@ -231,7 +244,7 @@ class _Tracked(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        self._adapter._made(self)
+        self._live.add(self)
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -263,7 +276,11 @@ class _Tracked(asyncio.Protocol):
         try:
             self.inner.connection_lost(exc)
         finally:
-            self._adapter._lost(self)
+            live = self._live
+            live.discard(self)
+            self.client.done()
+            if not live:
+                self._adapter._on_empty()
 
 
 class _TrackedBuffered(_Tracked, asyncio.BufferedProtocol):
@@ -280,6 +297,39 @@ class _TrackedBuffered(_Tracked, asyncio.BufferedProtocol):
         transport = self.transport
         if transport is not None and transport.get_protocol() is not self:
             self._follow(transport)
+
+
+class _Connecting:
+    """Runs ``HandedClient.connect_protocol()`` to its end without a task of its own.
+
+    ``loop.connect_accepted_socket`` makes the transport at once and then only waits for
+    ``connection_made`` (one future): a task per connection, with its registration in
+    asyncio's set of all tasks, would cost more than the rest of the hand-off. This drives the
+    coroutine the way a task does: each future it yields resumes it when done.
+    """
+
+    __slots__ = ("_adapter", "_coro", "_tracked")
+
+    def __init__(
+        self, adapter: ProtocolAdapter, tracked: _Tracked, coro: Coroutine[Any, Any, Any]
+    ) -> None:
+        self._adapter = adapter
+        self._tracked = tracked
+        self._coro = coro
+
+    def step(self, _done: object = None) -> None:
+        try:
+            waiting = self._coro.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:
+            self._adapter._connect_failed(self._tracked, exc)
+            return
+        if waiting is None:  # a bare yield: run again on the next iteration
+            asyncio.get_running_loop().call_soon(self.step)
+        else:
+            waiting._asyncio_future_blocking = False  # as a task does when it takes it
+            waiting.add_done_callback(self.step)
 
 
 class ProtocolAdapter(ClientAdapter):
@@ -299,7 +349,6 @@ class ProtocolAdapter(ClientAdapter):
         super().__init__(drain_idle=drain_idle)
         self._factory = protocol_factory
         self._tracked: set[_Tracked] = set()
-        self._connecting: set[asyncio.Task[None]] = set()
         self._idle_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -323,26 +372,15 @@ class ProtocolAdapter(ClientAdapter):
             tracked: _Tracked = _TrackedBuffered(self, client, protocol)
         else:
             tracked = _Tracked(self, client, protocol)
-        coro = self._connect(tracked)
-        if _EAGER:  # connected without a trip through the scheduler
-            task = asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
-            if task.done():
-                return
-        else:
-            task = loop.create_task(coro)
-        self._connecting.add(task)
-        task.add_done_callback(self._connecting.discard)
+        _Connecting(self, tracked, client.connect_protocol(lambda: tracked)).step()
 
-    async def _connect(self, tracked: _Tracked) -> None:
-        client = tracked.client
-        try:
-            await client.connect_protocol(lambda: tracked)
-        except Exception as exc:  # the client left before its transport was made
-            logger.debug("could not serve %r: %s", client, exc)
-            if tracked in self._tracked:
-                self._lost(tracked)
-            else:
-                client.done()
+    def _connect_failed(self, tracked: _Tracked, exc: Exception) -> None:
+        # The client left before its transport was made (or the loop refused the socket).
+        logger.debug("could not serve %r: %s", tracked.client, exc)
+        if tracked in self._tracked:
+            self._lost(tracked)
+        else:
+            tracked.client.done()
 
     # -- hooks of the interfaces --------------------------------------------------------------
 
@@ -362,17 +400,11 @@ class ProtocolAdapter(ClientAdapter):
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
-    def _made(self, tracked: _Tracked) -> None:
-        self._tracked.add(tracked)
-        assert self._empty is not None
-        self._empty.clear()
-
     def _lost(self, tracked: _Tracked) -> None:
         self._tracked.discard(tracked)
         tracked.client.done()
         if not self._tracked:
-            assert self._empty is not None
-            self._empty.set()
+            self._on_empty()
 
     def begin_drain(self) -> None:
         if self._draining:

@@ -50,7 +50,6 @@ class StreamAdapter(ClientAdapter):
     def serve_client(self, client: HandedClient) -> None:
         loop = self._loop
         assert loop is not None, "start() was not called"
-        assert self._empty is not None
         if self._nodelay:
             set_nodelay(client)
         coro = self._run(client)
@@ -61,14 +60,12 @@ class StreamAdapter(ClientAdapter):
         else:
             task = loop.create_task(coro)
         self._tasks.add(task)
-        self._empty.clear()
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not self._tasks:
-            assert self._empty is not None
-            self._empty.set()
+            self._on_empty()
 
     async def _run(self, client: HandedClient) -> None:
         with client:  # closes the streams' transport and reports the client finished
