@@ -110,11 +110,11 @@ def test_pool_backs_off_per_slot_and_forgets_after_a_stable_run(
             async def kill(slot: int) -> None:
                 old = pool.pids
                 os.kill(old[slot], signal.SIGKILL)
-                await wait_until(
+                await wait_until(  # the new one is registered with the acceptor
                     lambda: (
                         len(pool.pids) == 2
                         and pool.pids[slot] != old[slot]
-                        and len(pool.acceptor.workers) == 2
+                        and pool.pids[slot] in {w.pid for w in pool.acceptor.workers}
                     ),
                     timeout=60,
                 )

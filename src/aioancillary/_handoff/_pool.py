@@ -24,9 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
-import socket
-import sys
 import time
 from collections.abc import Mapping
 from types import TracebackType
@@ -34,8 +31,9 @@ from typing import Any, Literal, Self
 
 from .._core._errors import WorkerStartError
 from ._acceptor import Acceptor
-from ._dispatch import DispatchName, Picker, WorkerInfo
-from ._pool_worker import READY, WorkerMain, callable_reference, resolve_reference
+from ._dispatch import DispatchName, Picker
+from ._pool_process import ChildProcess, RestartBackoff, Slot, describe, spawn, terminate
+from ._pool_worker import WorkerMain, callable_reference, resolve_reference
 from ._worker import ClientHandler
 
 __all__ = ["RestartBackoff", "WorkerPool"]
@@ -47,84 +45,12 @@ _clock = time.monotonic
 _sleep = asyncio.sleep
 
 
-class RestartBackoff:
-    """When to restart one worker slot's next process (sans-I/O).
-
-    A worker that ran at least ``stable`` seconds is restarted at once and clears its slot's
-    record. One that exits sooner (a crash at start-up, a handler that kills the process)
-    waits ``first`` seconds, doubled for each such exit in a row in the same slot, up to
-    ``most``: a broken worker does not spin, and a slot's old failures are forgotten as soon
-    as one of its workers runs stably. Other slots are not affected.
-    """
-
-    __slots__ = ("failures", "first", "most", "stable")
-
-    def __init__(self, first: float = 0.1, most: float = 10.0, stable: float = 10.0) -> None:
-        self.first = first
-        self.most = most
-        self.stable = stable
-        #: Quick exits in a row in this slot.
-        self.failures = 0
-
-    def delay(self, lived: float) -> float:
-        """Seconds to wait before restarting a worker that exited after ``lived`` seconds."""
-        if lived >= self.stable:
-            self.failures = 0
-            return 0.0
-        self.failures += 1
-        return min(self.most, self.first * 2.0 ** min(self.failures - 1, 60))
-
-
-class _Slot:
-    __slots__ = ("backoff", "child", "index")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.child: _Child | None = None
-        self.backoff = RestartBackoff()
-
-
-class _Child:
-    """One worker process: a slot's current one, one starting, or one retiring."""
-
-    __slots__ = (
-        "link",
-        "process",
-        "ready_fd",
-        "reaper",
-        "retired",
-        "slot",
-        "sock",
-        "started",
-        "supervised",
-        "watcher",
-    )
-
-    def __init__(
-        self, slot: _Slot, process: asyncio.subprocess.Process, sock: socket.socket, ready_fd: int
-    ) -> None:
-        self.slot = slot
-        self.process = process
-        self.sock: socket.socket | None = sock  # ours until the acceptor owns it (registered)
-        self.ready_fd: int | None = ready_fd
-        self.link: WorkerInfo | None = None
-        self.started = _clock()
-        self.supervised = False  # restarted when it exits (a slot's current worker)
-        self.retired = False
-        self.watcher: asyncio.Task[None] | None = None
-        self.reaper: asyncio.Task[None] | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
 class WorkerPool:
     """Start ``processes`` worker processes that serve an [`Acceptor`][aioancillary.Acceptor]'s
     clients.
 
     Create it inside a coroutine. The pool owns an [`Acceptor`][aioancillary.Acceptor]
-    ([`acceptor`][aioancillary.WorkerPool.acceptor]): add listeners to it. Each worker runs, in its
+    (`acceptor`): add listeners to it. Each worker runs, in its
     own interpreter on the event loop named by ``loop``, either ``handler(client)`` for every
     [`HandedClient`][aioancillary.HandedClient] it gets, or your ``main(pool_worker)``
     ([`PoolWorker`][aioancillary.PoolWorker]), which sets up what it needs, connects and serves. A
@@ -143,7 +69,7 @@ class WorkerPool:
         main: Instead of a handler: ``async def main(pool_worker: PoolWorker) -> None``, the
             whole life of a worker process (same rules as ``handler``).
         args: A JSON-serialisable dict handed to ``main`` as
-            [`PoolWorker.args`][aioancillary.PoolWorker.args].
+            `PoolWorker.args`.
         processes: How many workers (default: the number of CPUs).
         loop: ``"asyncio"`` or ``"uvloop"``: the workers' event loop.
         dispatch: As for [`Acceptor`][aioancillary.Acceptor].
@@ -196,8 +122,8 @@ class WorkerPool:
         self._ready_timeout = ready_timeout
         #: The acceptor the workers register with: add listeners to it.
         self.acceptor = Acceptor(dispatch=dispatch, worker_limit=worker_limit)
-        self._slots: list[_Slot] = []
-        self._children: set[_Child] = set()  # every process started and not yet reaped
+        self._slots: list[Slot] = []
+        self._children: set[ChildProcess] = set()  # every process started and not yet reaped
         self._lock = asyncio.Lock()  # one change of the worker set at a time
         self._closing = False
         self._restarts = 0
@@ -237,7 +163,7 @@ class WorkerPool:
                 running.
         """
         async with self._lock:
-            slots = [_Slot(index) for index in range(self._size)]
+            slots = [Slot(index) for index in range(self._size)]
             children = await self._start_children(slots)
             for slot, child in zip(slots, children, strict=True):
                 self._adopt(slot, child)
@@ -275,7 +201,7 @@ class WorkerPool:
         async with self._lock:
             self._check_open()
             used = {slot.index for slot in self._slots}
-            slot = _Slot(min(set(range(len(used) + 1)) - used))
+            slot = Slot(min(set(range(len(used) + 1)) - used))
             (child,) = await self._start_children([slot])
             self._adopt(slot, child)
             self._slots.append(slot)
@@ -308,9 +234,9 @@ class WorkerPool:
         if self._closing:
             raise RuntimeError("the pool is shutting down")
 
-    async def _start_children(self, slots: list[_Slot]) -> list[_Child]:
+    async def _start_children(self, slots: list[Slot]) -> list[ChildProcess]:
         """Start a worker for each slot; register them all once all are ready, or none."""
-        children: list[_Child] = []
+        children: list[ChildProcess] = []
         try:
             for slot in slots:
                 children.append(await self._spawn(slot))
@@ -323,100 +249,54 @@ class WorkerPool:
         except BaseException:
             await self._discard(children)
             raise
+        dead = [child for child in children if child.process.returncode is not None]
+        if dead:
+            await self._discard(children)
+            code = dead[0].process.returncode
+            raise WorkerStartError(
+                f"worker {dead[0].slot.index} (pid {dead[0].pid}) exited with "
+                f"{describe(code or 0)} right after it was ready",
+                code,
+            )
         for child in children:
             self._register(child)
         return children
 
-    async def _spawn(self, slot: _Slot) -> _Child:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        ready_r, ready_w = os.pipe()
-        try:
-            config = {
-                **self._target,
-                "args": self._args,
-                "index": slot.index,
-                "loop": self._loop_name,
-                "fd": theirs.fileno(),
-                "ready": ready_w,
-                "sys_path": sys.path,
-            }
-            env = None if self._env is None else {**os.environ, **self._env}
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "aioancillary._handoff._pool_child",
-                json.dumps(config),
-                pass_fds=(theirs.fileno(), ready_w),
-                env=env,
-            )
-        except BaseException:
-            ours.close()
-            os.close(ready_r)
-            raise
-        finally:
-            theirs.close()  # the child has its own copies
-            os.close(ready_w)
-        child = _Child(slot, process, ours, ready_r)
+    async def _spawn(self, slot: Slot) -> ChildProcess:
+        config = {**self._target, "args": self._args, "loop": self._loop_name}
+        env = None if self._env is None else {**os.environ, **self._env}
+        child = await spawn(slot, config, env)
+        child.started = _clock()
         self._children.add(child)
         child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
         return child
 
-    async def _until_ready(self, child: _Child) -> None:
-        """Wait for the child's ready byte; raise `WorkerStartError` if it never comes."""
-        loop = asyncio.get_running_loop()
-        fd = child.ready_fd
-        assert fd is not None
-        said: asyncio.Future[bytes] = loop.create_future()
+    async def _until_ready(self, child: ChildProcess) -> None:
+        await child.until_ready(self._ready_timeout)
 
-        def readable() -> None:
-            try:
-                data = os.read(fd, 1)
-            except OSError:
-                data = b""
-            if not said.done():
-                said.set_result(data)
-
-        loop.add_reader(fd, readable)
-        try:
-            async with asyncio.timeout(self._ready_timeout):
-                data = await said
-        except TimeoutError:
-            raise WorkerStartError(
-                f"worker {child.slot.index} (pid {child.pid}) was not ready after "
-                f"{self._ready_timeout:g} s (ready_timeout); it was stopped"
-            ) from None
-        finally:
-            loop.remove_reader(fd)
-            os.close(fd)
-            child.ready_fd = None
-        if data != READY:  # the pipe's end: the process exited (or closed it) first
-            code = await child.process.wait()
-            raise WorkerStartError(
-                f"worker {child.slot.index} (pid {child.pid}) exited with {_describe(code)} "
-                "before it was ready; its error is above, on stderr",
-                code,
-            )
-
-    def _register(self, child: _Child) -> None:
+    def _register(self, child: ChildProcess) -> bool:
+        """Hand the child's link to the acceptor; ``False`` if it died since it was ready."""
         sock, child.sock = child.sock, None
-        assert sock is not None
+        if sock is None:  # its watcher saw it exit and closed the link
+            return False
         child.link = self.acceptor.add_worker(sock, pid=child.pid)
+        return True
 
-    def _adopt(self, slot: _Slot, child: _Child) -> None:
+    def _adopt(self, slot: Slot, child: ChildProcess) -> None:
         slot.child = child
         child.supervised = True
 
-    async def _discard(self, children: list[_Child]) -> None:
+    async def _discard(self, children: list[ChildProcess]) -> None:
         """Stop children that never became ready (they hold no client)."""
         for child in children:
             if child.sock is not None:
                 child.sock.close()
                 child.sock = None
-        await _terminate([c.process for c in children if c.process.returncode is None], 0.5)
+        await terminate([c.process for c in children], 0.5)
 
     # -- workers leaving ----------------------------------------------------------------------
 
-    def _retire(self, child: _Child) -> None:
+    def _retire(self, child: ChildProcess) -> None:
         """Stop a worker gracefully: no more clients; it finishes its own and exits."""
         child.retired = True
         if child.link is not None:
@@ -427,7 +307,7 @@ class WorkerPool:
             child.sock = None
         child.reaper = asyncio.get_running_loop().create_task(self._reap(child))
 
-    async def _reap(self, child: _Child) -> None:
+    async def _reap(self, child: ChildProcess) -> None:
         try:
             async with asyncio.timeout(self._shutdown_timeout):
                 await child.process.wait()
@@ -438,9 +318,9 @@ class WorkerPool:
                 child.pid,
                 self._shutdown_timeout,
             )
-            await _terminate([child.process])
+            await terminate([child.process])
 
-    async def _watch(self, child: _Child) -> None:
+    async def _watch(self, child: ChildProcess) -> None:
         code = await child.process.wait()
         self._children.discard(child)
         if child.sock is not None and child.ready_fd is None:
@@ -454,7 +334,7 @@ class WorkerPool:
             "worker %d (pid %d) exited with %s after %.1f s; restarting it%s",
             slot.index,
             child.pid,
-            _describe(code),
+            describe(code),
             _clock() - child.started,
             f" in {delay:g} s" if delay else "",
         )
@@ -462,7 +342,7 @@ class WorkerPool:
             await _sleep(delay)
         await self._restart(slot, child)
 
-    async def _restart(self, slot: _Slot, old: _Child) -> None:
+    async def _restart(self, slot: Slot, old: ChildProcess) -> None:
         async with self._lock:
             if self._closing or slot.child is not old or slot not in self._slots:
                 return  # shut down, reloaded or removed meanwhile
@@ -478,7 +358,7 @@ class WorkerPool:
             except WorkerStartError as exc:
                 logger.error("%s", exc)
                 if child.process.returncode is None:
-                    await _terminate([child.process], 0.5)  # hung: its watcher restarts it
+                    await terminate([child.process], 0.5)  # hung: its watcher restarts it
                 return
             self._register(child)
 
@@ -522,7 +402,7 @@ class WorkerPool:
             _, late = await asyncio.wait(waits, timeout=max(0.0, deadline - loop.time()))
             if late:
                 clean = False
-                await _terminate([p for p in pending if p.returncode is None])
+                await terminate([p for p in pending if p.returncode is None])
                 await asyncio.wait(waits)
         for child in children:
             if child.link is not None:
@@ -560,27 +440,3 @@ class WorkerPool:
 
     def __repr__(self) -> str:
         return f"<WorkerPool processes={self._size} loop={self._loop_name} pids={self.pids}>"
-
-
-async def _terminate(processes: list[asyncio.subprocess.Process], grace: float = 2.0) -> None:
-    processes = [p for p in processes if p.returncode is None]
-    if not processes:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
-        for process in processes:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(sig)
-        waits = [asyncio.ensure_future(p.wait()) for p in processes]
-        _, late = await asyncio.wait(waits, timeout=wait)
-        for task in late:
-            task.cancel()
-        processes = [p for p in processes if p.returncode is None]
-        if not processes:
-            return
-
-
-def _describe(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"signal {signal.Signals(-code).name}"
-    return f"status {code}"

@@ -1,5 +1,5 @@
 """The options of ``python -m aioancillary serve``: parsed once in the runner, passed to every
-worker as JSON ([`PoolWorker.args`][aioancillary.PoolWorker.args])."""
+worker as JSON (`PoolWorker.args`)."""
 
 from __future__ import annotations
 
