@@ -1,10 +1,10 @@
 """``python -m aioancillary serve`` end to end: the runner and its workers as real processes,
 real HTTP clients counting every request's outcome.
 
-The load tests send HUP, TTIN and TTOU under continuous load (keep-alive clients
-and a new connection per request) and require that no request is refused, reset or lost;
-then TERM, after which new connections are refused (and nothing else fails), the runner
-exits 0 and no worker is left. The other tests cover the exit statuses, systemd (sockets by
+The load tests send HUP, TTIN and TTOU under continuous load (keep-alive clients and a new
+connection per request) and require that no request is refused, reset or lost; then TERM,
+after which new connections are refused (or reset, never accepted) and nothing else fails,
+the runner exits 0 and no worker is left. The other tests cover the exit statuses, systemd (sockets by
 name from LISTEN_FDS, READY/RELOADING/STOPPING/STATUS/WATCHDOG), unix and IPv6 binds, the
 protocol and handler interfaces, --worker-init and the workers' logs.
 """
@@ -99,8 +99,11 @@ def test_signals_under_load_lose_no_request(interface: str, loop_name: str, tmp_
             served = keep_alive.result.servers + per_request.result.servers
             assert len(served) >= 4  # both generations of the reload, and the added worker
 
-            # TERM under load: the listeners close, so new connections are refused; every
-            # request sent on a connection that was accepted is answered.
+            # TERM under load: the listeners close, so new connections are refused; a request
+            # on a connection the server had already answered on is answered too. A fresh
+            # connection may be reset instead of refused: the kernel completes a handshake
+            # before anyone accepts, and closing a listener resets what it queued but was
+            # not accepted (with TCP_DEFER_ACCEPT, one whose request had not arrived yet).
             for load in loads:
                 load.result = LoadResult()
                 load.start()
@@ -110,7 +113,8 @@ def test_signals_under_load_lose_no_request(interface: str, loop_name: str, tmp_
             for load in loads:
                 result = await load.stop()
                 assert result.ok > 0
-                assert {f.kind for f in result.failures} <= {"refused"}, result.failures[:10]
+                cut = [f for f in result.failures if f.requests_before or f.kind != "refused"]
+                assert [f for f in cut if f.requests_before or f.kind != "reset"] == [], cut[:10]
             assert "STOPPING" in runner.notifications[-1]
             assert runner.pids_seen
             assert all(gone(pid) for pid in runner.pids_seen)
