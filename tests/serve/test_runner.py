@@ -4,9 +4,9 @@ real HTTP clients counting every request's outcome.
 The load tests send HUP, TTIN and TTOU under continuous load (keep-alive clients and a new
 connection per request) and require that no request is refused, reset or lost; then TERM,
 after which new connections are refused (or reset, never accepted) and nothing else fails,
-the runner exits 0 and no worker is left. The other tests cover the exit statuses, systemd (sockets by
-name from LISTEN_FDS, READY/RELOADING/STOPPING/STATUS/WATCHDOG), unix and IPv6 binds, the
-protocol and handler interfaces, --worker-init and the workers' logs.
+the runner exits 0 and no worker is left. The other tests cover the exit statuses, systemd
+(sockets by name from LISTEN_FDS, READY/RELOADING/STOPPING/STATUS/WATCHDOG), unix and IPv6
+binds, the protocol and handler interfaces, --worker-init and the workers' logs.
 """
 
 from __future__ import annotations
