@@ -299,15 +299,21 @@ def report(cells: list[Cell], args: argparse.Namespace) -> str:
             from importlib.metadata import version  # noqa: PLC0415
 
             versions[module] = version(module)
-    load = os.getloadavg()
+    load = args.load_average
     meta = (
         f"{args.repeat} repeats (medians; ratios to {BASE} in the same repeat), "
         f"{args.seconds:g} s per cell after {args.warmup:g} s of warm-up, {args.conns} "
         f"connections, {args.workers} workers; HUP runs: {args.hup_seconds:g} s, SIGHUP at "
         f"25 % and 60 %. CPython {platform.python_version()}, {os.cpu_count()} CPUs, "
-        f"load average {load[0]:.1f} at the end; "
-        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        f"load average {load:.1f} at the end; " + ", ".join(f"{k} {v}" for k, v in versions.items())
     )
+    if load > (os.cpu_count() or 1) * 0.5:
+        meta += (
+            "\n\n**The machine was busy with other work during this run** (load average "
+            f"{load:.1f} on {os.cpu_count()} CPUs): requests/s and CPU per request moved by "
+            "tens of per cent between repeats, so only the failure counts are firm. Compare "
+            "instruction counts instead (`serve_callgrind.py`), or rerun on a quiet machine."
+        )
     return "\n".join(lines) + "\n\n" + meta + "\n"
 
 
@@ -323,17 +329,28 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="1 repeat of 2 s, HUP runs of 5 s")
     parser.add_argument("--publish", action="store_true", help="write benchmarks/results/")
     parser.add_argument("--cc", default="cc")
+    parser.add_argument(
+        "--replot", action="store_true", help="rewrite serve.md from serve.json, measure nothing"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeat, args.seconds, args.warmup, args.hup_seconds = 1, 2.0, 0.5, 5.0
-    build_client(args.cc)
-    cells = measure(args)
+    out = HERE / ("results" if args.publish else "_out")
+    if args.replot:
+        saved = json.loads((out / "serve.json").read_text())
+        vars(args).update(saved["args"])
+        cells = [Cell(**c) for c in saved["cells"]]
+    else:
+        build_client(args.cc)
+        cells = measure(args)
+        args.load_average = os.getloadavg()[0]
     text = report(cells, args)
     print(text)
-    out = HERE / ("results" if args.publish else "_out")
     out.mkdir(exist_ok=True)
     (out / "serve.md").write_text("# Serve benchmark\n\n" + text)
-    (out / "serve.json").write_text(json.dumps([c.__dict__ for c in cells], indent=1))
+    keep = ("repeat", "seconds", "warmup", "conns", "workers", "hup_seconds", "load_average")
+    saved = {"args": {k: getattr(args, k) for k in keep}, "cells": [c.__dict__ for c in cells]}
+    (out / "serve.json").write_text(json.dumps(saved, indent=1))
     return 0
 
 
