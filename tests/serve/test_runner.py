@@ -1,12 +1,14 @@
 """``python -m aioancillary serve`` end to end: the runner and its workers as real processes,
 real HTTP clients counting every request's outcome.
 
-The load tests send HUP, TTIN and TTOU under continuous load (keep-alive clients and a new
-connection per request) and require that no request is refused, reset or lost; then TERM,
-after which new connections are refused (or reset, never accepted) and nothing else fails,
-the runner exits 0 and no worker is left. The other tests cover the exit statuses, systemd
-(sockets by name from LISTEN_FDS, READY/RELOADING/STOPPING/STATUS/WATCHDOG), unix and IPv6
-binds, the protocol and handler interfaces, --worker-init and the workers' logs.
+The load tests first check pipelining, a 10 MB request body and a client that leaves
+mid-request through the workers, then send HUP, TTIN and TTOU under continuous load
+(keep-alive clients and a new connection per request) and require that no request is refused,
+reset or lost; then TERM, after which new connections are refused (or reset, never accepted)
+and nothing else fails, the runner exits 0 and no worker is left. The other tests cover the
+exit statuses, systemd (sockets by name from LISTEN_FDS, READY/RELOADING/STOPPING/STATUS/
+WATCHDOG), unix and IPv6 binds, the protocol and handler interfaces, --worker-init and the
+workers' logs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -46,6 +50,31 @@ async def get(address: tuple[str, int] | str, path: str = "/") -> tuple[int, dic
         await writer.wait_closed()
 
 
+async def http_through_the_runner(address: tuple[str, int], events: Path) -> None:
+    """Pipelining, a 10 MB body and a client that leaves mid-request, through real workers."""
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"".join(request(path) for path in ["/", "/state", "/"] * 4))
+    bodies = [(await asyncio.wait_for(read_response(reader), 30))[2] for _ in range(12)]
+    assert bodies[0::3] == [b"hello"] * 4  # in order, on one connection
+    assert len({*bodies[1::3]}) == 1  # one worker, its lifespan state
+    body = os.urandom(10 * 1024 * 1024)
+    writer.write(request("/echo", body=body))
+    status, _headers, answer = await asyncio.wait_for(read_response(reader), 60)
+    assert (status, answer) == (200, f"{len(body)} {zlib.crc32(body)}".encode())
+    writer.close()
+    await writer.wait_closed()
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(request("/echo", body=body)[:-9_000_000])  # then leaves, 9 MB short
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    deadline = time.monotonic() + 30
+    while not any(p.name.endswith(".disconnect") for p in events.iterdir()):
+        assert time.monotonic() < deadline, "the application never saw the client leave"
+        await asyncio.sleep(0.05)
+    assert (await get(address))[2] == b"hello"  # and serving goes on
+
+
 def no_losses(result: LoadResult) -> None:
     assert result.failures == [], f"{len(result.failures)} failed: {result.failures[:10]}"
 
@@ -54,6 +83,9 @@ def no_losses(result: LoadResult) -> None:
 @pytest.mark.parametrize("loop_name", LOOP_NAMES)
 @pytest.mark.parametrize("interface", ["asgi", "aiohttp"])
 def test_signals_under_load_lose_no_request(interface: str, loop_name: str, tmp_path: Path) -> None:
+    events = tmp_path / "events"
+    events.mkdir()
+
     async def test() -> None:
         runner = await start_runner(
             tmp_path,
@@ -66,10 +98,12 @@ def test_signals_under_load_lose_no_request(interface: str, loop_name: str, tmp_
             "127.0.0.1:0",
             "--loop",
             loop_name,
+            env={"SERVE_TEST_EVENTS": str(events)},
         )
         try:
             await runner.ready()
             address = ("127.0.0.1", runner.port())
+            await http_through_the_runner(address, events)
             keep_alive = HttpLoad(address, connections=12, mode="keep-alive")
             per_request = HttpLoad(address, connections=4, mode="close")
             loads = [keep_alive, per_request]
