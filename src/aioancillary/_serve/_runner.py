@@ -110,7 +110,10 @@ class Runner:
         }
         for sig, handler in handlers.items():
             loop.add_signal_handler(sig, handler, sig)
-        watchdog = loop.create_task(self._watchdog())
+        # Read (and unset) before any worker starts: the watchdog is the runner's business, a
+        # worker that inherited WATCHDOG_USEC would think it its own (sd_watchdog_enabled(3)).
+        interval = watchdog_interval(unset_environment=True)
+        watchdog = loop.create_task(self._watchdog(interval))
         try:
             try:
                 await pool.start()
@@ -225,8 +228,7 @@ class Runner:
         except (NotifyError, TimeoutError) as exc:
             logger.warning("could not notify the service manager: %s", exc)
 
-    async def _watchdog(self) -> None:
-        interval = watchdog_interval()
+    async def _watchdog(self, interval: float | None) -> None:
         if interval is None:
             return
         while True:
