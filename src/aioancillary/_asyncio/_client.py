@@ -15,7 +15,7 @@ from .._core._framing import DEFAULT_MAX_FRAME_SIZE
 from .._kernel._unix import Authorize, PathArg, check_connected, check_peer
 from ._connect import connect
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, AncillaryConnection
-from ._protocol import AncillaryProtocol
+from ._protocol import AncillaryProtocol, protocol_from
 from ._transport import AncillaryTransport
 
 __all__ = ["connection_pair", "create_unix_connection", "open_unix_connection"]
@@ -157,7 +157,7 @@ async def create_unix_connection(
     """
     conn_sock = await _connected(path, sock, sock_type, authorize)
     try:
-        protocol = protocol_factory()
+        protocol = protocol_from(protocol_factory)
         transport = AncillaryTransport(
             asyncio.get_running_loop(),
             conn_sock,

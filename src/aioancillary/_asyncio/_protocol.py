@@ -4,10 +4,14 @@ with their owned fds."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import TypeVar
 
 from .._core._message import AncillaryMessage
 
-__all__ = ["AncillaryProtocol"]
+__all__ = ["AncillaryProtocol", "protocol_from"]
+
+_P = TypeVar("_P", bound="AncillaryProtocol")
 
 
 class AncillaryProtocol(asyncio.BaseProtocol):
@@ -19,6 +23,12 @@ class AncillaryProtocol(asyncio.BaseProtocol):
     message decoded from one read at once). The protocol owns each message it receives and must
     close it (``with msg:``) or take its fds. ``connection_made``, ``connection_lost``,
     ``pause_writing`` and ``resume_writing`` are as in `asyncio.BaseProtocol`.
+
+    A callback that raises is reported once to the loop's exception handler. If
+    ``connection_made`` raises, no transport is made (a server closes that connection and
+    serves on). If a message callback raises, it gives up the messages of that call: the
+    transport closes every fd they still hold (fds already taken out stay the protocol's),
+    then closes the connection, as asyncio's transports do when ``data_received`` raises.
 
     Example::
 
@@ -62,3 +72,19 @@ class AncillaryProtocol(asyncio.BaseProtocol):
     def eof_received(self) -> bool | None:
         """The peer closed its sending side. Return true to keep the transport open."""
         return None
+
+
+def protocol_from(protocol_factory: Callable[[], _P]) -> _P:
+    """Call ``protocol_factory``; refuse what cannot be a protocol before a transport is made.
+
+    Raises:
+        TypeError: the factory returned ``None`` (a class's ``__init__`` cannot; a function
+            that forgot its ``return`` does).
+    """
+    protocol = protocol_factory()
+    if protocol is None:
+        raise TypeError(
+            f"protocol_factory {protocol_factory!r} returned None: it must return an "
+            "AncillaryProtocol (did the function forget its 'return'?)"
+        )
+    return protocol

@@ -44,6 +44,7 @@ class ReadSide:
         def _add_reader(self) -> None: ...
         def _remove_reader(self) -> None: ...
         def _fatal_error(self, exc: Exception) -> None: ...
+        def _protocol_failed(self, exc: BaseException, callback: str) -> None: ...
         def _is_open(self) -> bool: ...
         def close(self) -> None: ...
 
@@ -95,7 +96,15 @@ class ReadSide:
             # The decoder owns every fd of these reads from here, whatever happens.
             messages = decoder.feed_reads(reads) if reads else _NONE
             if messages:
-                self._protocol.messages_received(messages)
+                try:
+                    self._protocol.messages_received(messages)
+                except BaseException as exc:
+                    for msg in messages:
+                        # The callback gave up the messages it was handed: whatever
+                        # references it kept, no fd of theirs stays open.
+                        msg.close()
+                    self._protocol_failed(exc, "messages_received")
+                    return
             if decoder.failure is not None:
                 self._fatal_error(decoder.failure)
                 return
@@ -122,6 +131,10 @@ class ReadSide:
         if decoder.failure is not None:
             self._fatal_error(decoder.failure)
             return
-        keep_open = self._protocol.eof_received()
+        try:
+            keep_open = self._protocol.eof_received()
+        except BaseException as exc:
+            self._protocol_failed(exc, "eof_received")
+            return
         if not keep_open or self._write_failure is not None:
             self.close()  # nothing more to read, and (if the peer is gone) nothing to write

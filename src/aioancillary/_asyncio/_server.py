@@ -30,7 +30,7 @@ from .._kernel import _fork
 from .._kernel._accept import AcceptErrorKind, AcceptFailure, ResourcePause, accept_burst
 from .._kernel._unix import Authorize, PathArg, check_listening, check_peer, is_abstract, listen
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, AncillaryConnection
-from ._protocol import AncillaryProtocol
+from ._protocol import AncillaryProtocol, protocol_from
 from ._transport import AncillaryTransport
 
 __all__ = [
@@ -65,7 +65,9 @@ class ServerStats:
         rejected: Connections refused by ``authorize``.
         peer_errors: Connections closed because the peer broke the protocol or sent what
             could not be received (``ProtocolError``, ``FdTruncatedError``, ...).
-        handler_errors: Handlers that raised (reported to the loop's exception handler).
+        handler_errors: Handlers that raised, and connections that could not be set up
+            because the application's code raised (``authorize``, a protocol factory,
+            ``connection_made``); each is reported once to the loop's exception handler.
         active: Connections open now.
     """
 
@@ -179,12 +181,25 @@ class AncillaryServer:
         self._accepted += 1
         try:
             check_peer(conn_sock, self._authorize)
+            self._serve(conn_sock)
         except PeerRejectedError as exc:
             conn_sock.close()  # any fds the peer already sent are closed by the kernel
             self._rejected += 1
             logger.log(self._peer_level, "%s", exc)
-            return
-        self._serve(conn_sock)
+        except Exception as exc:
+            # The application's code failed on this connection (authorize, the protocol
+            # factory, connection_made): close it, report it once, serve the next one.
+            conn_sock.close()
+            self._handler_errors += 1
+            self._loop.call_exception_handler(
+                {
+                    "message": "aioancillary server could not set up a connection "
+                    "(authorize, the protocol factory or connection_made raised); the "
+                    "connection was closed",
+                    "exception": exc,
+                    "server": self,
+                }
+            )
 
     def _drop_listener(self, exc: OSError) -> None:
         # accept() fails for good (EINVAL: no longer listening; EBADF...): stop serving the
@@ -475,7 +490,7 @@ async def create_unix_server(
     server: AncillaryServer | None = None
 
     def serve(conn_sock: socket.socket) -> None:
-        protocol = protocol_factory()
+        protocol = protocol_from(protocol_factory)
         AncillaryTransport(
             loop,
             conn_sock,

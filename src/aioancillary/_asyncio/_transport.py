@@ -122,7 +122,8 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
     ) -> None:
         """Wrap the connected ``sock`` (made non-blocking) and start reading.
 
-        ``protocol.connection_made`` is called before this returns.
+        ``protocol.connection_made`` is called before this returns. If it raises, so does
+        this: whatever it queued is dropped (fds closed) and ``sock`` stays the caller's.
 
         Args:
             loop: The running loop.
@@ -241,9 +242,13 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
         self._reading = False
         self._read_paused = False
         self._pid = _fork.track(self)
+        try:
+            protocol.connection_made(self)
+        except BaseException:
+            self._abandon()
+            raise
         if server is not None:
             server._attach(self)
-        protocol.connection_made(self)
         if self._state is State.OPEN and not self._read_paused:
             self._add_reader()
 
@@ -281,6 +286,48 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
 
     def _is_closing_down(self) -> bool:
         return self._state is State.CLOSING
+
+    def _abandon(self) -> None:
+        # connection_made raised: the constructor fails and the socket stays the caller's.
+        # Whatever connection_made queued is dropped (its fds closed); nothing reaches the
+        # protocol again, and nothing is left registered with the loop.
+        self._state = State.CLOSED
+        self._writable = False
+        self._remove_writer()
+        self._sock = None
+        close_raw(self._outbox.drop())
+        self._decoder.close()
+
+    def _report(self, exc: BaseException, what: str) -> None:
+        """Report a protocol callback's exception to the loop (once); re-raise a
+        ``KeyboardInterrupt``/``SystemExit``, which is not the connection's business."""
+        if not isinstance(exc, Exception):
+            raise exc
+        self._loop.call_exception_handler(
+            {
+                "message": f"aioancillary protocol's {what}",
+                "exception": exc,
+                "transport": self,
+                "protocol": self._protocol,
+            }
+        )
+
+    def _protocol_failed(self, exc: BaseException, callback: str) -> None:
+        """A protocol callback raised: report it once and close the connection.
+
+        As asyncio's transports do when ``data_received`` raises: the protocol's state is
+        unknown from here, so nothing more is handed to it but ``connection_lost(exc)``.
+        """
+        self._report(exc, f"{callback}() raised; the connection was closed")
+        assert isinstance(exc, Exception)
+        self._force_close(exc)
+
+    def _call_protocol(self, callback: str) -> None:
+        """Call a flow-control callback; one that raises is reported, the connection goes on."""
+        try:
+            getattr(self._protocol, callback)()
+        except BaseException as exc:
+            self._report(exc, f"{callback}() raised")
 
     def _forked(self) -> None:
         # In a child process right after fork(): close this process's copies, nothing else.
@@ -365,14 +412,20 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
         outbox = self._outbox
         unsent = outbox.take_unsent() if outbox else []
         close_raw(outbox.drop())  # partly sent: its fds already left, only the bytes are lost
-        if unsent:
-            messages = [new_message(data, fds or None) for data, fds in unsent]
-            handler = getattr(self._protocol, "messages_unsent", None)
-            if handler is None:
-                for msg in messages:
-                    msg.close()
-            else:
-                handler(messages)
+        if not unsent:
+            return
+        messages = [new_message(data, fds or None) for data, fds in unsent]
+        handler = getattr(self._protocol, "messages_unsent", None)
+        if handler is None:
+            for msg in messages:
+                msg.close()
+            return
+        try:
+            handler(messages)
+        except BaseException as exc:
+            for msg in messages:
+                msg.close()  # a handler that raised gave them up (fds it took stay its own)
+            self._report(exc, "messages_unsent() raised; their fds were closed")
 
     def _call_connection_lost(self, exc: Exception | None) -> None:
         sock = self._sock
@@ -387,6 +440,8 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
         self._sock = None
         try:
             self._protocol.connection_lost(exc)
+        except BaseException as error:
+            self._report(error, "connection_lost() raised")
         finally:
             sock.close()
             if self._server is not None:

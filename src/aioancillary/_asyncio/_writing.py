@@ -86,6 +86,7 @@ class WriteSide:
         def _is_closing_down(self) -> bool: ...
         def _call_connection_lost(self, exc: Exception | None) -> None: ...
         def _drop_queue(self) -> None: ...
+        def _call_protocol(self, callback: str) -> None: ...
 
     # -- the public write API ----------------------------------------------------------------------
 
@@ -361,7 +362,7 @@ class WriteSide:
         self._remove_writer()
         if self._protocol_paused:
             self._protocol_paused = False
-            self._protocol.resume_writing()  # wakes drain(), which then sees the failure
+            self._call_protocol("resume_writing")  # wakes drain(), which sees the failure
 
     @property
     def write_error(self) -> Exception | None:
@@ -434,7 +435,7 @@ class WriteSide:
             and self._sock is not None
         ):
             self._protocol_paused = False
-            self._protocol.resume_writing()
+            self._call_protocol("resume_writing")
 
     # -- flow control ------------------------------------------------------------------------------
 
@@ -447,7 +448,7 @@ class WriteSide:
 
     def _pause_protocol(self) -> None:
         self._protocol_paused = True
-        self._protocol.pause_writing()
+        self._call_protocol("pause_writing")
 
     def can_write_eof(self) -> bool:
         """True on stream and seqpacket sockets."""
