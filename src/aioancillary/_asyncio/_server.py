@@ -109,7 +109,7 @@ class AncillaryServer:
         self._authorize = authorize
         self._peer_level = peer_error_level
         self._path = path
-        self._inode = os.stat(path).st_ino if path is not None else None
+        self._inode = os.lstat(path).st_ino if path is not None else None
         self._tasks: set[asyncio.Task[None]] = set()
         self._conns: set[AncillaryConnection] = set()
         self._transports: set[AncillaryTransport] = set()
@@ -277,7 +277,7 @@ class AncillaryServer:
         sock.close()
         if unlink and self._path is not None and not is_abstract(self._path):
             with contextlib.suppress(OSError):
-                if os.stat(self._path).st_ino == self._inode:
+                if os.lstat(self._path).st_ino == self._inode:
                     os.unlink(self._path)
         if not self._closed.done():
             self._closed.set_result(None)

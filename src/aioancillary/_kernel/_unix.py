@@ -8,9 +8,11 @@ with a message that says what was expected.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import stat
+import sys
 from collections.abc import Callable
 
 from .._core._cmsg import Credentials
@@ -26,6 +28,7 @@ __all__ = [
     "is_abstract",
     "listen",
     "named_error",
+    "set_socket_mode",
 ]
 
 #: ``authorize(credentials) -> bool``: decides, before any fd moves, whether a peer may talk.
@@ -144,10 +147,16 @@ def listen(path: str | bytes, sock_type: int, mode: int, backlog: int) -> socket
     """A non-blocking socket listening on ``path``, its file created with permissions ``mode``.
 
     A stale socket file left by a dead server is replaced; a live server's path, or a file
-    that is not a socket, is refused.
+    that is not a socket, is refused. The process umask is left alone (it is process-wide:
+    another thread's new files would get the server's mode): ``bind()`` creates the file with
+    ``0o777 & ~umask``, and :func:`set_socket_mode` sets ``mode`` before ``listen()``. Until
+    ``listen()``, ``connect()`` to the file is refused (``ECONNREFUSED``: ``unix(7)``,
+    ``unix_stream_connect`` wants a listening socket), so the file's mode before that lets
+    nobody in.
 
     Raises:
-        OSError: binding failed; the message names the path.
+        OSError: binding failed, or the socket file was replaced before its mode was set;
+            the message names the path.
     """
     sock = socket.socket(socket.AF_UNIX, sock_type)
     try:
@@ -155,15 +164,8 @@ def listen(path: str | bytes, sock_type: int, mode: int, backlog: int) -> socket
             sock.bind(path)
         else:
             _remove_stale(path)
-            # The socket file is created by bind() with 0777 & ~umask: narrow the umask so it
-            # is never, even for an instant, more open than ``mode``. umask is process-wide;
-            # the window is one syscall.
-            old = os.umask(0o777 & ~mode)
-            try:
-                sock.bind(path)
-            finally:
-                os.umask(old)
-            os.chmod(path, mode)
+            sock.bind(path)
+            set_socket_mode(sock, path, mode)
         sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
@@ -173,3 +175,71 @@ def listen(path: str | bytes, sock_type: int, mode: int, backlog: int) -> socket
         sock.close()
         raise
     return sock
+
+
+def set_socket_mode(sock: socket.socket, path: str | bytes, mode: int) -> None:
+    """Give the socket file that ``sock`` was just bound to at ``path`` the permissions ``mode``.
+
+    Never through the path: ``chmod(path)`` follows a symlink, so another user who can write
+    the directory could swap the new socket for a link and have a file of ours changed (and
+    ``fchmod`` on the socket fd changes the socket's own inode, not the file). The file is
+    opened as itself (``O_PATH``): the very inode the socket is bound to where the kernel
+    gives it (``SIOCUNIXFILE``, Linux 4.19+ with ``CAP_NET_ADMIN``), else the path with
+    ``O_NOFOLLOW`` (a link is opened as the link), checked to be the socket just made (a
+    socket, ours, one link); its mode is then set through that handle
+    (``/proc/self/fd/N``). Where there is no ``O_PATH`` (macOS, the BSDs),
+    ``lchmod`` does not follow links either.
+
+    Raises:
+        FileExistsError: the file at ``path`` is no longer the socket just bound (another
+            user swapped it): nothing was changed.
+        OSError: the mode could not be set.
+    """
+    if not _O_PATH:
+        _refuse_unless_ours(os.lstat(path), path)
+        os.chmod(path, mode, follow_symlinks=False)
+        return
+    fd = _bound_file(sock)
+    exact = fd >= 0
+    if not exact:
+        fd = os.open(path, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not exact:
+            _refuse_unless_ours(st, path)
+        os.chmod(f"/proc/self/fd/{fd}", mode)  # the open inode itself, not a path walk
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            # SIOCUNIXFILE changed our own file; the path names another one now.
+            raise FileExistsError(errno.EEXIST, _REPLACED, os.fsdecode(path))
+    finally:
+        os.close(fd)
+
+
+# The socket file at a path was swapped between bind() and setting its mode.
+_REPLACED = (
+    "the socket file was replaced by another file right after it was created (can another "
+    "user write its directory?); its mode was not set and the server does not listen. Use a "
+    "directory only this user can write"
+)
+_O_PATH = getattr(os, "O_PATH", 0)
+_SIOCUNIXFILE = 0x89E0  # SIOCPROTOPRIVATE + 0, include/uapi/linux/un.h
+
+
+def _bound_file(sock: socket.socket) -> int:
+    """An ``O_PATH`` fd of the file ``sock`` is bound to (``SIOCUNIXFILE``), or -1 where the
+    kernel does not give it (no ``CAP_NET_ADMIN``, an older kernel, not Linux)."""
+    if sys.platform != "linux":
+        return -1
+    try:
+        # unix_open_file: the bound dentry opened O_PATH | O_CLOEXEC; no path lookup.
+        return int(fcntl.ioctl(sock.fileno(), _SIOCUNIXFILE))
+    except OSError:
+        return -1
+
+
+def _refuse_unless_ours(st: os.stat_result, path: str | bytes) -> None:
+    """Refuse a file that cannot be the socket just bound: not a socket (a symlink swapped in,
+    say), another user's, or with several links (a hard link to some other socket)."""
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+        raise FileExistsError(errno.EEXIST, _REPLACED, os.fsdecode(path))
