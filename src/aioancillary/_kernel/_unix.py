@@ -149,7 +149,7 @@ def listen(path: str | bytes, sock_type: int, mode: int, backlog: int) -> socket
     A stale socket file left by a dead server is replaced; a live server's path, or a file
     that is not a socket, is refused. The process umask is left alone (it is process-wide:
     another thread's new files would get the server's mode): ``bind()`` creates the file with
-    ``0o777 & ~umask``, and :func:`set_socket_mode` sets ``mode`` before ``listen()``. Until
+    ``0o777 & ~umask``, and `set_socket_mode` sets ``mode`` before ``listen()``. Until
     ``listen()``, ``connect()`` to the file is refused (``ECONNREFUSED``: ``unix(7)``,
     ``unix_stream_connect`` wants a listening socket), so the file's mode before that lets
     nobody in.
