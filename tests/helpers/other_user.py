@@ -9,6 +9,7 @@ a NUL byte). Starting it needs root: tests that use it carry :data:`needs_root`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pwd
@@ -33,7 +34,8 @@ _SCRIPT = textwrap.dedent(
     os.setgroups([])
     os.setgid({NOBODY.pw_gid})
     os.setuid({NOBODY.pw_uid})
-    held = []
+    held = []  # every socket made, the last one first in line for "recv" and "send"
+    listeners = []
 
     def address(text):
         raw = bytes.fromhex(text)
@@ -69,10 +71,10 @@ _SCRIPT = textwrap.dedent(
             sock.bind(address(args[0]))
             sock.listen()
             sock.settimeout(10)
-            held.append(sock)
+            listeners.append(sock)
             return "listening"
-        if command == "accept":
-            conn, _ = held[-1].accept()
+        if command == "accept":  # on the last listening socket
+            conn, _ = listeners[-1].accept()
             held.append(conn)
             return "accepted"
         raise ValueError(command)
@@ -110,6 +112,10 @@ class OtherUser:
         if not line:
             raise RuntimeError(f"the other user's process died (exit {self._proc.wait()})")
         return json.loads(line)
+
+    async def aask(self, command: str, *args: str | bytes) -> Any:
+        """:meth:`ask` from a coroutine: the loop runs while the other process works."""
+        return await asyncio.wait_for(asyncio.to_thread(self.ask, command, *args), 30)
 
     def close(self) -> None:
         """End the process (its sockets close with it)."""

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from aioancillary import root_or_same_user, same_user
 from aioancillary._kernel import _unix
-from aioancillary._kernel._unix import listen, set_socket_mode
+from aioancillary._kernel._authorize import CLIENT_DEFAULT, SERVER_DEFAULT
+from aioancillary._kernel._unix import listen, policy_for, set_socket_mode
 
 
 @pytest.fixture
@@ -92,3 +94,18 @@ def test_listen_sets_the_mode_before_anyone_can_connect(tmp_path: Path) -> None:
             assert os.umask(0) == 0  # never changed
     finally:
         os.umask(old)
+
+
+def test_the_default_policy_applies_only_where_no_file_permission_protects() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        for default in (SERVER_DEFAULT, CLIENT_DEFAULT):
+            assert policy_for(default, "/run/x.sock", None) is None  # the file's mode decides
+            assert policy_for(default, b"\0abstract", None) is default.policy
+            assert policy_for(default, "\0abstract", None) is default.policy
+            assert policy_for(default, None, left) is default.policy  # a sock= handed in
+        assert policy_for(None, b"\0abstract", left) is None  # asked for: anyone
+        assert policy_for(same_user, "/run/x.sock", None) is same_user  # given: always applied
+    assert SERVER_DEFAULT.policy is same_user
+    assert CLIENT_DEFAULT.policy is root_or_same_user
+    assert repr(SERVER_DEFAULT) == "<same_user where no file permission protects the socket>"

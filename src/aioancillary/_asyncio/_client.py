@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from .._core._framing import DEFAULT_MAX_FRAME_SIZE
-from .._kernel._unix import Authorize, PathArg, check_connected, check_peer
+from .._kernel._authorize import CLIENT_DEFAULT
+from .._kernel._unix import Authorize, PathArg, check_connected, check_peer, policy_for
 from ._connect import connect
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, AncillaryConnection
 from ._protocol import AncillaryProtocol, protocol_from
@@ -43,7 +44,9 @@ async def _connected(
     else:
         check_connected(sock)
     try:
-        check_peer(sock, authorize)
+        # A sock= handed in was connected by the caller, who chose its peer: the default
+        # checks only a server found by an abstract name (anyone may have bound it first).
+        check_peer(sock, policy_for(authorize, None if path is None else os.fspath(path), None))
     except BaseException:
         sock.close()  # unread fds the peer may have sent are closed by the kernel with it
         raise
@@ -56,7 +59,7 @@ async def open_unix_connection(
     sock: socket.socket | None = None,
     sock_type: int = socket.SOCK_STREAM,
     framed: bool | None = None,
-    authorize: Authorize | None = None,
+    authorize: Authorize | None = CLIENT_DEFAULT,
     max_message_size: int = DEFAULT_MAX_FRAME_SIZE,
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     max_queued_fds: int | None = None,
@@ -79,6 +82,10 @@ async def open_unix_connection(
             not frame (stdlib ``socket.send_fds``, anyio, C programs).
         authorize: Called with the peer's credentials before anything is exchanged; a false result
             closes the socket and raises [`PeerRejectedError`][aioancillary.PeerRejectedError].
+            By default a server found by an abstract name (which any user may have bound
+            first) must run as this user or as root
+            ([`root_or_same_user`][aioancillary.root_or_same_user]); other servers are not
+            checked. ``None`` talks to any server.
         max_message_size: Largest message accepted or sent.
         max_queued_bytes: Receive-queue byte budget before reading pauses.
         max_queued_fds: Receive-queue fd budget before reading pauses (default: a quarter
@@ -121,7 +128,7 @@ async def create_unix_connection(
     sock: socket.socket | None = None,
     sock_type: int = socket.SOCK_STREAM,
     framed: bool | None = None,
-    authorize: Authorize | None = None,
+    authorize: Authorize | None = CLIENT_DEFAULT,
     max_message_size: int = DEFAULT_MAX_FRAME_SIZE,
     max_fds_per_send: int | None = None,
 ) -> tuple[AncillaryTransport, _P]:

@@ -28,7 +28,16 @@ from .._core._errors import (
 from .._core._framing import DEFAULT_MAX_FRAME_SIZE
 from .._kernel import _fork
 from .._kernel._accept import AcceptErrorKind, AcceptFailure, ResourcePause, accept_burst
-from .._kernel._unix import Authorize, PathArg, check_listening, check_peer, is_abstract, listen
+from .._kernel._authorize import SERVER_DEFAULT
+from .._kernel._unix import (
+    Authorize,
+    PathArg,
+    check_listening,
+    check_peer,
+    is_abstract,
+    listen,
+    policy_for,
+)
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, AncillaryConnection
 from ._protocol import AncillaryProtocol, protocol_from
 from ._transport import AncillaryTransport
@@ -340,6 +349,10 @@ class AncillaryServer:
         return f"<AncillaryServer {where!r} serving={self.is_serving()}>"
 
 
+def _fspath(path: PathArg | None) -> str | bytes | None:
+    return None if path is None else os.fspath(path)
+
+
 def _listening_socket(
     path: PathArg | None, sock: socket.socket | None, sock_type: int, mode: int, backlog: int
 ) -> tuple[socket.socket, str | bytes | None]:
@@ -364,7 +377,7 @@ async def start_unix_server(
     framed: bool | None = None,
     mode: int = 0o600,
     backlog: int = 128,
-    authorize: Authorize | None = None,
+    authorize: Authorize | None = SERVER_DEFAULT,
     max_message_size: int = DEFAULT_MAX_FRAME_SIZE,
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     max_queued_fds: int | None = None,
@@ -387,7 +400,10 @@ async def start_unix_server(
         mode: Permissions of the socket file.
         backlog: ``listen()`` backlog.
         authorize: Called with each peer's credentials on accept; refused peers are
-            disconnected before any fd moves.
+            disconnected before any fd moves. By default, on an abstract name or a ``sock=``
+            (no file permission of this server's choosing protects them) only this user is
+            let in ([`same_user`][aioancillary.same_user]); on a path the socket file's
+            ``mode`` decides alone. ``None`` lets in anyone who can connect.
         max_message_size: As for [`open_unix_connection`][aioancillary.open_unix_connection].
         max_queued_bytes: As for [`open_unix_connection`][aioancillary.open_unix_connection].
         max_queued_fds: As for [`open_unix_connection`][aioancillary.open_unix_connection].
@@ -428,7 +444,11 @@ async def start_unix_server(
 
     try:
         server = AncillaryServer(
-            listener, serve, path=fspath, authorize=authorize, peer_error_level=peer_error_level
+            listener,
+            serve,
+            path=fspath,
+            authorize=policy_for(authorize, _fspath(path), sock),
+            peer_error_level=peer_error_level,
         )
     except BaseException:
         listener.close()
@@ -445,7 +465,7 @@ async def create_unix_server(
     framed: bool | None = None,
     mode: int = 0o600,
     backlog: int = 128,
-    authorize: Authorize | None = None,
+    authorize: Authorize | None = SERVER_DEFAULT,
     max_message_size: int = DEFAULT_MAX_FRAME_SIZE,
     max_fds_per_send: int | None = None,
     peer_error_level: int = logging.INFO,
@@ -503,7 +523,11 @@ async def create_unix_server(
 
     try:
         server = AncillaryServer(
-            listener, serve, path=fspath, authorize=authorize, peer_error_level=peer_error_level
+            listener,
+            serve,
+            path=fspath,
+            authorize=policy_for(authorize, _fspath(path), sock),
+            peer_error_level=peer_error_level,
         )
     except BaseException:
         listener.close()

@@ -18,21 +18,26 @@ The module imports nothing heavy: the user and group databases (`pwd`, `grp`) ar
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .._core._cmsg import Credentials
 
-if TYPE_CHECKING:
-    from ._unix import Authorize
-
 __all__ = [
+    "CLIENT_DEFAULT",
+    "SERVER_DEFAULT",
+    "Authorize",
+    "UnprotectedOnly",
     "allow_gids",
     "allow_group_members",
     "allow_uids",
     "root_or_same_user",
     "same_user",
 ]
+
+#: ``authorize(credentials) -> bool``: decides, before any fd moves, whether a peer may talk.
+#: ``credentials`` is ``None`` where the platform cannot tell.
+Authorize = Callable[[Credentials | None], bool]
 
 
 def same_user(credentials: Credentials | None) -> bool:
@@ -188,3 +193,31 @@ def allow_group_members(group: str | int) -> Authorize:
         except KeyError:
             continue  # a member listed in /etc/group with no user entry: nobody to accept
     return _AllowGroupMembers(entry.gr_name, entry.gr_gid, frozenset(uids))
+
+
+@dataclass(frozen=True, repr=False)
+class UnprotectedOnly:
+    """The default ``authorize=`` of the entry points: ``policy`` where no file permission
+    protects the socket, nobody else checked where one does.
+
+    A socket file's mode (``0o600`` by default) decides who may connect to it (``unix(7)``);
+    a Linux abstract name has no file and no permissions, and a socket handed in with
+    ``sock=`` has whatever mode its creator chose: there, ``policy`` decides instead. Called
+    directly (a caller's own code may wrap it), it applies ``policy``.
+    """
+
+    policy: Authorize
+
+    def __call__(self, credentials: Credentials | None) -> bool:
+        return self.policy(credentials)
+
+    def __repr__(self) -> str:
+        name = getattr(self.policy, "__name__", repr(self.policy))
+        return f"<{name} where no file permission protects the socket>"
+
+
+#: Servers: let in only this user where the socket's permissions cannot keep others out.
+SERVER_DEFAULT = UnprotectedOnly(same_user)
+#: Clients: on an abstract name (which anyone may have bound first), talk only to a server
+#: running as this user or as root (who is beyond any check a client can make).
+CLIENT_DEFAULT = UnprotectedOnly(root_or_same_user)

@@ -13,10 +13,9 @@ import os
 import socket
 import stat
 import sys
-from collections.abc import Callable
 
-from .._core._cmsg import Credentials
 from .._core._errors import PeerRejectedError
+from ._authorize import Authorize, UnprotectedOnly
 from ._peercred import peer_credentials
 
 __all__ = [
@@ -28,12 +27,9 @@ __all__ = [
     "is_abstract",
     "listen",
     "named_error",
+    "policy_for",
     "set_socket_mode",
 ]
-
-#: ``authorize(credentials) -> bool``: decides, before any fd moves, whether a peer may talk.
-#: ``credentials`` is ``None`` where the platform cannot tell.
-Authorize = Callable[[Credentials | None], bool]
 
 PathArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 _LISTENABLE = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
@@ -49,6 +45,19 @@ def named_error(exc: OSError, path: str | bytes) -> OSError:
     if exc.filename is not None:
         return exc
     return OSError(exc.errno, exc.strerror, os.fsdecode(path))  # the errno's own subclass
+
+
+def policy_for(
+    authorize: Authorize | None, path: str | bytes | None, sock: socket.socket | None
+) -> Authorize | None:
+    """The policy an entry point applies: ``authorize`` as given, except for a default
+    (:class:`UnprotectedOnly`), which applies where no file permission protects the socket (an
+    abstract name, or a ``sock=`` whose file mode someone else chose) and nowhere else."""
+    if not isinstance(authorize, UnprotectedOnly):
+        return authorize
+    if sock is not None or (path is not None and is_abstract(path)):
+        return authorize.policy
+    return None
 
 
 def check_peer(sock: socket.socket, authorize: Authorize | None) -> None:
