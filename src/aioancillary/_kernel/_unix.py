@@ -51,7 +51,7 @@ def policy_for(
     authorize: Authorize | None, path: str | bytes | None, sock: socket.socket | None
 ) -> Authorize | None:
     """The policy an entry point applies: ``authorize`` as given, except for a default
-    (:class:`UnprotectedOnly`), which applies where no file permission protects the socket (an
+    (`UnprotectedOnly`), which applies where no file permission protects the socket (an
     abstract name, or a ``sock=`` whose file mode someone else chose) and nowhere else."""
     if not isinstance(authorize, UnprotectedOnly):
         return authorize
