@@ -9,7 +9,6 @@ import contextlib
 import errno
 import logging
 import os
-import select
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from .._kernel._unix import (
     check_peer,
     is_abstract,
     listen,
+    listener_shut_down,
     policy_for,
 )
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, AncillaryConnection
@@ -58,13 +58,6 @@ Handler = Callable[[AncillaryConnection], Awaitable[None]]
 _PEER_FAULTS = (ProtocolError, FdTruncatedError, DataTruncatedError, CloexecError)
 
 
-def _hung_up(fd: int) -> bool:
-    """True when ``fd`` polls ``POLLHUP`` (a listening Unix socket that was shut down)."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return any(events & select.POLLHUP for _, events in poller.poll(0))
-
-
 @dataclass(frozen=True, slots=True)
 class ServerStats:
     """Counters of an [`AncillaryServer`][aioancillary.AncillaryServer] since it started.
@@ -78,6 +71,9 @@ class ServerStats:
             because the application's code raised (``authorize``, a protocol factory,
             ``connection_made``); each is reported once to the loop's exception handler.
         active: Connections open now.
+        listener_error: Why the server stopped listening on its own: ``accept()`` failed
+            for good on its socket (for example once the socket was shut down underneath
+            it); the fact is logged once. ``None`` while it listens, or after ``close()``.
     """
 
     accepted: int
@@ -85,6 +81,7 @@ class ServerStats:
     peer_errors: int
     handler_errors: int
     active: int
+    listener_error: OSError | None = None
 
 
 class AncillaryServer:
@@ -125,6 +122,7 @@ class AncillaryServer:
         self._idle: asyncio.Future[None] | None = None
         self._closed = self._loop.create_future()
         self._accepted = self._rejected = self._peer_errors = self._handler_errors = 0
+        self._listener_error: OSError | None = None
         where = f"the server at {path!r}" if path is not None else "the server"
         self._pause = ResourcePause(logger, where)
         self._pid = _fork.track(self)
@@ -144,6 +142,7 @@ class AncillaryServer:
             self._peer_errors,
             self._handler_errors,
             len(self._transports),
+            self._listener_error,
         )
 
     def is_serving(self) -> bool:
@@ -170,9 +169,9 @@ class AncillaryServer:
                 for rest, _ in accepted[i:]:  # this one and those not taken yet
                     rest.close()
                 raise
-        if failure is None and not accepted and _hung_up(self._fileno):
-            # unix_poll reports EPOLLHUP on a listener shut down underneath the server, while
-            # accept() returns EAGAIN: the reader would fire again at once, forever.
+        if failure is None and not accepted and listener_shut_down(sock):
+            # A listener shut down underneath the server polls readable for good while
+            # accept() finds nothing: the reader would fire again at once, forever.
             shut = OSError(errno.ESHUTDOWN, "the listening socket was shut down")
             failure = AcceptFailure(AcceptErrorKind.FATAL, shut)
         if failure is None:
@@ -213,6 +212,7 @@ class AncillaryServer:
     def _drop_listener(self, exc: OSError) -> None:
         # accept() fails for good (EINVAL: no longer listening; EBADF...): stop serving the
         # listener, once, instead of failing again on every readiness callback.
+        self._listener_error = exc
         logger.error(
             "the server at %r stopped listening: accept() failed for good (%s); its "
             "connections go on, new ones are refused: start a new server",
@@ -323,13 +323,25 @@ class AncillaryServer:
                 return
 
     async def serve_forever(self) -> None:
-        """Serve until cancelled (or until [`close`][aioancillary.AncillaryServer.close]);
-        cancelling closes the server."""
+        """Serve until cancelled, or until the server is closed; cancelling closes it.
+
+        Raises:
+            OSError: the server stopped listening because ``accept()`` failed for good on
+                its socket (see ``stats.listener_error``).
+        """
         try:
             await asyncio.shield(self._closed)
         except asyncio.CancelledError:
             self.close()
             raise
+        failure = self._listener_error
+        if failure is not None:
+            where = self._path if self._path is not None else "an inherited socket"
+            raise OSError(
+                failure.errno,
+                f"the server on {where!r} stopped listening: accept() failed "
+                f"({failure.strerror}). Start a new server to serve that address again",
+            ) from failure
 
     async def __aenter__(self) -> Self:
         return self

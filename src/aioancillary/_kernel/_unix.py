@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import socket
 import stat
 import sys
@@ -26,6 +27,7 @@ __all__ = [
     "check_peer",
     "is_abstract",
     "listen",
+    "listener_shut_down",
     "named_error",
     "policy_for",
     "set_socket_mode",
@@ -116,6 +118,25 @@ def check_listening(sock: socket.socket) -> None:
             "sock is not listening: bind() and listen() it first (or pass a path), or use "
             "open_unix_connection(sock=...) for a connected socket"
         )
+
+
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)
+
+
+def listener_shut_down(sock: socket.socket) -> bool:
+    """After a wake-up that found nothing to accept: was the listening socket shut down?
+
+    ``shutdown()`` on a listening AF_UNIX socket makes the poller report it readable for good
+    (``unix_poll``: ``EPOLLIN | EPOLLRDHUP`` once ``RCV_SHUTDOWN`` is set) while ``accept()``
+    finds nothing (``EAGAIN``) and ``connect()`` to it is refused: a readiness callback would
+    run again at once, forever. A listening socket reports ``POLLRDHUP`` only then (Linux;
+    elsewhere this says False).
+    """
+    if not _POLLRDHUP:
+        return False
+    poller = select.poll()
+    poller.register(sock, _POLLRDHUP)
+    return bool(poller.poll(0))
 
 
 def _remove_stale(path: str | bytes) -> None:
