@@ -92,6 +92,7 @@ from ._core._fd import FdLike, HasFileno, OwnedFd
 from ._core._framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, frame_header
 from ._core._message import AncillaryMessage
 from ._core._platform import SCM_MAX_FD, Platform, buffer_size_for_rights, current_platform
+from ._core._version import __version__ as __version__
 from ._fdholder._blocking import FdHolderBlockingClient
 from ._fdholder._client import FdHolderClient
 from ._fdholder._wire import FdHolderEntry
@@ -118,8 +119,6 @@ from ._serve._adapter import ClientAdapter, ProtocolAdapter
 from ._serve._aiohttp import AiohttpAdapter
 from ._serve._asgi import AsgiAdapter
 from ._serve._streams import StreamAdapter, StreamHandler
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",

@@ -106,11 +106,12 @@ def test_every_exported_exception_is_an_ancillary_error() -> None:
 
 
 def test_version_is_written_once() -> None:
-    """pyproject.toml takes the version from ``__init__.py``; the installed metadata agrees."""
+    """pyproject.toml takes the version from ``_core/_version.py`` (where the package and its
+    tools import it from); the installed metadata agrees."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in project["project"]
     assert "version" in project["project"]["dynamic"]
-    assert project["tool"]["hatch"]["version"]["path"] == "src/aioancillary/__init__.py"
+    assert project["tool"]["hatch"]["version"]["path"] == "src/aioancillary/_core/_version.py"
     assert importlib.metadata.version("aioancillary") == aioancillary.__version__
 
 

@@ -273,7 +273,7 @@ def table(results: dict[Cell, list[Result]], errors: dict[Cell, str], loops: lis
 
 
 def describe(loops: list[str], n: int, repeat: int) -> str:
-    from .. import __version__  # noqa: PLC0415 - the package's version, for the header
+    from .._core._version import __version__  # noqa: PLC0415 - for the header
 
     versions = [f"aioancillary {__version__}", f"CPython {platform.python_version()}"]
     if "uvloop" in loops:

@@ -23,7 +23,7 @@ import signal
 import sys
 from typing import Any, NoReturn
 
-from .. import __version__
+from .._core._version import __version__
 from .._kernel import _accel
 
 PROG = "python -m aioancillary"
