@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import errno
 import os
 import socket
-import struct
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from .._core._cmsg import rights
 from .._core._errors import AncillaryError, ConnectionClosedError, InvalidFdError
 from .._core._fd import FD_MAX, FdLike, close_raw
 from .._core._framing import Mode, encode_header
@@ -25,7 +24,7 @@ from .._core._outbox import (
     release_handed_over,
     take_over,
 )
-from .._kernel._syscalls import rights, translate_send_error
+from .._kernel._syscalls import translate_send_error
 from ._protocol import AncillaryProtocol
 
 __all__ = ["WriteSide"]
@@ -36,10 +35,6 @@ FRAMED_HIGH_WATER = 64 * 1024
 _PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 _SEQUENCES = (list, tuple)
 _NO_FDS: list[int] = []
-_NO_ANCDATA: list[tuple[int, int, bytes]] = []
-_SOL_SOCKET = int(socket.SOL_SOCKET)
-_SCM_RIGHTS = int(socket.SCM_RIGHTS)
-_pack_fd = struct.Struct("i").pack
 _dup = os.dup  # the copy is non-inheritable (CLOEXEC), as every fd this library holds
 _EMPTY = b""
 
@@ -151,14 +146,8 @@ class WriteSide:
             else:
                 buffers = [payload]
                 total = size
-            if not nums:
-                anc = _NO_ANCDATA
-            elif len(nums) == 1:
-                anc = [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fd(nums[0]))]
-            else:
-                anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", nums).tobytes())]
             try:
-                sent = self._sock.sendmsg(buffers, anc)  # type: ignore[union-attr]
+                sent = self._sock.sendmsg(buffers, rights(nums))  # type: ignore[union-attr]
             except (BlockingIOError, InterruptedError):
                 # The kernel checked the fds before it found the buffer full (scm_send comes
                 # first in unix_stream_sendmsg): they are open. Queue the message whole.

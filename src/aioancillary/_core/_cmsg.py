@@ -18,10 +18,12 @@ from ._errors import CloexecError, FdTruncatedError, TooManyFdsError
 from ._fd import FdLike, OwnedFd, close_all, fd_number
 from ._platform import Platform, current_platform
 
-__all__ = ["AncData", "Credentials", "SocketAncillary", "extract_fds"]
+__all__ = ["AncData", "Credentials", "SendAncData", "SocketAncillary", "extract_fds", "rights"]
 
 #: The ``ancdata`` shape of ``socket.sendmsg`` / ``socket.recvmsg``.
 AncData = Sequence[tuple[int, int, bytes]]
+#: The ``ancdata`` list built for ``socket.sendmsg``.
+SendAncData = list[tuple[int, int, bytes]]
 
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
@@ -34,6 +36,23 @@ _CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag arithmetic is slow
 _FD_SIZE = array.array("i").itemsize
 _UCRED = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _UCRED_SIZE = _UCRED.size
+_pack_fd = struct.Struct("i").pack
+_NO_ANCDATA: SendAncData = []  # never mutated: the ancdata of a message without fds
+
+
+def rights(fds: list[int]) -> SendAncData:
+    """The ``sendmsg`` ancillary data carrying ``fds``: one ``SCM_RIGHTS`` record, or none.
+
+    The one place the package builds ``SCM_RIGHTS`` records (``cmsg(3)``: an array of ints
+    after the ``cmsghdr``, which ``socket.sendmsg`` lays out). A message without fds gets a
+    shared empty list: callers must not change what this returns. Runs once per message
+    sent, so a single fd is packed without an ``array``.
+    """
+    if not fds:
+        return _NO_ANCDATA
+    if len(fds) == 1:
+        return [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fd(fds[0]))]
+    return [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
 
 
 class Credentials(NamedTuple):
@@ -224,9 +243,7 @@ class SocketAncillary:
 
     def ancdata(self) -> list[tuple[int, int, bytes]]:
         """The ``ancdata`` list for ``socket.sendmsg``: one SCM_RIGHTS record, or empty."""
-        if not self._send:
-            return []
-        return [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", self._send).tobytes())]
+        return list(rights(self._send))  # a list of the caller's own
 
     @property
     def fds_to_send(self) -> tuple[int, ...]:

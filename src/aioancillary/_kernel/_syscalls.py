@@ -12,9 +12,8 @@ import array
 import errno
 import mmap
 import socket
-import struct
 
-from .._core._cmsg import extract_fds
+from .._core._cmsg import AncData, extract_fds, rights
 from .._core._errors import (
     AncillaryError,
     DataTruncatedError,
@@ -35,18 +34,14 @@ __all__ = [
     "EOF_PEEK",
     "FAILED",
     "LIMIT",
-    "AncData",
     "Receiver",
     "peek_is_eof",
     "receive_into",
-    "rights",
     "send_all",
     "send_message",
     "translate_send_error",
 ]
 
-#: The ``ancdata`` list that ``socket.sendmsg`` takes.
-AncData = list[tuple[int, int, bytes]]
 
 # Plain ints: the socket module's MsgFlag members are IntFlag enums, whose | and & run Python
 # code (several per message on the receive path).
@@ -56,18 +51,7 @@ _PEEK_NOWAIT = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _SCM_CREDENTIALS = 0x02  # Linux (include/linux/socket.h): other kernels use 2 for other records
-_pack_fd = struct.Struct("i").pack
-_NO_ANCDATA: AncData = []
 _NO_FDS: list[int] = []  # never mutated: returned for reads without fds
-
-
-def rights(fds: list[int]) -> AncData:
-    """The ``sendmsg`` ancillary list carrying ``fds`` in one SCM_RIGHTS record (or none)."""
-    if not fds:
-        return _NO_ANCDATA
-    if len(fds) == 1:
-        return [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fd(fds[0]))]
-    return [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
 
 
 #: How `receive_many` tells end of stream from an empty message, per socket kind.
@@ -249,11 +233,11 @@ class Receiver:
                 # _fds_of's common case inline, for every fd-carrying message: one SCM_RIGHTS
                 # record of whole ints, close-on-exec already, alone or after Linux's
                 # SCM_CREDENTIALS (SO_PASSCRED: the kernel puts the credentials first).
-                rights = ancdata[-1]
+                record = ancdata[-1]
                 if (
-                    rights[1] == _SCM_RIGHTS
-                    and rights[0] == _SOL_SOCKET
-                    and not len(rights[2]) % 4
+                    record[1] == _SCM_RIGHTS
+                    and record[0] == _SOL_SOCKET
+                    and not len(record[2]) % 4
                     and not msg_flags & _TRUNCATED
                     and recv_flags
                     and (
@@ -266,7 +250,7 @@ class Receiver:
                     )
                 ):
                     ints = array.array("i")
-                    ints.frombytes(rights[2])
+                    ints.frombytes(record[2])
                     fds = ints.tolist()
                 else:
                     try:
