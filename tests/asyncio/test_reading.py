@@ -7,6 +7,7 @@ in another thread can never inherit one.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import socket
@@ -15,9 +16,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from helpers import close_all, read_all, tagged_pipes, within
+from helpers import close_all, half_raw, read_all, tagged_pipes, within
 
-from aioancillary import AncillaryConnection, current_platform, frame_header, send_fds
+from aioancillary import (
+    AncillaryConnection,
+    DataTruncatedError,
+    current_platform,
+    frame_header,
+    send_fds,
+)
 from aioancillary._kernel import _accel
 
 CLOEXEC = current_platform().cmsg_cloexec
@@ -106,3 +113,25 @@ async def test_received_fds_are_close_on_exec(
             # path calls recvmsg itself; its flags cannot be recorded from here.)
             assert recording.flags
             assert all(flags & CLOEXEC for flags in recording.flags), recording.flags
+
+
+@pytest.mark.parametrize(
+    "sock_type", [socket.SOCK_SEQPACKET, socket.SOCK_DGRAM], ids=["seqpacket", "dgram"]
+)
+async def test_an_oversized_message_without_fds_fails_the_connection_cleanly(
+    sock_type: int, receive_path: str
+) -> None:
+    """The kernel cuts a datagram longer than the receive buffer (``MSG_TRUNC``) and, with no
+    fds, returns no control record at all: the read fails with ``DataTruncatedError`` like a
+    cut message with fds, after the messages read before it were delivered."""
+    reports: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: reports.append(ctx))
+    async with half_raw(sock_type, max_message_size=100) as (conn, peer):
+        peer.send(b"fits")
+        peer.send(b"\0" * 200)  # cut by the 100-byte receive buffer
+        with await within(conn.recv()) as msg:
+            assert msg.data == b"fits"
+        with pytest.raises(DataTruncatedError):
+            await within(conn.recv())
+        await within(conn.wait_closed())
+    assert reports == []

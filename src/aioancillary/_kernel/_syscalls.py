@@ -52,6 +52,7 @@ _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _SCM_CREDENTIALS = 0x02  # Linux (include/linux/socket.h): other kernels use 2 for other records
 _NO_FDS: list[int] = []  # never mutated: returned for reads without fds
+_NO_RECORD = (-1, -1, b"")  # stands for the control record of a read that came with none
 
 
 #: How `receive_many` tells end of stream from an empty message, per socket kind.
@@ -233,7 +234,8 @@ class Receiver:
                 # _fds_of's common case inline, for every fd-carrying message: one SCM_RIGHTS
                 # record of whole ints, close-on-exec already, alone or after Linux's
                 # SCM_CREDENTIALS (SO_PASSCRED: the kernel puts the credentials first).
-                record = ancdata[-1]
+                # (A datagram cut short may come with no record at all: MSG_TRUNC alone.)
+                record = ancdata[-1] if ancdata else _NO_RECORD
                 if (
                     record[1] == _SCM_RIGHTS
                     and record[0] == _SOL_SOCKET
