@@ -12,174 +12,23 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import TIMEOUT, close_all, read_tags, tagged_pipe, tagged_pipes, wait_until, within
+from helpers.servers import echo_fds, roundtrip, serving
 
 from aioancillary import (
     AncillaryConnection,
-    AncillaryServer,
     ConnectionClosedError,
     Credentials,
-    PeerRejectedError,
     open_unix_connection,
     start_unix_server,
 )
 
 ME = Credentials(os.getpid(), os.getuid(), os.getgid())
 IN_USE = r"(?i)already|in use"  # EADDRINUSE, from the library's probe or from bind()
-
-
-async def echo_fds(conn: AncillaryConnection) -> None:
-    """Send every message back with the fds that came with it."""
-    async for msg in conn:
-        with msg:
-            await conn.send_fds(b"echo:" + msg.data, msg.fds)
-
-
-@asynccontextmanager
-async def serving(
-    handler: Callable[[AncillaryConnection], Any], path: Any, **kwargs: Any
-) -> AsyncIterator[AncillaryServer]:
-    server = await start_unix_server(handler, path, **kwargs)
-    try:
-        async with asyncio.timeout(2 * TIMEOUT):
-            yield server
-    finally:
-        server.close()
-        server.close_clients()
-        await within(server.wait_closed())
-
-
-async def roundtrip(conn: AncillaryConnection, tag: bytes) -> None:
-    r = tagged_pipe(tag)
-    try:
-        await conn.send_fds(tag, [r])
-    finally:
-        os.close(r)
-    with await within(conn.recv()) as msg:
-        assert msg.data == b"echo:" + tag
-        assert read_tags(msg.fds) == [tag]
-
-
-# -- connecting -------------------------------------------------------------------------------
-
-
-async def test_open_unix_connection_to_a_server_path(tmp_path: Path) -> None:
-    path = tmp_path / "s.sock"
-    async with serving(echo_fds, path) as server:
-        assert server.is_serving()
-        (listening,) = server.sockets
-        assert listening.getsockname() == str(path)
-        conn = await within(open_unix_connection(path))
-        try:
-            await roundtrip(conn, b"one")
-            await roundtrip(conn, b"two")
-            assert conn.get_extra_info("peername") == str(path)
-            assert conn.get_extra_info("sockname") == ""  # the client socket is unbound
-            assert conn.peercred == ME
-        finally:
-            await close_all(conn)
-
-
-@pytest.mark.parametrize("kind", ["str", "bytes", "pathlike"])
-async def test_path_types(tmp_path: Path, kind: str) -> None:
-    convert: dict[str, Callable[[Path], Any]] = {"str": str, "bytes": os.fsencode, "pathlike": Path}
-    path = convert[kind](tmp_path / "p.sock")
-    async with serving(echo_fds, path):
-        conn = await within(open_unix_connection(path))
-        try:
-            await roundtrip(conn, kind.encode())
-        finally:
-            await close_all(conn)
-    assert not (tmp_path / "p.sock").exists()
-
-
-async def test_open_unix_connection_with_sock(tmp_path: Path) -> None:
-    path = tmp_path / "s.sock"
-    async with serving(echo_fds, path):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(str(path))
-        conn = await open_unix_connection(sock=sock)
-        try:
-            await roundtrip(conn, b"inherited")
-        finally:
-            await close_all(conn)
-
-
-async def test_open_unix_connection_argument_errors() -> None:
-    with pytest.raises(ValueError, match="exactly one"):
-        await open_unix_connection()
-    a, b = socket.socketpair()
-    with a, b:
-        with pytest.raises(ValueError, match="exactly one"):
-            await open_unix_connection("/nonexistent", sock=a)
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        with tcp, pytest.raises(ValueError, match="AF_UNIX"):
-            await open_unix_connection(sock=tcp)
-
-
-async def test_open_unix_connection_errors_leak_nothing(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
-        await within(open_unix_connection(tmp_path / "missing.sock"))
-    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stale.bind(str(tmp_path / "stale.sock"))
-    stale.close()  # the file stays, nobody listens
-    with pytest.raises(ConnectionRefusedError):
-        await within(open_unix_connection(tmp_path / "stale.sock"))
-
-
-async def test_open_unix_connection_to_a_full_backlog_never_returns_a_dead_connection(
-    tmp_path: Path,
-) -> None:
-    """A server whose backlog is full: connect must wait (or fail), not pretend to succeed.
-
-    A non-blocking AF_UNIX connect() fails with EAGAIN when the listener's backlog is full;
-    nothing is in progress. ``loop.sock_connect`` takes EAGAIN for "in progress", sees the
-    socket writable with SO_ERROR 0 and reports success: the connection is not connected.
-    """
-    path = str(tmp_path / "busy.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(0)
-    pending: list[socket.socket] = []
-    accepted: list[socket.socket] = []
-    try:
-        while True:
-            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            client.setblocking(False)
-            try:
-                client.connect(path)
-            except BlockingIOError:
-                client.close()
-                break
-            pending.append(client)
-        connecting = asyncio.create_task(open_unix_connection(path))
-        await asyncio.sleep(0.02)
-        # Make room: the listener accepts what waits in the backlog.
-        listener.settimeout(1)
-        for _ in pending:
-            accepted.append(listener.accept()[0])
-        try:
-            conn = await within(connecting)
-        except OSError:
-            return  # refusing is fine too
-        try:
-            assert conn.get_extra_info("peername") == path, "not connected"
-            await conn.send(b"hello")
-            server_side = listener.accept()[0]
-            accepted.append(server_side)
-            assert server_side.recv(100).endswith(b"hello")
-        finally:
-            await close_all(conn)
-    finally:
-        for s in pending + accepted:
-            s.close()
-        listener.close()
 
 
 # -- the socket file --------------------------------------------------------------------------
@@ -537,25 +386,6 @@ async def test_server_authorize_rejecting_closes_the_connection(tmp_path: Path) 
             await close_all(conn)
         assert not called.is_set()
         assert server.is_serving()
-
-
-async def test_client_authorize_rejecting_raises_peer_rejected(tmp_path: Path) -> None:
-    ended = asyncio.Event()
-    received: list[bytes] = []
-
-    async def handler(conn: AncillaryConnection) -> None:
-        async for msg in conn:
-            with msg:
-                received.append(msg.data)
-        ended.set()
-
-    path = tmp_path / "r.sock"
-    async with serving(handler, path):
-        with pytest.raises(PeerRejectedError) as info:
-            await within(open_unix_connection(path, authorize=lambda creds: creds is None))
-        assert isinstance(info.value, PermissionError)
-        await within(ended.wait())  # the server saw the client go
-        assert received == []
 
 
 # -- other socket types, inherited listeners --------------------------------------------------

@@ -11,7 +11,6 @@ from helpers import (
     BIG,
     RecordingProtocol,
     is_open,
-    nofile_at_least,
     read_all,
     tagged_pipe,
     transport_pair,
@@ -23,7 +22,6 @@ from aioancillary import (
     SCM_MAX_FD,
     AncillaryConnection,
     AncillaryMessage,
-    AncillaryProtocol,
     AncillaryTransport,
     ConnectionClosedError,
     Credentials,
@@ -64,66 +62,6 @@ async def test_writelines_sends_one_message_per_item() -> None:
         ta.writelines([b"a", bytearray(b"bc"), memoryview(b"def"), b""])
         msgs = await pb.wait_messages(4)
         assert [m.data for m in msgs] == [b"a", b"bc", b"def", b""]
-
-
-async def test_messages_received_gets_a_batch_and_default_message_received_closes() -> None:
-    loop = asyncio.get_running_loop()
-    batches: list[list[AncillaryMessage]] = []
-
-    class Batching(RecordingProtocol):
-        def messages_received(self, messages: list[AncillaryMessage]) -> None:
-            batches.append(list(messages))
-            for msg in messages:
-                AncillaryProtocol.message_received(self, msg)  # the default: closes it
-            self.arrived.set()
-
-    left, right = socket.socketpair()
-    r = tagged_pipe(b"x")
-    proto = Batching()
-    transport = AncillaryTransport(loop, right, proto)
-    try:
-        # Three frames in one sendmsg: they are decoded from one read, handed over at once.
-        wire = frame_header(1, 1) + b"a" + frame_header(0, 1) + b"b" + frame_header(0, 0)
-        socket.send_fds(left, [wire], [r])
-        await within(proto.arrived.wait())
-        assert [[m.data for m in batch] for batch in batches] == [[b"a", b"b", b""]]
-        assert batches[0][0].fds == ()  # closed by the default message_received
-    finally:
-        os.close(r)
-        left.close()
-        transport.close()
-        await within(proto.lost)
-
-
-async def test_protocol_raising_closes_the_messages_it_did_not_get() -> None:
-    loop = asyncio.get_running_loop()
-    errors: list[BaseException | None] = []
-    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx.get("exception")))
-
-    class Failing(RecordingProtocol):
-        def message_received(self, message: AncillaryMessage) -> None:
-            super().message_received(message)
-            raise RuntimeError("handler bug")
-
-    left, right = socket.socketpair()
-    pipes = [tagged_pipe(i) for i in range(3)]
-    proto = Failing()
-    transport = AncillaryTransport(loop, right, proto)
-    try:
-        wire = b"".join(frame_header(1, 1) + b"%d" % i for i in range(3))
-        socket.send_fds(left, [wire], pipes)
-        for fd in pipes:
-            os.close(fd)
-        await wait_until(lambda: bool(errors))
-        assert isinstance(errors[0], RuntimeError)
-        # Only the first was handed over; the two others were closed (fd-count fixture).
-        assert [m.data for m in proto.messages] == [b"0"]
-    finally:
-        loop.set_exception_handler(None)
-        left.close()
-        transport.abort()
-        await within(proto.lost)
-        proto.close_messages()
 
 
 async def test_get_extra_info() -> None:
@@ -315,60 +253,6 @@ async def test_raw_stream_refuses_fds_without_data() -> None:
             os.close(r)
 
 
-async def test_write_buffer_limits_pause_and_resume_reach_the_protocol() -> None:
-    async with transport_pair() as (ta, pa, tb, _pb):
-        ta.set_write_buffer_limits(high=4096, low=1024)
-        assert ta.get_write_buffer_limits() == (1024, 4096)
-        ta.set_write_buffer_limits(high=8192)
-        assert ta.get_write_buffer_limits() == (2048, 8192)
-        with pytest.raises(ValueError, match="high"):
-            ta.set_write_buffer_limits(high=10, low=20)
-        tb.pause_reading()
-        ta.write(b"\0" * 100)
-        assert "pause_writing" not in pa.events
-        ta.write(b"\0" * BIG)
-        assert ta.get_write_buffer_size() > 8192
-        assert pa.paused.is_set()
-        assert not pa.resumed.is_set()
-        tb.resume_reading()
-        await within(pa.resumed.wait())
-        assert ta.get_write_buffer_size() <= 2048
-        assert pa.events == ["made", "pause_writing", "resume_writing"]
-
-
-async def test_lowering_the_limits_below_the_queue_pauses_at_once() -> None:
-    """As asyncio's own transports do: set_write_buffer_limits re-checks the watermark."""
-    async with transport_pair() as (ta, pa, tb, _pb):
-        tb.pause_reading()
-        ta.set_write_buffer_limits(high=BIG)
-        ta.write(b"\0" * BIG)
-        queued = ta.get_write_buffer_size()
-        assert 0 < queued <= BIG
-        assert not pa.paused.is_set()
-        ta.set_write_buffer_limits(high=queued // 2)
-        assert pa.paused.is_set()
-        tb.resume_reading()
-        await within(pa.resumed.wait())
-
-
-async def test_queued_fds_alone_pause_writing() -> None:
-    with nofile_at_least(4096):
-        async with transport_pair() as (ta, pa, tb, _pb):
-            tb.pause_reading()
-            ta.write(b"\0" * BIG)
-            ta.set_write_buffer_limits(high=BIG * 4)  # bytes alone never pause here
-            r = tagged_pipe(b"")
-            try:
-                for _ in range(3):
-                    ta.write_fds(b"f", [r] * SCM_MAX_FD)
-                assert ta.get_write_buffer_fds() == 3 * SCM_MAX_FD
-                assert pa.paused.is_set()
-            finally:
-                os.close(r)
-            tb.resume_reading()
-            await within(pa.resumed.wait())
-
-
 async def test_pause_and_resume_reading() -> None:
     async with transport_pair() as (ta, _pa, tb, pb):
         tb.pause_reading()
@@ -409,35 +293,6 @@ async def test_pause_reading_in_connection_made_is_honoured() -> None:
         left.close()
         transport.abort()
         await within(proto.lost)
-
-
-async def test_write_eof_half_closes() -> None:
-    async with transport_pair() as (ta, pa, tb, pb):
-        pb.keep_open_on_eof = True
-        assert ta.can_write_eof()
-        ta.write(b"last")
-        ta.write_eof()
-        ta.write_eof()  # idempotent
-        with pytest.raises(ConnectionClosedError):
-            ta.write(b"after eof")
-        await within(pb.eof.wait())
-        assert [m.data for m in pb.messages] == [b"last"]
-        # The other direction still works.
-        tb.write(b"reply")
-        (reply,) = await pa.wait_messages(1)
-        assert reply.data == b"reply"
-
-
-async def test_write_eof_waits_for_the_queue() -> None:
-    async with transport_pair() as (ta, _pa, tb, pb):
-        pb.keep_open_on_eof = True
-        tb.pause_reading()
-        ta.write(b"\2" * BIG)
-        ta.write(b"tail")
-        ta.write_eof()
-        tb.resume_reading()
-        await within(pb.eof.wait())
-        assert [len(m.data) for m in pb.messages] == [BIG, 4]
 
 
 async def test_eof_closes_the_transport_unless_the_protocol_keeps_it() -> None:
@@ -485,15 +340,6 @@ async def test_seqpacket_transport_keeps_message_boundaries() -> None:
         msgs = await pb.wait_messages(4)
         assert [m.data for m in msgs] == [b"one", b"two", b"three", b"four"]
         assert read_all(msgs[0].fds[0]) == b"seq"
-
-
-async def test_dgram_transport_cannot_write_eof() -> None:
-    async with transport_pair(socket.SOCK_DGRAM) as (ta, _pa, _tb, pb):
-        assert not ta.can_write_eof()
-        ta.write(b"")
-        ta.write(b"dgram")
-        msgs = await pb.wait_messages(2)
-        assert [m.data for m in msgs] == [b"", b"dgram"]
 
 
 async def test_raw_stream_transport_delivers_reads() -> None:

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import socket
-import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 
-import aioancillary._kernel._blocking
-import aioancillary._kernel._syscalls
 from aioancillary import (
     SCM_MAX_FD,
     Credentials,
     DataTruncatedError,
-    FdsInFlightError,
     InvalidFdError,
     OwnedFd,
     ReceivedInto,
@@ -27,7 +22,6 @@ from aioancillary import (
     recv_fds_into,
     send_fds,
 )
-from aioancillary._kernel._syscalls import send_message, translate_send_error
 
 KINDS = [socket.SOCK_STREAM, socket.SOCK_SEQPACKET, socket.SOCK_DGRAM]
 KIND_IDS = ["stream", "seqpacket", "dgram"]
@@ -426,67 +420,6 @@ def test_send_closed_objects_refused(pair: tuple[socket.socket, ...]) -> None:
         with pytest.raises(InvalidFdError):
             send_fds(a, b"x", [bad])
     assert nothing_queued(b)
-
-
-def test_translate_send_error() -> None:
-    ebadf = OSError(errno.EBADF, "Bad file descriptor")
-    assert isinstance(translate_send_error(ebadf, 1), InvalidFdError)
-    assert translate_send_error(ebadf, 0) is ebadf  # the socket itself is bad
-    refs = translate_send_error(OSError(errno.ETOOMANYREFS, "Too many references"), 3)
-    assert isinstance(refs, FdsInFlightError)
-    assert isinstance(refs, OSError)
-    assert refs.errno == errno.ETOOMANYREFS
-    other = OSError(errno.EPIPE, "Broken pipe")
-    assert translate_send_error(other, 1) is other
-
-
-def test_partial_stream_write_sends_fds_once(
-    stream_pair: tuple[socket.socket, ...], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A socket with a timeout sends what fits and returns: send_fds completes the write
-    # without the fds, which went with the first chunk.
-    a, b = stream_pair
-    a.settimeout(10)
-    calls: list[int] = []  # how many fds each sendmsg carried
-
-    def spy(
-        sock: socket.socket, buffers: list[bytes | bytearray | memoryview], fds: list[int]
-    ) -> int:
-        calls.append(len(fds))
-        return send_message(sock, buffers, fds)
-
-    monkeypatch.setattr(aioancillary._kernel._syscalls, "send_message", spy)
-    payload = bytes(range(256)) * 8192  # 2 MiB: far more than the socket buffer
-    received = bytearray()
-    fds: list[OwnedFd] = []
-    failure: list[BaseException] = []
-
-    def reader() -> None:
-        try:
-            while len(received) < len(payload):
-                msg = recv_fds(b, 65536, 10)
-                if not msg.data:
-                    break
-                received.extend(msg.data)
-                fds.extend(msg.take_fds())
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    try:
-        with OwnedFd(os.open(os.devnull, os.O_RDONLY)) as fd:
-            assert send_fds(a, payload, [fd, fd]) == len(payload)
-    finally:
-        thread.join(10)
-        for got in fds:
-            got.close()
-    assert not failure
-    assert bytes(received) == payload
-    assert len(fds) == 2
-    assert len(calls) > 1  # the write really was partial
-    assert calls[0] == 2
-    assert set(calls[1:]) == {0}
 
 
 # -- across processes ---------------------------------------------------------------------

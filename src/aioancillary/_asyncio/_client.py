@@ -4,9 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import os
 import socket
 from collections.abc import Callable
 from typing import TypeVar
@@ -16,6 +13,7 @@ from .._kernel._authorize import CLIENT_DEFAULT
 from .._kernel._unix import Authorize, PathArg, check_connected, check_peer, policy_for
 from ._connect import connect
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, AncillaryConnection
+from ._options import ConnectionOptions, closed_on_error, path_or_sock
 from ._protocol import AncillaryProtocol, protocol_from
 from ._transport import AncillaryTransport
 
@@ -31,25 +29,18 @@ async def _connected(
 
     The socket is the caller's (closed on failure) only once it passed the checks.
     """
-    if (path is None) == (sock is None):
-        raise ValueError("give exactly one of path= or sock=")
+    fspath = path_or_sock(path, sock)
     if sock is None:
-        assert path is not None
+        assert fspath is not None
         sock = socket.socket(socket.AF_UNIX, sock_type)
-        try:
-            await connect(sock, os.fspath(path))
-        except BaseException:
-            sock.close()
-            raise
+        with closed_on_error(sock):
+            await connect(sock, fspath)
     else:
         check_connected(sock)
-    try:
+    with closed_on_error(sock):
         # A sock= handed in was connected by the caller, who chose its peer: the default
         # checks only a server found by an abstract name (anyone may have bound it first).
-        check_peer(sock, policy_for(authorize, None if path is None else os.fspath(path), None))
-    except BaseException:
-        sock.close()  # unread fds the peer may have sent are closed by the kernel with it
-        raise
+        check_peer(sock, policy_for(authorize, fspath, None))
     return sock
 
 
@@ -106,19 +97,12 @@ async def open_unix_connection(
         OSError: the connection failed (e.g. ``FileNotFoundError``, ``ConnectionRefusedError``;
             the message names the path).
     """
+    options = ConnectionOptions(
+        framed, max_message_size, max_fds_per_send, max_queued_bytes, max_queued_fds
+    )
     conn_sock = await _connected(path, sock, sock_type, authorize)
-    try:
-        return AncillaryConnection(
-            conn_sock,
-            framed=framed,
-            max_message_size=max_message_size,
-            max_queued_bytes=max_queued_bytes,
-            max_queued_fds=max_queued_fds,
-            max_fds_per_send=max_fds_per_send,
-        )
-    except BaseException:
-        conn_sock.close()
-        raise
+    with closed_on_error(conn_sock):
+        return options.connection(conn_sock)
 
 
 async def create_unix_connection(
@@ -162,21 +146,11 @@ async def create_unix_connection(
 
     Raises the same errors as [`open_unix_connection`][aioancillary.open_unix_connection].
     """
+    options = ConnectionOptions(framed, max_message_size, max_fds_per_send)
     conn_sock = await _connected(path, sock, sock_type, authorize)
-    try:
+    with closed_on_error(conn_sock):
         protocol = protocol_from(protocol_factory)
-        transport = AncillaryTransport(
-            asyncio.get_running_loop(),
-            conn_sock,
-            protocol,
-            framed=framed,
-            max_message_size=max_message_size,
-            max_fds_per_send=max_fds_per_send,
-        )
-    except BaseException:
-        conn_sock.close()
-        raise
-    return transport, protocol
+        return options.transport(conn_sock, protocol), protocol
 
 
 async def connection_pair(
@@ -197,25 +171,16 @@ async def connection_pair(
         await a.send_fds(b"pipe", [r])
         msg = await b.recv()
     """
-    make = functools.partial(
-        AncillaryConnection,
-        framed=framed,
-        max_message_size=max_message_size,
-        max_queued_bytes=max_queued_bytes,
-        max_queued_fds=max_queued_fds,
-        max_fds_per_send=max_fds_per_send,
+    options = ConnectionOptions(
+        framed, max_message_size, max_fds_per_send, max_queued_bytes, max_queued_fds
     )
     left, right = socket.socketpair(socket.AF_UNIX, sock_type)
-    try:
-        a = make(left)
-    except BaseException:
-        left.close()
-        right.close()
-        raise
-    try:
-        b = make(right)
-    except BaseException:
-        a.abort()
-        right.close()
-        raise
+    with closed_on_error(right), closed_on_error(left):
+        a = options.connection(left)
+    with closed_on_error(right):
+        try:
+            b = options.connection(right)
+        except BaseException:
+            a.abort()
+            raise
     return a, b

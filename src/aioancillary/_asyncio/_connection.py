@@ -5,53 +5,31 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import operator
-import resource
 import socket
 import warnings
 import weakref
 from collections.abc import Iterable
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any
 
 from .._core._cmsg import Credentials
-from .._core._errors import AncillaryError, ConnectionClosedError
+from .._core._errors import ConnectionClosedError
 from .._core._fd import FdLike
 from .._core._framing import DEFAULT_MAX_FRAME_SIZE
 from .._core._message import AncillaryMessage
-from .._core._platform import SCM_MAX_FD, Platform
+from .._core._platform import Platform
+from ._closing import AsyncClosing
+from ._inbox import (
+    DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MAX_QUEUED_FDS,
+    Inbox,
+    State,
+    default_max_queued_fds,
+    waited_on,
+)
 from ._protocol import AncillaryProtocol
-from ._transport import AncillaryTransport
-
-if TYPE_CHECKING:
-    from ._server import AncillaryServer
+from ._transport import AncillaryTransport, OnClosed
 
 __all__ = ["DEFAULT_MAX_QUEUED_BYTES", "DEFAULT_MAX_QUEUED_FDS", "AncillaryConnection"]
-
-#: Default receive-queue byte budget: reading pauses above it.
-DEFAULT_MAX_QUEUED_BYTES = 4 * 1024 * 1024
-#: Upper bound of the default receive-queue fd budget. Reading pauses above the budget, so
-#: that a fast peer cannot push a slow consumer to its RLIMIT_NOFILE; by default the budget is
-#: this or a quarter of the soft RLIMIT_NOFILE, whichever is smaller (never under SCM_MAX_FD).
-DEFAULT_MAX_QUEUED_FDS = 4 * SCM_MAX_FD
-
-
-def default_max_queued_fds() -> int:
-    """The receive-queue fd budget used when none is given (see ``DEFAULT_MAX_QUEUED_FDS``)."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return DEFAULT_MAX_QUEUED_FDS
-    return max(SCM_MAX_FD, min(DEFAULT_MAX_QUEUED_FDS, int(soft) // 4))
-
-
-_DATA = operator.attrgetter("data")
-_FD_COUNT = operator.attrgetter("fd_count")  # a slot: read in C
-
-# Connections a task is waiting on (in recv() or drain()). The loop reaches a connection only
-# through its protocol's weak reference, so that a connection the application dropped without
-# close() is collected (with a ResourceWarning) instead of living as long as its reader
-# registration; a waiting task keeps its connection alive through this set.
-_waited_on: set[AncillaryConnection] = set()
 
 
 class _ConnectionProtocol(AncillaryProtocol):
@@ -90,7 +68,7 @@ class _ConnectionProtocol(AncillaryProtocol):
             conn._on_resume_writing()
 
 
-class AncillaryConnection:
+class AncillaryConnection(Inbox, AsyncClosing):
     """A connected Unix socket that sends and receives messages with fds.
 
     Get one from [`open_unix_connection`][aioancillary.open_unix_connection],
@@ -121,14 +99,15 @@ class AncillaryConnection:
         max_queued_fds: int | None = None,
         max_fds_per_send: int | None = None,
         platform: Platform | None = None,
-        server: AncillaryServer | None = None,
+        on_closed: OnClosed | None = None,
     ) -> None:
         """Wrap a connected AF_UNIX socket; call from a coroutine (the running loop is used).
 
         The connection owns ``sock``. Prefer
         [`open_unix_connection`][aioancillary.open_unix_connection] with ``sock=``.
+        ``on_closed`` goes to its [`AncillaryTransport`][aioancillary.AncillaryTransport].
         """
-        self._closed = True  # until the transport exists: __del__ has nothing to close
+        self._state = State.CLOSED  # until the transport exists: __del__ has nothing to close
         self._loop = asyncio.get_running_loop()
         self._queue: collections.deque[AncillaryMessage] = collections.deque()
         self._qbytes = 0
@@ -137,7 +116,6 @@ class AncillaryConnection:
         self._max_qfds = default_max_queued_fds() if max_queued_fds is None else max_queued_fds
         self._read_paused = False
         self._waiter: asyncio.Future[None] | None = None
-        self._eof = False
         self._exc: BaseException | None = None
         self._lost = self._loop.create_future()
         self._write_paused = False
@@ -150,135 +128,9 @@ class AncillaryConnection:
             max_message_size=max_message_size,
             max_fds_per_send=max_fds_per_send,
             platform=platform,
-            server=server,
+            on_closed=on_closed,
         )
-        self._closed = False
-
-    # -- receiving ------------------------------------------------------------------------
-
-    def _on_messages(self, messages: list[AncillaryMessage]) -> None:
-        if self._closed:
-            for msg in messages:
-                msg.close()  # the application closed the connection: nobody will read them
-            return
-        self._queue.extend(messages)
-        if len(messages) == 1:
-            msg = messages[0]
-            self._qbytes += len(msg.data)
-            self._qfds += msg.fd_count
-        else:
-            # map/attrgetter iterate in C: cheaper per message than a comprehension.
-            self._qbytes += sum(map(len, map(_DATA, messages)))
-            self._qfds += sum(map(_FD_COUNT, messages))
-        self._wake_reader()
-        if not self._read_paused and (
-            self._qbytes > self._max_qbytes
-            or self._qfds + self._transport.get_read_pending_fds() > self._max_qfds
-        ):
-            # Fds still in the frame decoder count too: they are open in this process.
-            self._read_paused = True
-            self._transport.pause_reading()
-
-    def _on_eof(self) -> None:
-        self._eof = True
-        self._wake_reader()
-
-    def _wake_reader(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _consumed(self) -> None:
-        qfds = self._qfds
-        if (
-            self._read_paused
-            and self._qbytes <= self._max_qbytes // 2
-            and qfds <= self._max_qfds // 2
-            # Decoder fds wait for bytes still unread: never let them alone keep reading
-            # paused (they are at most SCM_MAX_FD, and the budget is never below that).
-            and qfds + self._transport.get_read_pending_fds() <= self._max_qfds
-        ):
-            self._read_paused = False
-            self._transport.resume_reading()
-
-    async def _wait_for_messages(self) -> None:
-        while not self._queue:
-            exc = self._exc
-            if exc is not None:
-                if isinstance(exc, AncillaryError):
-                    raise exc  # ProtocolError, FdTruncatedError...: the cause itself
-                raise ConnectionClosedError(f"the connection was lost: {exc}") from exc
-            if self._eof or self._closed or self._lost.done():
-                raise ConnectionClosedError("the connection is closed: no more messages")
-            if self._waiter is not None:
-                raise RuntimeError(
-                    "another task is already waiting for a message on this connection; "
-                    "concurrent receivers would race for messages"
-                )
-            self._waiter = self._loop.create_future()
-            self._transport.end_burst()
-            _waited_on.add(self)
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-                if not self._drain_waiters:
-                    _waited_on.discard(self)
-
-    async def recv(self) -> AncillaryMessage:
-        """Return the next message; the caller owns it (close it, or take its fds).
-
-        Returns at once, without a trip through the event loop, when a message is queued.
-        Cancelling a waiting ``recv()`` loses no message.
-
-        Raises:
-            ConnectionClosedError: the peer closed the connection (EOF) or it was closed here.
-            ProtocolError: the peer broke the framing protocol (the connection is closed).
-        """
-        if not self._queue:
-            await self._wait_for_messages()
-        msg = self._queue.popleft()
-        self._qbytes -= len(msg.data)
-        self._qfds -= msg.fd_count
-        if self._read_paused:
-            self._consumed()
-        return msg
-
-    async def recv_batch(self) -> list[AncillaryMessage]:
-        """Return every queued message at once (at least one); the caller owns them all.
-
-        The fastest way to consume a flood: one call hands over everything the connection has
-        read so far. Raises as [`recv`][aioancillary.AncillaryConnection.recv] does.
-        """
-        if not self._queue:
-            await self._wait_for_messages()
-        messages = list(self._queue)
-        self._queue.clear()
-        self._qbytes = 0
-        self._qfds = 0
-        if self._read_paused:
-            self._consumed()
-        return messages
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> AncillaryMessage:
-        """The next message; iteration ends at EOF or local close, and raises on errors."""
-        if not self._queue:
-            try:
-                await self._wait_for_messages()
-            except ConnectionClosedError:
-                if self._exc is not None:
-                    raise
-                raise StopAsyncIteration from None
-        # recv() inlined: one coroutine frame less per message.
-        msg = self._queue.popleft()
-        self._qbytes -= len(msg.data)
-        self._qfds -= msg.fd_count
-        if self._read_paused:
-            self._consumed()
-        return msg
+        self._state = State.OPEN
 
     # -- sending --------------------------------------------------------------------------
 
@@ -356,14 +208,14 @@ class AncillaryConnection:
             return
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._drain_waiters.append(waiter)
-        _waited_on.add(self)
+        waited_on.add(self)
         try:
             await waiter
         finally:
             if waiter in self._drain_waiters:
                 self._drain_waiters.remove(waiter)
             if not self._drain_waiters and self._waiter is None:
-                _waited_on.discard(self)
+                waited_on.discard(self)
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
@@ -386,6 +238,8 @@ class AncillaryConnection:
     def _on_connection_lost(self, exc: BaseException | None) -> None:
         if exc is not None and self._exc is None:
             self._exc = exc
+        if self._state is not State.CLOSED:
+            self._move(State.LOST)
         if not self._lost.done():
             self._lost.set_result(None)
         self._wake_reader()
@@ -397,30 +251,24 @@ class AncillaryConnection:
     def close(self) -> None:
         """Close the connection: queued outgoing messages are sent first; received messages
         not yet taken are closed (with their fds). Idempotent."""
-        if self._closed:
+        if self._state is State.CLOSED:
             return
-        self._closed = True
+        self._move(State.CLOSED)
         self._transport.close()
         self._close_queue()
         self._wake_reader()
 
     def abort(self) -> None:
         """Close at once, dropping queued outgoing messages; every fd held is closed."""
-        self._closed = True
+        if self._state is not State.CLOSED:
+            self._move(State.CLOSED)
         self._transport.abort()
         self._close_queue()
         self._wake_reader()
 
-    def _close_queue(self) -> None:
-        queue = self._queue
-        while queue:
-            queue.popleft().close()  # the application gave up on them: close their fds
-        self._qbytes = 0
-        self._qfds = 0
-
     def __del__(self, _warn: Any = warnings.warn) -> None:
-        if not self._closed and not self._lost.done():
-            self._closed = True
+        if self._state is State.OPEN or self._state is State.EOF:
+            self._state = State.CLOSED
             # Its reader registration is all that is left of it: close the socket and every
             # fd it holds (before warning: with warnings turned into errors, warn() raises).
             # The loop may be closed or gone by now; nothing more can be done.
@@ -438,27 +286,12 @@ class AncillaryConnection:
         or when the peer vanished)."""
         await asyncio.shield(self._lost)
 
-    def at_eof(self) -> bool:
-        """True once the peer has closed its sending side and every queued message was taken.
-
-        Like `asyncio.StreamReader.at_eof`: nothing more will ever be received.
-        """
-        return self._eof and not self._queue
-
     def is_closing(self) -> bool:
         """True once the connection is closing or closed."""
-        return self._closed or self._transport.is_closing()
+        return self._state is State.CLOSED or self._transport.is_closing()
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+    async def _close_and_wait(self, cancelled: bool) -> None:
+        if cancelled:
             # Cancelled means stop now: waiting to flush to a peer that may never read would
             # turn a cancellation into a hang.
             self.abort()
@@ -489,4 +322,7 @@ class AncillaryConnection:
         return self._transport.get_extra_info(name, default)
 
     def __repr__(self) -> str:
-        return f"<AncillaryConnection {self._transport!r} queued={len(self._queue)}>"
+        return (
+            f"<AncillaryConnection {self._transport!r} {self._state.value} "
+            f"queued={len(self._queue)}>"
+        )

@@ -1,44 +1,33 @@
-"""Servers: [`start_unix_server`][aioancillary.start_unix_server] (a handler per connection),
-[`create_unix_server`][aioancillary.create_unix_server] (a protocol per connection), and the
-[`AncillaryServer`][aioancillary.AncillaryServer] both return."""
+"""Servers: [`start_unix_server`][aioancillary.start_unix_server] (a handler per connection)
+and [`create_unix_server`][aioancillary.create_unix_server] (a protocol per connection), both
+returning an [`AncillaryServer`][aioancillary.AncillaryServer].
+
+This module sits above the server (``_listener.py``, which knows connections only as things
+to close) and above connections and transports: it decides what each accepted socket
+becomes, and runs ``start_unix_server``'s handler per connection.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
+from typing import Any
 
 from .._core._errors import (
-    AncillaryError,
     CloexecError,
     ConnectionClosedError,
     DataTruncatedError,
     FdTruncatedError,
-    PeerRejectedError,
     ProtocolError,
 )
 from .._core._framing import DEFAULT_MAX_FRAME_SIZE
-from .._kernel import _fork
-from .._kernel._accept import AcceptErrorKind, AcceptFailure, ResourcePause, accept_burst
 from .._kernel._authorize import SERVER_DEFAULT
-from .._kernel._unix import (
-    Authorize,
-    PathArg,
-    check_listening,
-    check_peer,
-    is_abstract,
-    listen,
-    listener_shut_down,
-    policy_for,
-)
+from .._kernel._unix import Authorize, PathArg, check_listening, is_abstract, listen, policy_for
 from ._connection import DEFAULT_MAX_QUEUED_BYTES, AncillaryConnection
+from ._listener import AncillaryServer, Ended, Serve, ServerStats
+from ._options import ConnectionOptions, closed_on_error, path_or_sock
 from ._protocol import AncillaryProtocol, protocol_from
 from ._transport import AncillaryTransport
 
@@ -58,326 +47,96 @@ Handler = Callable[[AncillaryConnection], Awaitable[None]]
 _PEER_FAULTS = (ProtocolError, FdTruncatedError, DataTruncatedError, CloexecError)
 
 
-@dataclass(frozen=True, slots=True)
-class ServerStats:
-    """Counters of an [`AncillaryServer`][aioancillary.AncillaryServer] since it started.
+class _HandlerRunner:
+    """``start_unix_server``'s ``serve``: a connection, and a task running the handler on it."""
 
-    Attributes:
-        accepted: Connections accepted (including those then refused by ``authorize``).
-        rejected: Connections refused by ``authorize``.
-        peer_errors: Connections closed because the peer broke the protocol or sent what
-            could not be received (``ProtocolError``, ``FdTruncatedError``, ...).
-        handler_errors: Handlers that raised, and connections that could not be set up
-            because the application's code raised (``authorize``, a protocol factory,
-            ``connection_made``); each is reported once to the loop's exception handler.
-        active: Connections open now.
-        listener_error: Why the server stopped listening on its own: ``accept()`` failed
-            for good on its socket (for example once the socket was shut down underneath
-            it); the fact is logged once. ``None`` while it listens, or after ``close()``.
-    """
+    __slots__ = ("_handler", "_options", "_tasks")
 
-    accepted: int
-    rejected: int
-    peer_errors: int
-    handler_errors: int
-    active: int
-    listener_error: OSError | None = None
+    def __init__(self, handler: Handler, options: ConnectionOptions) -> None:
+        self._handler = handler
+        self._options = options
+        self._tasks: set[asyncio.Task[Exception | None]] = set()  # the loop keeps weak refs
 
-
-class AncillaryServer:
-    """A listening Unix socket; each connection gets a handler task or a protocol.
-
-    Made by [`start_unix_server`][aioancillary.start_unix_server] and
-    [`create_unix_server`][aioancillary.create_unix_server]. Like `asyncio.Server`:
-    [`close`][aioancillary.AncillaryServer.close],
-    [`wait_closed`][aioancillary.AncillaryServer.wait_closed],
-    [`serve_forever`][aioancillary.AncillaryServer.serve_forever], and ``async with``. A peer's
-    faults (garbage frames, a refused ``authorize``) are not the server's errors: each is logged
-    once per connection on the ``"aioancillary"`` logger at ``peer_error_level`` and counted in
-    [`stats`][aioancillary.AncillaryServer.stats]; they never reach the loop's exception handler.
-    """
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        serve: Callable[[socket.socket], None],
-        *,
-        path: str | bytes | None,
-        authorize: Authorize | None,
-        peer_error_level: int,
-    ) -> None:
-        """Serve the listening ``sock``; use [`start_unix_server`][aioancillary.start_unix_server]
-        instead."""
-        self._loop = asyncio.get_running_loop()
-        self._sock: socket.socket | None = sock
-        self._fileno = sock.fileno()
-        self._serve = serve
-        self._authorize = authorize
-        self._peer_level = peer_error_level
-        self._path = path
-        self._inode = os.lstat(path).st_ino if path is not None else None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._conns: set[AncillaryConnection] = set()
-        self._transports: set[AncillaryTransport] = set()
-        self._idle: asyncio.Future[None] | None = None
-        self._closed = self._loop.create_future()
-        self._accepted = self._rejected = self._peer_errors = self._handler_errors = 0
-        self._listener_error: OSError | None = None
-        where = f"the server at {path!r}" if path is not None else "the server"
-        self._pause = ResourcePause(logger, where)
-        self._pid = _fork.track(self)
-        self._loop.add_reader(self._fileno, self._on_accept)
-
-    @property
-    def sockets(self) -> tuple[socket.socket, ...]:
-        """The listening socket (empty once closed); send it to a successor to hand over."""
-        return () if self._sock is None else (self._sock,)
-
-    @property
-    def stats(self) -> ServerStats:
-        """A snapshot of the server's counters."""
-        return ServerStats(
-            self._accepted,
-            self._rejected,
-            self._peer_errors,
-            self._handler_errors,
-            len(self._transports),
-            self._listener_error,
-        )
-
-    def is_serving(self) -> bool:
-        """True while the server accepts connections (not after ``close()``, nor once its
-        listener failed for good: logged once, the listener closed)."""
-        return self._sock is not None
-
-    def _forked(self) -> None:
-        # In a child process after fork(): drop this process's copy; the loop is the parent's.
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
-
-    def _on_accept(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        accepted: list[tuple[socket.socket, object]] = []
-        failure = accept_burst(sock.accept, 64, accepted)
-        for i, (conn_sock, _addr) in enumerate(accepted):
-            try:
-                self._take(conn_sock)
-            except BaseException:
-                for rest, _ in accepted[i:]:  # this one and those not taken yet
-                    rest.close()
-                raise
-        if failure is None and not accepted and listener_shut_down(sock):
-            # A listener shut down underneath the server polls readable for good while
-            # accept() finds nothing: the reader would fire again at once, forever.
-            shut = OSError(errno.ESHUTDOWN, "the listening socket was shut down")
-            failure = AcceptFailure(AcceptErrorKind.FATAL, shut)
-        if failure is None:
-            self._pause.recovered()
-        elif failure.kind is AcceptErrorKind.RESOURCE:
-            # Out of fds or memory: stop accepting for a moment instead of spinning on the
-            # readiness callback; pending clients wait in the backlog. Logged once per episode.
-            delay = self._pause.failed(failure.error)
-            self._loop.remove_reader(self._fileno)
-            self._loop.call_later(delay, self._resume_accepting)
-        else:
-            self._drop_listener(failure.error)
-
-    def _take(self, conn_sock: socket.socket) -> None:
-        self._accepted += 1
-        try:
-            check_peer(conn_sock, self._authorize)
-            self._serve(conn_sock)
-        except PeerRejectedError as exc:
-            conn_sock.close()  # any fds the peer already sent are closed by the kernel
-            self._rejected += 1
-            logger.log(self._peer_level, "%s", exc)
-        except Exception as exc:
-            # The application's code failed on this connection (authorize, the protocol
-            # factory, connection_made): close it, report it once, serve the next one.
-            conn_sock.close()
-            self._handler_errors += 1
-            self._loop.call_exception_handler(
-                {
-                    "message": "aioancillary server could not set up a connection "
-                    "(authorize, the protocol factory or connection_made raised); the "
-                    "connection was closed",
-                    "exception": exc,
-                    "server": self,
-                }
-            )
-
-    def _drop_listener(self, exc: OSError) -> None:
-        # accept() fails for good (EINVAL: no longer listening; EBADF...): stop serving the
-        # listener, once, instead of failing again on every readiness callback.
-        self._listener_error = exc
-        logger.error(
-            "the server at %r stopped listening: accept() failed for good (%s); its "
-            "connections go on, new ones are refused: start a new server",
-            self._path if self._path is not None else "inherited socket",
-            exc,
-        )
-        self.close()
-
-    def _resume_accepting(self) -> None:
-        if self._sock is not None and os.getpid() == self._pid:
-            self._loop.add_reader(self._fileno, self._on_accept)
-
-    # -- connections ------------------------------------------------------------------------------
-
-    def _attach(self, transport: AncillaryTransport) -> None:
-        self._transports.add(transport)
-
-    def _detach(self, transport: AncillaryTransport, exc: Exception | None) -> None:
-        self._transports.discard(transport)
-        if isinstance(exc, AncillaryError) and not isinstance(exc, ConnectionClosedError):
-            self._peer_errors += 1
-            logger.log(
-                self._peer_level,
-                "closed the connection from peer %s: %s",
-                transport.get_extra_info("peercred"),
-                exc,
-            )
-        elif exc is not None:
-            logger.debug("connection from %s lost: %s", transport.get_extra_info("peercred"), exc)
-        if not self._transports and self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
-
-    def _start_handler(self, conn: AncillaryConnection, handler: Handler) -> None:
-        self._conns.add(conn)
-        task = self._loop.create_task(self._run_handler(conn, handler))
+    def serve(self, conn_sock: socket.socket, ended: Ended) -> AncillaryConnection:
+        handled = _Handled(ended)
+        conn = handled.conn = self._options.connection(conn_sock, handled.transport_closed)
+        task = asyncio.get_running_loop().create_task(self._run(conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(handled.handler_done)
+        return conn
 
-    async def _run_handler(self, conn: AncillaryConnection, handler: Handler) -> None:
+    async def _run(self, conn: AncillaryConnection) -> Exception | None:
+        """Run the handler; return what it raised, if the server should report it."""
         try:
             async with conn:
-                await handler(conn)
+                await self._handler(conn)
         except (ConnectionClosedError, *_PEER_FAULTS) as exc:
             # The peer left or broke the protocol (counted and logged once, when its
             # transport closed), or the server closed its clients: not the server's failure.
             logger.debug("connection handler ended: %s", exc)
-        except Exception as exc:  # a failing handler must not stop the server
-            self._handler_errors += 1
-            self._loop.call_exception_handler(
-                {"message": "aioancillary connection handler failed", "exception": exc}
-            )
-        finally:
-            self._conns.discard(conn)
-
-    # -- closing ----------------------------------------------------------------------------------
-
-    def close(self, *, unlink: bool = True) -> None:
-        """Stop listening. Running handlers and connections go on; see
-        [`close_clients`][aioancillary.AncillaryServer.close_clients].
-
-        Args:
-            unlink: Remove the socket file this server created (if it is still the same
-                file). Pass ``False`` after handing the listening socket to a successor.
-        """
-        sock = self._sock
-        if sock is None:
-            return
-        self._sock = None
-        if os.getpid() == self._pid:
-            self._loop.remove_reader(self._fileno)
-        sock.close()
-        if unlink and self._path is not None and not is_abstract(self._path):
-            with contextlib.suppress(OSError):
-                if os.lstat(self._path).st_ino == self._inode:
-                    os.unlink(self._path)
-        if not self._closed.done():
-            self._closed.set_result(None)
-
-    def close_clients(self) -> None:
-        """Close every open connection (queued outgoing messages are still sent)."""
-        for conn in list(self._conns):
-            conn.close()
-        for transport in list(self._transports):
-            transport.close()
-
-    def abort_clients(self) -> None:
-        """Abort every open connection at once."""
-        for conn in list(self._conns):
-            conn.abort()
-        for transport in list(self._transports):
-            transport.abort()
-
-    async def wait_closed(self) -> None:
-        """Wait until the server is closed, every handler has returned and every connection
-        is closed."""
-        await asyncio.shield(self._closed)
-        while True:
-            # Only unfinished tasks: a finished one leaves the set in a done callback that
-            # may not have run yet (and gather() over finished tasks completes without
-            # yielding on 3.12+, which would spin here).
-            pending = [task for task in self._tasks if not task.done()]
-            if pending:
-                await asyncio.wait(pending)
-            elif self._transports:
-                self._idle = self._loop.create_future()
-                await asyncio.shield(self._idle)
-            else:
-                return
-
-    async def serve_forever(self) -> None:
-        """Serve until cancelled, or until the server is closed; cancelling closes it.
-
-        Raises:
-            OSError: the server stopped listening because ``accept()`` failed for good on
-                its socket (see ``stats.listener_error``).
-        """
-        try:
-            await asyncio.shield(self._closed)
-        except asyncio.CancelledError:
-            self.close()
-            raise
-        failure = self._listener_error
-        if failure is not None:
-            where = self._path if self._path is not None else "an inherited socket"
-            raise OSError(
-                failure.errno,
-                f"the server on {where!r} stopped listening: accept() failed "
-                f"({failure.strerror}). Start a new server to serve that address again",
-            ) from failure
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-        self.close_clients()
-        await self.wait_closed()
-
-    def __repr__(self) -> str:
-        where = self._path if self._path is not None else "inherited socket"
-        return f"<AncillaryServer {where!r} serving={self.is_serving()}>"
+        except Exception as exc:  # reported by the server, which serves on
+            return exc
+        return None
 
 
-def _fspath(path: PathArg | None) -> str | bytes | None:
-    return None if path is None else os.fspath(path)
+_RUNNING: Any = object()  # not known yet
 
 
-def _listening_socket(
-    path: PathArg | None, sock: socket.socket | None, sock_type: int, mode: int, backlog: int
-) -> tuple[socket.socket, str | bytes | None]:
-    if (path is None) == (sock is None):
-        raise ValueError("give exactly one of path= or sock=")
+class _Handled:
+    """One connection of ``start_unix_server``: over for its server once both its transport
+    closed and its handler returned."""
+
+    __slots__ = ("conn", "ended", "failure", "lost")
+
+    def __init__(self, ended: Ended) -> None:
+        self.ended = ended
+        self.conn: AncillaryConnection | None = None
+        self.lost: Exception | None = _RUNNING
+        self.failure: Exception | None = _RUNNING
+
+    def transport_closed(self, exc: Exception | None) -> None:
+        self.lost = exc
+        self._end()
+
+    def handler_done(self, task: asyncio.Task[Exception | None]) -> None:
+        self.failure = None if task.cancelled() or task.exception() else task.result()
+        self._end()
+
+    def _end(self) -> None:
+        if self.lost is not _RUNNING and self.failure is not _RUNNING:
+            assert self.conn is not None
+            self.ended(self.conn, self.lost, self.failure)
+
+
+def _listening(
+    serve: Serve,
+    path: PathArg | None,
+    sock: socket.socket | None,
+    *,
+    sock_type: int,
+    mode: int,
+    backlog: int,
+    authorize: Authorize | None,
+    peer_error_level: int,
+) -> AncillaryServer:
+    """A server on the listening socket made at ``path``, or on the caller's ``sock``."""
+    fspath = path_or_sock(path, sock)
     if sock is not None:
         check_listening(sock)
         sock.setblocking(False)
-        return sock, None
-    assert path is not None
-    fspath = os.fspath(path)
-    listener = listen(fspath, sock_type, mode, backlog)
-    return listener, None if is_abstract(fspath) else fspath
+        listener = sock
+    else:
+        assert fspath is not None
+        listener = listen(fspath, sock_type, mode, backlog)
+    with closed_on_error(listener):
+        return AncillaryServer(
+            listener,
+            serve,
+            path=None if fspath is None or is_abstract(fspath) else fspath,
+            authorize=policy_for(authorize, fspath, sock),
+            peer_error_level=peer_error_level,
+        )
 
 
 async def start_unix_server(
@@ -438,34 +197,19 @@ async def start_unix_server(
             AF_UNIX socket.
         OSError: binding failed (the message names the path).
     """
-    listener, fspath = _listening_socket(path, sock, sock_type, mode, backlog)
-    server: AncillaryServer | None = None
-
-    def serve(conn_sock: socket.socket) -> None:
-        assert server is not None
-        conn = AncillaryConnection(
-            conn_sock,
-            framed=framed,
-            max_message_size=max_message_size,
-            max_queued_bytes=max_queued_bytes,
-            max_queued_fds=max_queued_fds,
-            max_fds_per_send=max_fds_per_send,
-            server=server,
-        )
-        server._start_handler(conn, handler)
-
-    try:
-        server = AncillaryServer(
-            listener,
-            serve,
-            path=fspath,
-            authorize=policy_for(authorize, _fspath(path), sock),
-            peer_error_level=peer_error_level,
-        )
-    except BaseException:
-        listener.close()
-        raise
-    return server
+    options = ConnectionOptions(
+        framed, max_message_size, max_fds_per_send, max_queued_bytes, max_queued_fds
+    )
+    return _listening(
+        _HandlerRunner(handler, options).serve,
+        path,
+        sock,
+        sock_type=sock_type,
+        mode=mode,
+        backlog=backlog,
+        authorize=authorize,
+        peer_error_level=peer_error_level,
+    )
 
 
 async def create_unix_server(
@@ -517,31 +261,24 @@ async def create_unix_server(
 
     Raises the same errors as [`start_unix_server`][aioancillary.start_unix_server].
     """
-    listener, fspath = _listening_socket(path, sock, sock_type, mode, backlog)
-    loop = asyncio.get_running_loop()
-    server: AncillaryServer | None = None
+    options = ConnectionOptions(framed, max_message_size, max_fds_per_send)
 
-    def serve(conn_sock: socket.socket) -> None:
-        protocol = protocol_from(protocol_factory)
-        AncillaryTransport(
-            loop,
+    def serve(conn_sock: socket.socket, ended: Ended) -> AncillaryTransport:
+        transport: AncillaryTransport
+        transport = options.transport(
             conn_sock,
-            protocol,
-            framed=framed,
-            max_message_size=max_message_size,
-            max_fds_per_send=max_fds_per_send,
-            server=server,
+            protocol_from(protocol_factory),
+            on_closed=lambda exc: ended(transport, exc, None),  # always after this returned
         )
+        return transport
 
-    try:
-        server = AncillaryServer(
-            listener,
-            serve,
-            path=fspath,
-            authorize=policy_for(authorize, _fspath(path), sock),
-            peer_error_level=peer_error_level,
-        )
-    except BaseException:
-        listener.close()
-        raise
-    return server
+    return _listening(
+        serve,
+        path,
+        sock,
+        sock_type=sock_type,
+        mode=mode,
+        backlog=backlog,
+        authorize=authorize,
+        peer_error_level=peer_error_level,
+    )

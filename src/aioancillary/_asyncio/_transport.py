@@ -21,7 +21,8 @@ import os
 import socket
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from .._core._errors import AncillaryError
 from .._core._fd import FD_MAX, close_raw
@@ -32,14 +33,16 @@ from .._core._platform import SCM_MAX_FD, Platform, current_platform
 from .._kernel import _accel, _fork
 from .._kernel._peercred import peer_credentials
 from .._kernel._syscalls import EOF_NEVER, EOF_NO_CREDENTIALS, EOF_ON_EMPTY, EOF_PEEK
+from ._flow import FRAMED_HIGH_WATER, WriteFlow
 from ._protocol import AncillaryProtocol
 from ._reading import ReadSide
-from ._writing import FRAMED_HIGH_WATER, WriteSide
+from ._writing import WriteSide
 
-if TYPE_CHECKING:
-    from ._server import AncillaryServer
+__all__ = ["AncillaryTransport", "OnClosed", "mode_of"]
 
-__all__ = ["AncillaryTransport", "mode_of"]
+#: ``on_closed(exc)``: called once when a transport has closed (right after
+#: ``connection_lost(exc)``): how a server keeps count of the connections it serves.
+OnClosed = Callable[[Exception | None], None]
 
 _READ_CHUNK = 256 * 1024  # stream read buffer: holds many small frames per recvmsg
 
@@ -82,7 +85,7 @@ def mode_of(sock_type: int, framed: bool | None) -> Mode:
     return Mode.DATAGRAM
 
 
-class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
+class AncillaryTransport(ReadSide, WriteSide, WriteFlow, asyncio.Transport):
     """A transport over a connected AF_UNIX socket whose writes can carry fds.
 
     Created by [`open_unix_connection`][aioancillary.open_unix_connection],
@@ -118,7 +121,7 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
         max_message_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_fds_per_send: int | None = None,
         platform: Platform | None = None,
-        server: AncillaryServer | None = None,
+        on_closed: OnClosed | None = None,
     ) -> None:
         """Wrap the connected ``sock`` (made non-blocking) and start reading.
 
@@ -138,7 +141,9 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
                 single ``sendmsg`` brings more fds than it has room for; a lower cap spreads
                 a burst over more ``sendmsg`` calls. A message with more fds is refused.
             platform: Kernel facts (default: this kernel); tests simulate others.
-            server: The server that accepted this connection (it waits for it on close).
+            on_closed: Called once, right after ``connection_lost``, with the same
+                exception (``None``: closed normally): how a server keeps count of the
+                connections it serves. Never called if this constructor raises.
         """
         super().__init__()
         if sock.family != socket.AF_UNIX:
@@ -155,7 +160,7 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
         self._fileno = sock.fileno()
         self._protocol = protocol
         self._platform = platform
-        self._server = server
+        self._on_closed = on_closed
         self._type = sock.type
         self._mode = mode = mode_of(sock.type, framed)
         self._max_message_size = max_message_size
@@ -247,8 +252,6 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
         except BaseException:
             self._abandon()
             raise
-        if server is not None:
-            server._attach(self)
         if self._state is State.OPEN and not self._read_paused:
             self._add_reader()
 
@@ -444,9 +447,9 @@ class AncillaryTransport(ReadSide, WriteSide, asyncio.Transport):
             self._report(error, "connection_lost() raised")
         finally:
             sock.close()
-            if self._server is not None:
-                self._server._detach(self, exc)
-                self._server = None
+            on_closed, self._on_closed = self._on_closed, None
+            if on_closed is not None:
+                on_closed(exc)
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         sock = getattr(self, "_sock", None)

@@ -29,8 +29,6 @@ from ._protocol import AncillaryProtocol
 
 __all__ = ["WriteSide"]
 
-#: Default byte high watermark of a framed stream (unframed ones pause at once: 0).
-FRAMED_HIGH_WATER = 64 * 1024
 # sendmsg errors meaning the peer has gone: its last messages may still be ours to read.
 _PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 _SEQUENCES = (list, tuple)
@@ -82,6 +80,8 @@ class WriteSide:
         def _call_connection_lost(self, exc: Exception | None) -> None: ...
         def _drop_queue(self) -> None: ...
         def _call_protocol(self, callback: str) -> None: ...
+        def _check_pause(self) -> None: ...
+        def _pause_protocol(self) -> None: ...
 
     # -- the public write API ----------------------------------------------------------------------
 
@@ -425,64 +425,6 @@ class WriteSide:
         ):
             self._protocol_paused = False
             self._call_protocol("resume_writing")
-
-    # -- flow control ------------------------------------------------------------------------------
-
-    def _check_pause(self) -> None:
-        outbox = self._outbox
-        if not self._protocol_paused and (
-            outbox.nbytes > self._high or outbox.nfds > self._fd_high
-        ):
-            self._pause_protocol()
-
-    def _pause_protocol(self) -> None:
-        self._protocol_paused = True
-        self._call_protocol("pause_writing")
-
-    def can_write_eof(self) -> bool:
-        """True on stream and seqpacket sockets."""
-        return self._type != socket.SOCK_DGRAM
-
-    def write_eof(self) -> None:
-        """Shut down the sending side once everything queued has been sent."""
-        if not self._is_open() or self._eof_requested:
-            return
-        self._eof_requested = True
-        self._writable = False
-        if not self._outbox and self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_WR)
-
-    def get_write_buffer_size(self) -> int:
-        """Bytes queued and not yet sent."""
-        return self._outbox.nbytes
-
-    def get_write_buffer_fds(self) -> int:
-        """Fds queued (as duplicates owned by the transport) and not yet sent."""
-        return self._outbox.nfds
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        """The ``(low, high)`` byte watermarks."""
-        return (self._low, self._high)
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        """Set the byte watermarks for ``pause_writing``/``resume_writing``.
-
-        Defaults: 64 KiB high on framed streams; 0 on unframed sockets (the protocol is paused
-        as soon as the kernel pushes back). Writing also pauses while more than
-        ``2 * max_fds_per_send`` fds are queued, since each queued fd is an open duplicate
-        counting against ``RLIMIT_NOFILE``.
-        """
-        if high is None:
-            high = FRAMED_HIGH_WATER if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high = high
-        self._low = low
-        if not self._protocol_paused and self._outbox.nbytes > high:
-            self._pause_protocol()  # already above the new mark: writers must wait now
 
 
 def _fds_of(item: object) -> Iterable[Any]:
