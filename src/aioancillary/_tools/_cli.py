@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 
 from .._core._version import __version__
 from .._kernel import _accel
+from ._output import OutputClosed
 
 PROG = "python -m aioancillary"
 SCRIPT = "aioancillary"  # the console script ([project.scripts] in pyproject.toml)
@@ -229,11 +230,6 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for cell, error in errors.items():
         print(f"{cell.label} failed: {error}", file=sys.stderr)
     return 1 if errors else 0
-
-
-class OutputClosed(Exception):
-    """Standard output's reader went away (raised instead of a `BrokenPipeError` that code
-    handling connection errors would mistake for its own)."""
 
 
 def _stdout_closed() -> bool:

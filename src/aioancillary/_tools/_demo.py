@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from .._asyncio._client import open_unix_connection
 from .._asyncio._connection import AncillaryConnection
-from ._cli import OutputClosed
+from ._output import OutputClosed
 
 _LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
