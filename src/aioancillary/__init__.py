@@ -1,6 +1,10 @@
 """aioancillary: leak-proof, asyncio-native file-descriptor passing over Unix sockets.
 
-Layers, bottom up (each uses only the ones below it):
+One private folder per layer, bottom up; each imports only the ones below it (a test checks
+it): ``_core`` (sans-I/O), ``_kernel`` (system calls, blocking helpers, socket files),
+``_asyncio`` (transport, connection, servers), then ``_handoff`` and ``_lifecycle``, then
+``_serve`` and ``_fdholder``, and ``_tools`` (the command line). Everything public is
+re-exported here. What each layer offers:
 
 * sans-I/O core: [`OwnedFd`][aioancillary.OwnedFd],
   [`AncillaryMessage`][aioancillary.AncillaryMessage],
