@@ -10,8 +10,13 @@ import socket
 import pytest
 from helpers import half_raw, pair, within
 
-from aioancillary import ConnectionClosedError, connection_pair, frame_header
+from aioancillary import AncillaryConnection, ConnectionClosedError, connection_pair, frame_header
 from aioancillary._asyncio._inbox import _MOVES, State
+
+
+def state_of(conn: AncillaryConnection) -> State:
+    """The connection's state, read afresh (not narrowed by an earlier assert)."""
+    return conn._state
 
 
 def test_the_table_of_moves() -> None:
@@ -28,12 +33,12 @@ async def test_a_move_the_table_does_not_allow_is_refused() -> None:
         for state in State:
             with pytest.raises(RuntimeError, match="cannot go from CLOSED"):
                 a._move(state)
-        assert a._state is State.CLOSED
+        assert state_of(a) is State.CLOSED
 
 
 async def test_open_then_eof_then_closed() -> None:
     async with half_raw() as (conn, peer):
-        assert conn._state is State.OPEN
+        assert state_of(conn) is State.OPEN
         assert not conn.at_eof()
         peer.sendall(frame_header(0, 2) + b"hi")
         peer.shutdown(socket.SHUT_WR)
@@ -41,11 +46,11 @@ async def test_open_then_eof_then_closed() -> None:
             assert msg.data == b"hi"
         with pytest.raises(ConnectionClosedError):
             await within(conn.recv())
-        assert conn._state is State.EOF
+        assert state_of(conn) is State.EOF
         assert conn.at_eof()
         await conn.send(b"sending goes on after the peer's EOF")
         conn.close()
-        assert conn._state is State.CLOSED
+        assert state_of(conn) is State.CLOSED
         assert conn.at_eof()
         assert "closed" in repr(conn)
 
@@ -55,12 +60,12 @@ async def test_lost_when_the_transport_closes_under_the_connection() -> None:
     try:
         a.transport.abort()  # not the connection's close(): the socket goes under it
         await within(a.wait_closed())
-        assert a._state is State.LOST
+        assert state_of(a) is State.LOST
         assert a.at_eof()  # nothing more will ever arrive
         with pytest.raises(ConnectionClosedError):
             await within(a.recv())
         a.close()
-        assert a._state is State.CLOSED
+        assert state_of(a) is State.CLOSED
     finally:
         a.close()
         b.close()
@@ -73,7 +78,7 @@ async def test_a_failure_is_kept_after_the_connection_is_lost_and_closed() -> No
         with pytest.raises(Exception, match="wire-format version") as raised:
             await within(conn.recv())
         await within(conn.wait_closed())
-        assert conn._state is State.LOST
+        assert state_of(conn) is State.LOST
         conn.close()
         with pytest.raises(type(raised.value)):
             await within(conn.recv())  # the cause, not a plain "closed"
