@@ -33,12 +33,14 @@ async def _loop_turns(count: int) -> None:
         await asyncio.sleep(0)
 
 
+@pytest.mark.parametrize("how", [socket.SHUT_RDWR, socket.SHUT_RD], ids=["SHUT_RDWR", "SHUT_RD"])
 async def test_a_listener_that_no_longer_listens_is_dropped_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, how: int
 ) -> None:
     """``shutdown()`` on the listening socket: the poller reports it readable for good, and
     ``accept()`` finds nothing (``EAGAIN``; ``EINVAL`` on older kernels). The server stops
-    listening, says so once, and serves its open connections on."""
+    listening, says so once, and serves its open connections on. ``SHUT_RD`` alone polls
+    ``EPOLLRDHUP`` but not ``EPOLLHUP``: it is recognised too."""
     caplog.set_level(logging.DEBUG, logger="aioancillary")
     reports: list[dict[str, Any]] = []
     asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: reports.append(ctx))
@@ -47,7 +49,7 @@ async def test_a_listener_that_no_longer_listens_is_dropped_once(
     forever = asyncio.ensure_future(server.serve_forever())
     async with await open_unix_connection(path) as conn:
         await wait_until(lambda: server.stats.active == 1)
-        server.sockets[0].shutdown(socket.SHUT_RDWR)
+        server.sockets[0].shutdown(how)
         await wait_until(lambda: not server.is_serving())
         await _loop_turns(200)
         failure = server.stats.listener_error
