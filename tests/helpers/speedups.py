@@ -60,6 +60,21 @@ def both_decoders(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     return str(request.param)
 
 
+def use_receive_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Make transports created from now on read through ``path`` ("python" or "C"), whichever
+    path this process selected; ``monkeypatch`` puts the selection back afterwards (the C half
+    is skipped, or fails under REQUIRED, where the extension is missing)."""
+    from aioancillary._kernel import _accel  # noqa: PLC0415 (the selection point itself)
+
+    if path == "C":
+        module = require_extension()
+        chosen = (module.Receiver, module.FrameDecoder, _c_read_decoder())
+    else:
+        chosen = (_syscalls.Receiver, _framing.FrameDecoder, _framing.ReadDecoder)
+    for name, value in zip(("Receiver", "FrameDecoder", "ReadDecoder"), chosen, strict=True):
+        monkeypatch.setattr(_accel, name, value)
+
+
 def receivers() -> Iterator[Any]:
     """``pytest.param`` of each Receiver class (the C one skipped where missing)."""
     yield pytest.param(_syscalls.Receiver, id="py")
