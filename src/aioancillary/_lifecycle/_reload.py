@@ -96,12 +96,16 @@ class Generation:
 
         gen = await start_generation("/run/app/handoff.sock")
         web = gen.take_socket("web", create=lambda: socket.create_server(("127.0.0.1", 8080)))
-        server = await asyncio.start_server(handle, sock=web)
-        await gen.ready()
-        await gen.handed_over()          # a successor now accepts on the same socket
-        server.close()                   # stop accepting: closes only this process's copy
-        ...                              # finish in-flight connections, with a deadline
+        async with ConnectionServer(handle) as server:
+            server.add_listener(web)
+            await gen.ready()
+            await gen.handed_over()          # a successor now accepts on the same socket
+            await server.drain(timeout=30)   # stop accepting, finish in flight, cut the rest
         await gen.close()
+
+    ([`ConnectionServer`][aioancillary.ConnectionServer] tracks its connections for the
+    drain; ``asyncio.start_server`` works too, with your own bookkeeping of the connections
+    in flight.)
     """
 
     def __init__(
