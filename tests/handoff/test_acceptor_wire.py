@@ -85,7 +85,16 @@ def test_listener_announcement_round_trip(
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
         data = wire.listener_message(index, sock, name, metadata)
         info = wire.parse_listener(data)
-        assert info == (index, socket.AF_INET6, socket.SOCK_STREAM, sock.proto, name, metadata)
+        # proto 0 (the family's default) comes out as what it means for an IP stream: TCP.
+        assert sock.proto == 0
+        assert info == (
+            index,
+            socket.AF_INET6,
+            socket.SOCK_STREAM,
+            socket.IPPROTO_TCP,
+            name,
+            metadata,
+        )
 
 
 def test_listener_metadata_must_be_json() -> None:

@@ -72,6 +72,26 @@ async def test_client_socket_is_ready_and_described(
     await writer.wait_closed()
 
 
+async def test_a_tcp_client_is_described_as_tcp_and_its_streams_do_not_wait_for_nagle(
+    acceptor_and_worker: tuple[Acceptor, Worker, tuple[str, int]],
+) -> None:
+    """The listener was made by ``socket.create_server`` (proto 0); the handed client still says
+    ``IPPROTO_TCP``, so the loop's transport sets ``TCP_NODELAY`` on it as it does on the sockets
+    it accepts itself (asyncio checks the proto; uvloop sets it on any TCP socket)."""
+    _acceptor, worker, addr = acceptor_and_worker
+    reader, writer = await asyncio.open_connection(*addr)
+    client = await within(worker.__anext__())
+    async with client:
+        assert client.sock.proto == socket.IPPROTO_TCP
+        assert client.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        _client_reader, client_writer = await client.open_streams()
+        sock = client_writer.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert await within(reader.read()) == b""
+    writer.close()
+    await writer.wait_closed()
+
+
 async def test_streams_one_liner(
     acceptor_and_worker: tuple[Acceptor, Worker, tuple[str, int]],
 ) -> None:

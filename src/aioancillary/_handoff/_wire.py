@@ -200,7 +200,16 @@ def parse_listener(data: bytes) -> ListenerInfo:
     ):
         raise ProtocolError(f"malformed listener announcement: {data[:200]!r}")
     index, family, kind, proto = numbers
+    if proto == 0 and kind == socket.SOCK_STREAM and family in _INET:
+        # 0 asks the kernel for the family's default protocol, which for an IP stream socket
+        # is TCP (ip(7)); saying so lets asyncio set TCP_NODELAY on the worker's transports
+        # (it checks proto == IPPROTO_TCP), as it does on the sockets it accepts itself. A
+        # listener made by socket.create_server() reports proto 0.
+        proto = socket.IPPROTO_TCP
     return ListenerInfo(index, family, kind, proto, name, metadata)
+
+
+_INET = frozenset({socket.AF_INET, socket.AF_INET6})
 
 
 def record_packer(index: int, family: int) -> Callable[[Any], bytes]:

@@ -66,7 +66,6 @@ class ClientAdapter:
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._emptied: asyncio.Future[None] | None = None  # drain() waits on it
-        self._nodelay = True
 
     # -- the application's life -------------------------------------------------------------
 
@@ -77,8 +76,6 @@ class ClientAdapter:
             AppStartupError: the startup failed.
         """
         self._loop = asyncio.get_running_loop()
-        # uvloop's TCP transport sets TCP_NODELAY on every socket itself.
-        self._nodelay = not type(self._loop).__module__.startswith("uvloop")
 
     async def close(self) -> None:
         """Run the application's shutdown (after [`serve`][aioancillary.ClientAdapter.serve] has
@@ -214,19 +211,6 @@ class ClientAdapter:
         raise NotImplementedError
 
 
-def set_nodelay(client: HandedClient) -> None:
-    """TCP_NODELAY on a TCP client, as asyncio's transports mean to set it.
-
-    asyncio sets it only on sockets whose proto is ``IPPROTO_TCP`` (``base_events._set_nodelay``);
-    a listener made by ``socket.create_server`` has proto 0, and so do its handed clients.
-    Without it, a response written in two parts (HTTP headers, then the body) waits for the
-    client's delayed ACK: 40 ms (``tcp(7)``, Nagle's algorithm).
-    """
-    sock = client.sock
-    if sock.family in _INET:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class _Tracked(asyncio.Protocol):
     """Forwards a connection's callbacks to the application's protocol and reports the
     handed client finished when the connection is lost."""
@@ -358,8 +342,6 @@ class ProtocolAdapter(ClientAdapter):
     def serve_client(self, client: HandedClient) -> None:
         loop = self._loop
         assert loop is not None, "start() was not called"
-        if self._nodelay:
-            set_nodelay(client)
         try:
             protocol = self._new_protocol()
             if self._draining:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from .._handoff._worker import HandedClient
-from ._adapter import DRAIN_IDLE, ClientAdapter, set_nodelay
+from ._adapter import DRAIN_IDLE, ClientAdapter
 
 __all__ = ["StreamAdapter", "StreamHandler"]
 
@@ -50,8 +50,6 @@ class StreamAdapter(ClientAdapter):
     def serve_client(self, client: HandedClient) -> None:
         loop = self._loop
         assert loop is not None, "start() was not called"
-        if self._nodelay:
-            set_nodelay(client)
         coro = self._run(client)
         if _EAGER:
             task = asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
