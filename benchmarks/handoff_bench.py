@@ -355,7 +355,7 @@ async def _toolkit_acceptor(server: Server) -> None:
     acceptor.add_listener(server.listener)
     stamps = server.stamps
     if stamps is not None:
-        listener = acceptor._listeners[0]
+        listener = acceptor._listeners.items[0]
         accept = listener.accept
 
         def stamped() -> tuple[int, Any]:

@@ -64,7 +64,7 @@ SCRIPT = textwrap.dedent(
         serving = asyncio.ensure_future(worker.serve(serve))
         await acceptor.wait_workers(1)
         # Count the accept() calls that fail with EMFILE (the real error, from the kernel).
-        entry = acceptor._listeners[0]
+        entry = acceptor._listeners.items[0]
         real = entry.accept
         emfile = [0]
 

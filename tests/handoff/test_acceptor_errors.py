@@ -8,11 +8,12 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import wait_until
-from helpers.acceptor import acceptor_with_workers, request
+from helpers.acceptor import acceptor_with_workers, link_transport, request
 
 from aioancillary import Acceptor
 
@@ -34,7 +35,7 @@ def failing_accept(acceptor: Acceptor, name: str, code: int) -> dict[str, int]:
     """Make the listener ``name`` fail with ``code`` while ``state["fail"]`` is true; count the
     failed calls in ``state["failed"]``."""
     state = {"fail": 1, "failed": 0}
-    listener = next(entry for entry in acceptor._listeners if entry.name == name)
+    listener = next(entry for entry in acceptor._listeners.items if entry.name == name)
     real: Callable[[], Any] = listener.accept
 
     def accept() -> Any:
@@ -47,25 +48,32 @@ def failing_accept(acceptor: Acceptor, name: str, code: int) -> dict[str, int]:
     return state
 
 
+@pytest.mark.parametrize("family", ["tcp", "unix"])
 async def test_a_listener_failing_for_good_is_dropped_once_and_the_others_served(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, tmp_path: Path, family: str
 ) -> None:
     loop = asyncio.get_running_loop()
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     async with acceptor_with_workers(1) as (acceptor, _workers, addr):
-        doomed = socket.create_server(("127.0.0.1", 0))
+        if family == "tcp":
+            doomed = socket.create_server(("127.0.0.1", 0))
+        else:
+            doomed = socket.socket(socket.AF_UNIX)
+            doomed.bind(str(tmp_path / "doomed.sock"))
+            doomed.listen()
         doomed_fd = doomed.fileno()
         acceptor.add_listener(doomed, name="doomed")
         served = acceptor.listeners[0]
-        # Shut down underneath the acceptor: accept() fails with EINVAL for good, and the
-        # poller keeps reporting the socket readable.
-        doomed.shutdown(socket.SHUT_RD)
+        # Shut down underneath the acceptor: a TCP listener's accept() fails with EINVAL for
+        # good; a Unix listener's says EAGAIN while the socket polls POLLHUP. Either way the
+        # poller keeps reporting it ready.
+        doomed.shutdown(socket.SHUT_RDWR if family == "unix" else socket.SHUT_RD)
         await wait_until(lambda: bool(records(caplog, logging.ERROR, "")))
         await spin_a_little()
         errors = records(caplog, logging.ERROR, "")
         assert len(errors) == 1
         assert "'doomed'" in errors[0]
-        assert "Invalid argument" in errors[0]
+        assert ("Invalid argument" if family == "tcp" else "shut down") in errors[0]
         assert acceptor.stats().failed_listeners == ("doomed",)
         assert acceptor.listeners == (served,)
         assert doomed.fileno() == -1  # the acceptor owned it: closed
@@ -117,7 +125,7 @@ async def test_resource_errors_pause_and_log_once_per_episode(
 async def test_transient_errors_are_skipped_silently(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     async with acceptor_with_workers(1) as (acceptor, _workers, addr):
-        listener = acceptor._listeners[0]
+        listener = acceptor._listeners.items[0]
         real = listener.accept
         failures = [errno.ECONNABORTED, errno.EPROTO]
 
@@ -138,8 +146,7 @@ async def test_a_worker_refusing_clients_is_retried_and_logged_once_per_episode(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     async with acceptor_with_workers(1) as (acceptor, _workers, addr):
-        transport = acceptor._workers[0].transport
-        assert transport is not None
+        transport = link_transport(acceptor.workers[0])
         real = transport.write_fds
         state = {"fail": 1, "failed": 0}
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from helpers import wait_until, within
-from helpers.acceptor import acceptor_with_workers, linked_worker, request
+from helpers.acceptor import acceptor_with_workers, link_transport, linked_worker, request
 
 from aioancillary import Acceptor, AncillaryConnection
 from aioancillary._handoff import _acceptor
@@ -23,7 +23,7 @@ async def full_worker(acceptor: Acceptor) -> tuple[Any, AncillaryConnection]:
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's minimum
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
     link = acceptor.add_worker(ours)
-    link.transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
+    link_transport(link).set_write_buffer_limits(high=0)
     fake = AncillaryConnection(theirs)
     with await within(fake.recv()) as welcome:
         assert welcome.data.startswith(b"W")
@@ -59,7 +59,7 @@ async def test_a_full_worker_socket_stops_accepting_until_it_reads_again() -> No
             assert len(clients) < 400, "the worker's socket never filled"
             await connect(addr, clients)
             await wait_until(lambda: acceptor.stats().accepted == len(clients) or not link.cap)
-        assert link.transport.get_write_buffer_fds() > 0
+        assert link_transport(link).get_write_buffer_fds() > 0
         # Its only worker is full: the acceptor stops reading the listener (now, or at the
         # next client's wake-up) and the next clients wait in the kernel's backlog.
         for _ in range(3):

@@ -47,7 +47,8 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def _flush(self, outcomes: st.DataObject) -> None:
         """What the acceptor's flush does: each dirty worker's link takes a prefix."""
-        for slot in self.ledger.take_dirty():
+        dirty, self.ledger.dirty = self.ledger.dirty, []
+        for slot in dirty:
             items, slot.pending = slot.pending, []
             taken = outcomes.draw(
                 st.sampled_from([len(items), len(items), 0, len(items) // 2]), label="taken"
@@ -61,6 +62,10 @@ class LedgerMachine(RuleBasedStateMachine):
     def _live(self) -> list[Slot]:
         return list(self.ledger.workers)
 
+    def _present(self) -> list[Slot]:
+        """Workers that have not left: live ones and retiring ones."""
+        return [*self.ledger.workers, *self.ledger.retiring]
+
     # -- rules ----------------------------------------------------------------------------------
 
     @rule()
@@ -73,7 +78,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(most=st.integers(1, 8), outcomes=st.data())
     def wake(self, most: int, outcomes: st.DataObject) -> None:
         """A listener's wake-up: accept what the workers have room for, assign, flush."""
-        room = self.ledger.room(most)
+        room = self.ledger.free_places(most)
         free = sum(max(0, s.cap - s.in_flight) for s in self._live())
         assert room == min(most, free)
         accepted = [(next(self.fds), ("127.0.0.1", n)) for n in range(room)]
@@ -92,10 +97,10 @@ class LedgerMachine(RuleBasedStateMachine):
         assert not self.ledger.held or not self.ledger.has_room()
         self._flush(outcomes)
 
-    @precondition(lambda self: bool(self.ledger.workers))
+    @precondition(lambda self: bool(self.ledger.workers or self.ledger.retiring))
     @rule(data=st.data())
     def complete(self, data: st.DataObject) -> None:
-        slot = data.draw(st.sampled_from(self._live()), label="worker")
+        slot = data.draw(st.sampled_from(self._present()), label="worker")
         handed = self.at[slot.index]
         if not handed:
             with pytest.raises(ProtocolError):
@@ -106,11 +111,10 @@ class LedgerMachine(RuleBasedStateMachine):
         del handed[:count]
         self.finished += count
 
-    @precondition(lambda self: any(self.at[s.index] for s in self.ledger.workers) or self.gone)
     @rule(data=st.data())
     def take_back(self, data: st.DataObject) -> None:
         """Its transport returns clients it never sent (the newest ones), live or left."""
-        candidates = [s for s in self._live() if self.at[s.index]] + [
+        candidates = [s for s in self._present() if self.at[s.index]] + [
             s for s in self.gone.values() if self.at[s.index]
         ]
         if not candidates:
@@ -123,10 +127,10 @@ class LedgerMachine(RuleBasedStateMachine):
             self.lost -= count  # counted lost when it left
         self.ledger.taken_back(slot, [(b"r", fd) for fd in back])
 
-    @precondition(lambda self: bool(self.ledger.workers))
+    @precondition(lambda self: bool(self.ledger.workers or self.ledger.retiring))
     @rule(data=st.data(), dropped_first=st.booleans())
     def leave(self, data: st.DataObject, dropped_first: bool) -> None:
-        slot = data.draw(st.sampled_from(self._live()), label="worker")
+        slot = data.draw(st.sampled_from(self._present()), label="worker")
         if dropped_first:
             self.ledger.drop(slot)
             assert slot.cap == 0
@@ -138,24 +142,36 @@ class LedgerMachine(RuleBasedStateMachine):
         self.gone[slot.index] = slot
 
     @precondition(lambda self: bool(self.ledger.workers))
+    @rule(data=st.data())
+    def retire(self, data: st.DataObject) -> None:
+        slot = data.draw(st.sampled_from(self._live()), label="worker")
+        self.ledger.retire(slot)
+        assert slot not in self.ledger.workers
+        assert slot.cap == 0
+        with pytest.raises(ValueError, match="not a registered worker"):
+            self.ledger.retire(slot)
+        with pytest.raises(ValueError, match="not one of the workers"):
+            self.ledger.checked_choice(slot)
+
+    @precondition(lambda self: bool(self.ledger.workers or self.ledger.retiring))
     @rule(data=st.data(), full=st.booleans())
     def socket_full_or_drained(self, data: st.DataObject, full: bool) -> None:
-        slot = data.draw(st.sampled_from(self._live()), label="worker")
+        slot = data.draw(st.sampled_from(self._present()), label="worker")
         if full:
             self.ledger.full(slot)
             assert slot.cap == 0
         else:
             self.ledger.room_again(slot)
-            assert slot.cap == (0 if slot.gone else slot.limit)
+            assert slot.cap == (0 if slot.gone or slot.retired else slot.limit)
 
-    @precondition(lambda self: bool(self.ledger.workers))
+    @precondition(lambda self: bool(self.ledger.workers or self.ledger.retiring))
     @rule(data=st.data())
     def reopen(self, data: st.DataObject) -> None:
-        slot = data.draw(st.sampled_from(self._live()), label="worker")
+        slot = data.draw(st.sampled_from(self._present()), label="worker")
         if self.ledger.reopen(slot):
             assert slot.cap == slot.limit
         else:
-            assert slot.paused or slot.gone
+            assert slot.paused or slot.gone or slot.retired
 
     @rule()
     def close_held(self) -> None:
@@ -169,11 +185,11 @@ class LedgerMachine(RuleBasedStateMachine):
     def every_client_is_in_exactly_one_place(self) -> None:
         ledger = self.ledger
         held = [fd for _record, fd in ledger.held]
-        at_workers = [fd for s in self._live() for fd in self.at[s.index]]
+        at_workers = [fd for s in self._present() for fd in self.at[s.index]]
         everywhere = held + at_workers
         assert len(everywhere) == len(set(everywhere))
         assert ledger.accepted == (
-            sum(s.in_flight for s in self._live())
+            sum(s.in_flight for s in self._present())
             + len(ledger.held)
             + ledger.completed
             + ledger.lost
@@ -184,17 +200,19 @@ class LedgerMachine(RuleBasedStateMachine):
             self.lost,
             self.closed,
         )
-        for slot in self._live():
+        for slot in self._present():
             assert not slot.pending  # sent within the wake-up that assigned them
             assert slot.in_flight == len(self.at[slot.index])
             assert slot.handed - slot.completed >= slot.in_flight
-        assert ledger.in_flight == sum(s.in_flight for s in self._live()) + len(ledger.held)
+        assert ledger.in_flight == sum(s.in_flight for s in self._present()) + len(ledger.held)
 
     @invariant()
     def no_worker_over_its_limit(self) -> None:
-        for slot in self._live():
+        for slot in self._present():
             assert 0 <= slot.in_flight <= slot.limit
             assert slot.cap in (0, slot.limit)
+        for slot in self.ledger.retiring:
+            assert slot.cap == 0  # a retiring worker is never given a client
 
     @invariant()
     def listeners_are_read_exactly_when_a_worker_has_room(self) -> None:
@@ -202,7 +220,7 @@ class LedgerMachine(RuleBasedStateMachine):
         room = any(s.in_flight < s.cap for s in self._live())
         assert ledger.has_room() == room
         assert ledger.wants_clients() == (room and not ledger.held)
-        assert (ledger.room(64) > 0) == room
+        assert (ledger.free_places(64) > 0) == room
 
 
 TestLedger = LedgerMachine.TestCase
@@ -241,7 +259,8 @@ def test_held_clients_are_assigned_when_no_worker_has_room() -> None:
     assert not ledger.wants_clients()
     slot = ledger.join("l", 0, None)
     ledger.hand_held()
-    assert ledger.take_dirty() == [slot]
+    assert ledger.dirty == [slot]
+    ledger.dirty = []
     items, slot.pending = slot.pending, []
     assert ledger.sent(slot, items, 1) == items
     assert not ledger.held

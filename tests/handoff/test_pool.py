@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from helpers import nofile_at_least, uvloop, wait_until, within
+from helpers.acceptor import link_transport
 
 from aioancillary._handoff._pool import WorkerPool
 
@@ -177,7 +178,7 @@ async def test_clients_queued_for_a_killed_worker_are_served_by_another() -> Non
         # still owing one (its client answered, yet counted lost).
         assert await pool.acceptor.drain(timeout=10)
         victim = pool.acceptor.workers[0]
-        link = victim.transport  # type: ignore[attr-defined]
+        link = link_transport(victim)
         link.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
         assert victim.pid is not None
         os.kill(victim.pid, signal.SIGSTOP)  # it stops reading its socket

@@ -13,8 +13,9 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aioancillary import AncillaryConnection
+from aioancillary import AncillaryConnection, AncillaryTransport, WorkerInfo
 from aioancillary._handoff._acceptor import Acceptor
+from aioancillary._handoff._ledger import WorkerSlot
 from aioancillary._handoff._worker import HandedClient, Worker
 from helpers import TIMEOUT, within
 
@@ -112,7 +113,7 @@ async def request(address: Any, text: str = "hi", family: int = socket.AF_INET) 
         reader, writer = await asyncio.open_connection(*address[:2])
     try:
         writer.write(text.encode())
-        answer: dict[str, Any] = json.loads(await within(reader.readline()))
+        answer: dict[str, Any] = json.loads(await within(reader.readline(), 6 * TIMEOUT))
     finally:
         writer.close()
         await writer.wait_closed()
@@ -127,3 +128,11 @@ async def fake_worker(acceptor: Acceptor) -> AncillaryConnection:
     with await within(conn.recv()) as welcome:
         assert welcome.data.startswith(b"W")
     return conn
+
+
+def link_transport(worker: WorkerInfo) -> AncillaryTransport:
+    """The transport of the acceptor's link to ``worker`` (one of ``acceptor.workers``)."""
+    assert isinstance(worker, WorkerSlot)
+    transport = worker.link.transport
+    assert isinstance(transport, AncillaryTransport)
+    return transport

@@ -6,6 +6,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -19,6 +20,7 @@ from aioancillary._kernel._accept import (
     ResourcePause,
     accept_burst,
     classify_accept_error,
+    hung_up,
 )
 
 EAGAIN = "eagain"
@@ -200,3 +202,24 @@ def test_resource_pause_logs_once_per_episode(caplog: pytest.LogCaptureFixture) 
     ]
     assert "Too many open files" in caplog.records[0].getMessage()
     assert (pause.episodes, pause.failures, pause.active) == (2, 0, False)
+
+
+def test_a_unix_listener_shut_down_underneath_is_fatal(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(tmp_path / "l.sock"))
+        listener.listen()
+        listener.setblocking(False)
+        got: list[tuple[socket.socket, object]] = []
+        # An empty queue is no failure, with or without the fd to check.
+        assert accept_burst(listener.accept, 8, got, listener.fileno()) is None
+        assert not hung_up(listener.fileno())
+        # Shut down: accept() still says EAGAIN, but the socket polls POLLHUP (the reader
+        # would be called again at once, forever).
+        listener.shutdown(socket.SHUT_RDWR)
+        assert hung_up(listener.fileno())
+        assert accept_burst(listener.accept, 8, got) is None  # without the fd: not seen
+        failure = accept_burst(listener.accept, 8, got, listener.fileno())
+        assert failure is not None
+        assert failure.kind is AcceptErrorKind.FATAL
+        assert failure.error.errno == errno.ESHUTDOWN
+        assert got == []

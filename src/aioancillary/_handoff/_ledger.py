@@ -5,14 +5,16 @@ Every accepted client is, at any time, in exactly one place, and the counters sa
 * **pending** at a worker: assigned in this wake-up, not yet given to its link (the acceptor
   sends every worker's pending clients before the wake-up ends);
 * **in flight** at a worker: handed to its link and not reported finished
-  (``WorkerSlot.in_flight`` counts the pending ones too);
+  (``WorkerSlot.in_flight`` counts the pending ones too); a worker *retiring* (it gets no more
+  clients and finishes those it holds) still counts its own;
 * **held** here: no worker had room, the worker's socket refused it, or it was taken back
   from a worker that left before it was sent; held clients go out first when room appears;
 * **completed**: the worker reported it finished;
 * **lost**: its worker left while serving it, or before reading it from its socket;
 * **closed**: the acceptor closed while it was held.
 
-So ``accepted == in flight (all workers) + held + completed + lost + closed`` always
+So ``accepted == in flight (all workers, retiring ones too) + held + completed + lost +
+closed`` always
 (``tests/handoff/test_ledger.py`` checks it, with hypothesis). A worker never gets more than
 its ``cap`` from the built-in policies: its limit while it can take clients, 0 while its
 socket is full, after a refused hand-off, or while it leaves. The acceptor reads its
@@ -59,6 +61,7 @@ class WorkerSlot(Generic[L]):
         "pending",
         "pid",
         "refusing",
+        "retired",
     )
 
     def __init__(self, link: L, index: int, limit: int, pid: int | None) -> None:
@@ -74,6 +77,7 @@ class WorkerSlot(Generic[L]):
         self.gone = False  # left (or is being dropped): never picked again
         self.paused = False  # its socket is full: nothing until it reads
         self.refusing = False  # its last hand-off failed: resting until a retry
+        self.retired = False  # retiring: no more clients, it finishes those it holds
 
     def __repr__(self) -> str:
         return (
@@ -101,6 +105,7 @@ class Ledger(Generic[L]):
         "limit",
         "lost",
         "requeued",
+        "retiring",
         "workers",
     )
 
@@ -109,9 +114,12 @@ class Ledger(Generic[L]):
         self.limit = limit
         #: The live workers, in registration order.
         self.workers: list[WorkerSlot[L]] = []
+        #: Workers retiring: never picked, their clients still counted until they leave.
+        self.retiring: list[WorkerSlot[L]] = []
         #: Clients waiting here for a worker with room, oldest first.
         self.held: collections.deque[Item] = collections.deque()
-        #: Workers with pending clients, in the order they got their first one.
+        #: Workers with pending clients, in the order they got their first one. The caller
+        #: takes the list (and leaves an empty one) when it sends their clients.
         self.dirty: list[WorkerSlot[L]] = []
         self.accepted = self.handed = self.completed = 0
         self.lost = self.requeued = self.closed = 0
@@ -132,16 +140,29 @@ class Ledger(Generic[L]):
     def room_again(self, slot: WorkerSlot[L]) -> None:
         """Its socket drained (the link resumed writing)."""
         slot.paused = False
-        if not slot.gone:
+        if not slot.gone and not slot.retired:
             slot.cap = slot.limit
             slot.refusing = False
 
     def reopen(self, slot: WorkerSlot[L]) -> bool:
         """After a refused hand-off's rest: whether it may take clients again."""
-        if slot.gone or slot.paused:
+        if slot.gone or slot.retired or slot.paused:
             return False
         slot.cap = slot.limit
         return True
+
+    def retire(self, slot: WorkerSlot[L]) -> None:
+        """Give it no more clients; it finishes those it holds, then leaves (`left`).
+
+        Raises:
+            ValueError: not one of the live workers.
+        """
+        if slot not in self.workers:
+            raise ValueError(f"{slot!r} is not a registered worker of this acceptor")
+        self.workers.remove(slot)
+        self.retiring.append(slot)
+        slot.retired = True
+        slot.cap = 0
 
     def drop(self, slot: WorkerSlot[L]) -> None:
         """It is being dropped (it broke the protocol): pick it no more; `left` follows."""
@@ -153,9 +174,12 @@ class Ledger(Generic[L]):
 
         Once per worker: a second call returns 0 and changes nothing.
         """
-        if slot not in self.workers:
+        if slot in self.workers:
+            self.workers.remove(slot)
+        elif slot in self.retiring:
+            self.retiring.remove(slot)
+        else:
             return 0
-        self.workers.remove(slot)
         slot.gone = True
         slot.cap = 0
         if slot.pending:
@@ -169,8 +193,9 @@ class Ledger(Generic[L]):
 
     # -- clients ------------------------------------------------------------------------------
 
-    def room(self, most: int) -> int:
-        """How many clients the workers have room for now, at most ``most``."""
+    def free_places(self, most: int) -> int:
+        """How many more clients the workers may take now, counted up to ``most`` (the count
+        stops there: ``most`` means "that many or more")."""
         room = 0
         for slot in self.workers:
             free = slot.cap - slot.in_flight
@@ -245,11 +270,6 @@ class Ledger(Generic[L]):
             slot.pending.append(held.popleft())
             slot.in_flight += 1
 
-    def take_dirty(self) -> list[WorkerSlot[L]]:
-        """The workers with pending clients (the list is handed over; a new one starts)."""
-        dirty, self.dirty = self.dirty, []
-        return dirty
-
     def sent(self, slot: WorkerSlot[L], items: list[Item], taken: int) -> list[Item]:
         """``taken`` of ``items`` (``slot``'s pending, a prefix) reached its link; return them.
 
@@ -285,10 +305,10 @@ class Ledger(Generic[L]):
         count = len(items)
         if not count:
             return
-        if slot in self.workers:
-            slot.in_flight -= count
-        else:
+        if slot.gone and slot not in self.workers and slot not in self.retiring:
             self.lost -= count  # counted lost when it left: they were not
+        else:
+            slot.in_flight -= count
         slot.handed -= count
         self.handed -= count
         self.requeued += count
@@ -304,4 +324,5 @@ class Ledger(Generic[L]):
     @property
     def in_flight(self) -> int:
         """Clients at workers and not finished, plus those held here."""
-        return sum(slot.in_flight for slot in self.workers) + len(self.held)
+        in_flight = sum(slot.in_flight for slot in self.workers) + len(self.held)
+        return in_flight + sum(slot.in_flight for slot in self.retiring)

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
+import os
 import socket
 from collections.abc import Callable
 from typing import Protocol
 
 from .._asyncio._protocol import AncillaryProtocol
+from .._asyncio._server import AncillaryServer, create_unix_server
 from .._asyncio._transport import AncillaryTransport
 from .._core._errors import AncillaryError, ConnectionClosedError, ProtocolError
 from .._core._fd import close_raw
 from .._core._message import AncillaryMessage, take_raw_fds
 from .._core._platform import SCM_MAX_FD
+from .._kernel._unix import Authorize
 from . import _wire as wire
 from ._ledger import Item, Ledger, WorkerSlot
 
@@ -32,6 +36,10 @@ logger = logging.getLogger("aioancillary")
 
 #: Seconds before a worker whose socket refused a hand-off (not because it left) gets more.
 RETRY_DELAY = 0.1
+
+# An item's parts, without a Python frame per item (the hand-off's hot path).
+_record_of = operator.itemgetter(0)
+_fd_of = operator.itemgetter(1)
 
 
 class LinkOwner(Protocol):
@@ -167,6 +175,7 @@ class WorkerLinks:
         self._on_room = on_room
         self._on_full = on_full
         self._next_index = 0
+        self._pid = os.getpid()
         self._closing = False  # close(): no new worker, nothing more handed out
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._worker_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -178,6 +187,22 @@ class WorkerLinks:
     def new_link(self, pid: int | None = None) -> WorkerLink:
         """A link for a worker's connection (a protocol factory)."""
         return WorkerLink(self, pid)
+
+    async def listen(
+        self, path: str | os.PathLike[str], authorize: Authorize, mode: int
+    ) -> AncillaryServer:
+        """A registration server on ``path``: each worker ``authorize`` admits gets a link.
+
+        Raises:
+            TypeError: ``authorize`` is ``None``.
+        """
+        if authorize is None:
+            raise TypeError(
+                "listen_for_workers(authorize=None) would hand clients to any process that "
+                "can connect: pass a policy (the default, same_user, admits workers of this "
+                "user; allow_uids(...) or root_or_same_user widen it)"
+            )
+        return await create_unix_server(self.new_link, path, authorize=authorize, mode=mode)
 
     def add(self, sock: socket.socket, pid: int | None) -> WorkerSlot[WorkerLink]:
         """Register the worker at the other end of ``sock`` (ours from now on)."""
@@ -210,6 +235,18 @@ class WorkerLinks:
         logger.debug("worker %r registered", link.slot)
         self._on_room()
 
+    def retire(self, slot: WorkerSlot[WorkerLink]) -> None:
+        """Give ``slot``'s worker no more clients and end its client stream.
+
+        Raises:
+            ValueError: not one of the live workers.
+        """
+        self.ledger.retire(slot)
+        transport = slot.link.transport
+        if transport is not None:
+            transport.write_eof()  # after what is queued: its iteration ends there
+        logger.debug("worker %r retired", slot)
+
     def announce(self, announcement: bytes) -> None:
         """Tell every live worker of a new listener."""
         for slot in self.ledger.workers:
@@ -223,7 +260,8 @@ class WorkerLinks:
         """Give every worker with pending clients its clients: one message each."""
         ledger = self.ledger
         sent: list[Item] = []
-        for slot in ledger.take_dirty():
+        dirty, ledger.dirty = ledger.dirty, []
+        for slot in dirty:
             items, slot.pending = slot.pending, []
             transport = slot.link.transport
             if slot.gone or transport is None:
@@ -290,6 +328,7 @@ class WorkerLinks:
         slot = link.slot
         assert slot is not None
         ledger = self.ledger
+        was_full = slot.in_flight >= slot.cap  # else the acceptor is not waiting for it
         try:
             ledger.completed_by(slot, count)
         except ProtocolError as exc:
@@ -297,7 +336,7 @@ class WorkerLinks:
             return
         if ledger.held:
             self.hand_held()
-        else:
+        elif was_full:
             self._on_room()
         if self._drain_waiters:
             self._check_drained()
@@ -350,7 +389,7 @@ class WorkerLinks:
                 lost,
                 exc or "connection closed",
             )
-        if not ledger.workers and not self._all_gone.done():
+        if not ledger.workers and not ledger.retiring and not self._all_gone.done():
             self._all_gone.set_result(None)
         self.hand_held()
         self._check_drained()
@@ -358,9 +397,18 @@ class WorkerLinks:
     # -- waiting --------------------------------------------------------------------------------
 
     async def wait_workers(self, count: int) -> None:
-        """Wait until at least ``count`` workers are registered."""
+        """Wait until at least ``count`` workers are registered.
+
+        Raises:
+            ConnectionClosedError: in a forked child (the workers are the parent's).
+        """
         if len(self.ledger.workers) >= count:
             return
+        if os.getpid() != self._pid:
+            raise ConnectionClosedError(
+                f"this acceptor belongs to process {self._pid}: a forked child cannot use it "
+                "(create one in the child)"
+            )
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._worker_waiters.append((count, waiter))
         try:
@@ -408,8 +456,8 @@ class WorkerLinks:
                 slot.link.transport.write_eof()
 
     def abort(self) -> None:
-        """Abort every worker's link."""
-        for slot in list(self.ledger.workers):
+        """Abort every worker's link (retiring ones too)."""
+        for slot in [*self.ledger.workers, *self.ledger.retiring]:
             if slot.link.transport is not None:
                 slot.link.transport.abort()
 
@@ -417,6 +465,7 @@ class WorkerLinks:
         """In a forked child: the workers are the parent's (their transports are inert)."""
         self._closing = True
         self.ledger.workers.clear()
+        self.ledger.retiring.clear()
         close_items(self.ledger.close_held())
 
 
@@ -440,7 +489,7 @@ def send_clients(
             # transport's end-of-iteration flush (which would also duplicate every fd).
             transport.end_burst()
             transport.write_fds(
-                wire.client_message([record for record, _fd in chunk]), [fd for _r, fd in chunk]
+                wire.client_message(map(_record_of, chunk)), list(map(_fd_of, chunk))
             )
             taken += len(chunk)
     except (AncillaryError, OSError) as exc:
@@ -452,4 +501,4 @@ def close_items(items: list[Item]) -> None:
     """Close the fds of ``items``."""
     # The clients of one wake are mostly consecutive fd numbers (accept hands out the lowest
     # free ones): close_raw closes such runs with one close_range(2) each.
-    close_raw([fd for _record, fd in items])
+    close_raw(list(map(_fd_of, items)))

@@ -33,7 +33,7 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from .._core._errors import ProtocolError
@@ -238,7 +238,7 @@ def record_packer(index: int, family: int) -> Callable[[Any], bytes]:
     return unix_record
 
 
-def client_message(records: list[bytes]) -> bytes:
+def client_message(records: Iterable[bytes]) -> bytes:
     """The ``C`` message carrying ``records`` (their fds go with it, in the same order)."""
     return b"C" + b"".join(records)
 

@@ -17,6 +17,11 @@ registered, the poller reports the socket ready at once, the call fails again):
   underneath the loop; ``EBADF``, ``ENOTSOCK``...). The listener will never accept again: stop
   serving it (remove its reader) and say so once.
 
+A Unix listener shut down underneath the loop fails without an error: ``accept()`` says
+``EAGAIN`` while the poller keeps reporting it ready (``unix_poll`` sets ``EPOLLHUP`` on a
+socket shut down both ways). Given the listener's fd, ``accept_burst`` checks for that when
+the queue was empty at the first try and reports it as fatal (``ESHUTDOWN``).
+
 A burst in which *every* attempt failed with a transient error is not about one client (a
 seccomp filter or an LSM can fail every ``accept4`` the same way, leaving the queue as it is):
 ``accept_burst`` reports it as a resource failure, so the loop pauses instead of spinning.
@@ -30,6 +35,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import select
 import time
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
@@ -43,6 +49,7 @@ __all__ = [
     "ResourcePause",
     "accept_burst",
     "classify_accept_error",
+    "hung_up",
 ]
 
 T = TypeVar("T")
@@ -106,7 +113,9 @@ class AcceptFailure(NamedTuple):
     error: OSError
 
 
-def accept_burst(accept: Callable[[], T], limit: int, into: list[T]) -> AcceptFailure | None:
+def accept_burst(
+    accept: Callable[[], T], limit: int, into: list[T], fd: int | None = None
+) -> AcceptFailure | None:
     """Call ``accept()`` up to ``limit`` times, appending what it returns to ``into``.
 
     Stops early when the kernel's queue is empty (``EAGAIN``). Transient errors skip their
@@ -119,6 +128,8 @@ def accept_burst(accept: Callable[[], T], limit: int, into: list[T]) -> AcceptFa
             for ``(fd, address)`` without a socket object).
         limit: The most clients to take now (so that one busy listener cannot starve others).
         into: Where the accepted clients go; the caller owns them, even if this raises.
+        fd: The listener's fd: if its queue was empty at the first try, it is polled for
+            ``POLLHUP`` (shut down underneath the loop), reported as a fatal failure.
 
     Returns:
         ``None`` if the burst ended at ``EAGAIN`` or at ``limit``, else the failure.
@@ -126,10 +137,13 @@ def accept_burst(accept: Callable[[], T], limit: int, into: list[T]) -> AcceptFa
     append = into.append
     transient = 0
     last: OSError | None = None
-    for _ in range(limit):
+    for tries in range(limit):
         try:
             append(accept())
         except BlockingIOError:
+            if not tries and fd is not None and hung_up(fd):
+                shut = OSError(errno.ESHUTDOWN, "the listening socket was shut down")
+                return AcceptFailure(AcceptErrorKind.FATAL, shut)
             return None
         except OSError as exc:
             if exc.errno in TRANSIENT_ERRNOS:
@@ -145,6 +159,13 @@ def accept_burst(accept: Callable[[], T], limit: int, into: list[T]) -> AcceptFa
     return None
 
 
+def hung_up(fd: int) -> bool:
+    """True when ``fd`` polls ``POLLHUP``: a listening socket shut down underneath its loop."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(events & select.POLLHUP for _fd, events in poller.poll(0))
+
+
 class ResourcePause:
     """The log of one listener's (or one loop's) resource episodes: one line when accepting
     starts failing for lack of resources, one when it works again, nothing per retry.
@@ -154,26 +175,25 @@ class ResourcePause:
         what: Names the loop in those lines (e.g. ``"the acceptor"``).
     """
 
-    __slots__ = ("_logger", "_since", "_what", "episodes", "failures")
+    __slots__ = ("_logger", "_since", "_what", "active", "episodes", "failures")
 
     def __init__(self, logger: logging.Logger, what: str) -> None:
         self._logger = logger
         self._what = what
-        self._since: float | None = None
+        self._since = 0.0
+        #: True between a resource failure and the next burst that did not fail (an
+        #: attribute, not a property: accept loops read it on every wake-up).
+        self.active = False
         #: Episodes so far (each one logged once).
         self.episodes = 0
         #: Failed tries in the current episode.
         self.failures = 0
 
-    @property
-    def active(self) -> bool:
-        """True between a resource failure and the next burst that did not fail."""
-        return self._since is not None
-
     def failed(self, exc: OSError) -> float:
         """Record a resource failure; return the seconds to wait before trying again."""
         self.failures += 1
-        if self._since is None:
+        if not self.active:
+            self.active = True
             self._since = time.monotonic()
             self.episodes += 1
             self._logger.error(
@@ -187,14 +207,13 @@ class ResourcePause:
 
     def recovered(self) -> None:
         """A burst went through without a resource failure: end the episode (if any)."""
-        since = self._since
-        if since is None:
+        if not self.active:
             return
-        self._since = None
+        self.active = False
         self._logger.warning(
             "%s accepts again after %d failed tries over %.1f s",
             self._what,
             self.failures,
-            time.monotonic() - since,
+            time.monotonic() - self._since,
         )
         self.failures = 0
