@@ -221,3 +221,33 @@ def test_a_child_leaving_through_its_inherited_loop_exits_promptly(
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out == {"child": status, "answers": ["pong"] * 3}, result.stderr
+
+
+def test_a_closed_acceptor_forks_cleanly() -> None:
+    script = textwrap.dedent(
+        """
+        import asyncio, os, socket
+        import aioancillary as aa
+
+        async def main():
+            acceptor = aa.Acceptor()
+            acceptor.add_listener(socket.create_server(("127.0.0.1", 0)))
+            acceptor.close()
+            await acceptor.wait_closed()
+            pid = os.fork()
+            if pid == 0:
+                # The child's copy is inert, and every wait returns at once.
+                ok = acceptor.stats().workers == 0 and await acceptor.drain()
+                await acceptor.wait_closed()
+                os._exit(0 if ok and not acceptor.listeners else 3)
+            _, status = os.waitpid(pid, 0)
+            print(os.waitstatus_to_exitcode(status))
+
+        asyncio.run(main())
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0", result.stderr

@@ -151,7 +151,8 @@ class Acceptor:
         # In a child process after fork(): drop this process's copies of the listeners and
         # of the clients held here; the loop and its registrations are the parent's, and so
         # are the workers (their links' transports are inert here, see _fork).
-        self._state.move(_CLOSED)
+        if self._state.state is not _CLOSED:
+            self._state.move(_CLOSED)
         self._listeners.close()
         self._links.forked()
 
