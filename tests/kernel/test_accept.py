@@ -20,8 +20,8 @@ from aioancillary._kernel._accept import (
     ResourcePause,
     accept_burst,
     classify_accept_error,
-    hung_up,
 )
+from aioancillary._kernel._unix import listener_shut_down
 
 EAGAIN = "eagain"
 
@@ -204,7 +204,8 @@ def test_resource_pause_logs_once_per_episode(caplog: pytest.LogCaptureFixture) 
     assert (pause.episodes, pause.failures, pause.active) == (2, 0, False)
 
 
-def test_a_unix_listener_shut_down_underneath_is_fatal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", [socket.SHUT_RDWR, socket.SHUT_RD], ids=["SHUT_RDWR", "SHUT_RD"])
+def test_a_unix_listener_shut_down_underneath_is_fatal(tmp_path: Path, how: int) -> None:
     with socket.socket(socket.AF_UNIX) as listener:
         listener.bind(str(tmp_path / "l.sock"))
         listener.listen()
@@ -212,11 +213,12 @@ def test_a_unix_listener_shut_down_underneath_is_fatal(tmp_path: Path) -> None:
         got: list[tuple[socket.socket, object]] = []
         # An empty queue is no failure, with or without the fd to check.
         assert accept_burst(listener.accept, 8, got, listener.fileno()) is None
-        assert not hung_up(listener.fileno())
-        # Shut down: accept() still says EAGAIN, but the socket polls POLLHUP (the reader
-        # would be called again at once, forever).
-        listener.shutdown(socket.SHUT_RDWR)
-        assert hung_up(listener.fileno())
+        assert not listener_shut_down(listener.fileno())
+        # Shut down (both ways, or for reading only: EPOLLRDHUP without EPOLLHUP): accept()
+        # still says EAGAIN, but the socket polls readable (the reader would be called again
+        # at once, forever).
+        listener.shutdown(how)
+        assert listener_shut_down(listener.fileno())
         assert accept_burst(listener.accept, 8, got) is None  # without the fd: not seen
         failure = accept_burst(listener.accept, 8, got, listener.fileno())
         assert failure is not None

@@ -17,10 +17,11 @@ registered, the poller reports the socket ready at once, the call fails again):
   underneath the loop; ``EBADF``, ``ENOTSOCK``...). The listener will never accept again: stop
   serving it (remove its reader) and say so once.
 
-A Unix listener shut down underneath the loop fails without an error: ``accept()`` says
-``EAGAIN`` while the poller keeps reporting it ready (``unix_poll`` sets ``EPOLLHUP`` on a
-socket shut down both ways). Given the listener's fd, ``accept_burst`` checks for that when
-the queue was empty at the first try and reports it as fatal (``ESHUTDOWN``).
+A Unix listener shut down underneath the loop (``SHUT_RD`` or ``SHUT_RDWR``) fails without an
+error: ``accept()`` says ``EAGAIN`` while the poller keeps reporting it ready (``unix_poll``
+sets ``EPOLLIN | EPOLLRDHUP`` once ``RCV_SHUTDOWN`` is set). Given the listener's fd,
+``accept_burst`` checks for that (``_unix.listener_shut_down``) when the queue was empty at the
+first try, and reports it as fatal (``ESHUTDOWN``).
 
 A burst in which *every* attempt failed with a transient error is not about one client (a
 seccomp filter or an LSM can fail every ``accept4`` the same way, leaving the queue as it is):
@@ -35,10 +36,11 @@ from __future__ import annotations
 import enum
 import errno
 import logging
-import select
 import time
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
+
+from ._unix import listener_shut_down
 
 __all__ = [
     "RESOURCE_ERRNOS",
@@ -49,7 +51,6 @@ __all__ = [
     "ResourcePause",
     "accept_burst",
     "classify_accept_error",
-    "hung_up",
 ]
 
 T = TypeVar("T")
@@ -129,7 +130,7 @@ def accept_burst(
         limit: The most clients to take now (so that one busy listener cannot starve others).
         into: Where the accepted clients go; the caller owns them, even if this raises.
         fd: The listener's fd: if its queue was empty at the first try, it is polled for
-            ``POLLHUP`` (shut down underneath the loop), reported as a fatal failure.
+            ``POLLRDHUP`` (shut down underneath the loop), reported as a fatal failure.
 
     Returns:
         ``None`` if the burst ended at ``EAGAIN`` or at ``limit``, else the failure.
@@ -141,7 +142,7 @@ def accept_burst(
         try:
             append(accept())
         except BlockingIOError:
-            if not tries and fd is not None and hung_up(fd):
+            if not tries and fd is not None and listener_shut_down(fd):
                 shut = OSError(errno.ESHUTDOWN, "the listening socket was shut down")
                 return AcceptFailure(AcceptErrorKind.FATAL, shut)
             return None
@@ -157,13 +158,6 @@ def accept_burst(
     if transient == limit and last is not None:
         return AcceptFailure(AcceptErrorKind.RESOURCE, last)
     return None
-
-
-def hung_up(fd: int) -> bool:
-    """True when ``fd`` polls ``POLLHUP``: a listening socket shut down underneath its loop."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return any(events & select.POLLHUP for _fd, events in poller.poll(0))
 
 
 class ResourcePause:

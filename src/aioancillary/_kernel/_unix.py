@@ -123,8 +123,8 @@ def check_listening(sock: socket.socket) -> None:
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0)
 
 
-def listener_shut_down(sock: socket.socket) -> bool:
-    """After a wake-up that found nothing to accept: was the listening socket shut down?
+def listener_shut_down(sock: socket.socket | int) -> bool:
+    """After a wake-up that found nothing to accept: was the listening socket (or fd) shut down?
 
     ``shutdown()`` on a listening AF_UNIX socket makes the poller report it readable for good
     (``unix_poll``: ``EPOLLIN | EPOLLRDHUP`` once ``RCV_SHUTDOWN`` is set) while ``accept()``
