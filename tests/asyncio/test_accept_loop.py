@@ -400,6 +400,61 @@ async def test_a_listener_that_fails_for_good_is_dropped_and_the_others_served(
     healthy.close()
 
 
+class CountingListener(socket.socket):
+    """A listener that counts its accept() calls (a spinning reader calls it without end)."""
+
+    calls = 0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        CountingListener.calls += 1
+        return super().accept()
+
+
+def counting_listener(family: str, path: Path) -> CountingListener:
+    if family == "unix":
+        sock = CountingListener(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+    else:
+        sock = CountingListener(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+@pytest.mark.parametrize("how", [socket.SHUT_RDWR, socket.SHUT_RD], ids=["SHUT_RDWR", "SHUT_RD"])
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+async def test_a_listener_shut_down_underneath_is_dropped_once_without_spinning(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path, family: str, how: int
+) -> None:
+    """A TCP listener shut down fails accept() with EINVAL; a Unix one says EAGAIN while it
+    polls readable for good (``EPOLLRDHUP``): both are dropped, once, and not called again."""
+    CountingListener.calls = 0
+    broken, healthy = counting_listener(family, tmp_path / "broken.sock"), tcp_listener()
+    try:
+        async with served() as server:
+            server.add_listener(broken, handler=echo, name="broken")
+            server.add_listener(healthy, handler=echo, name="healthy")
+            with caplog.at_level(logging.ERROR, logger="aioancillary"):
+                broken.shutdown(how)
+                # Dropped, or spinning (a reader left registered calls accept() every turn).
+                await wait_until(
+                    lambda: bool(server.stats().failed_listeners) or CountingListener.calls > 500
+                )
+                calls = CountingListener.calls
+                for _ in range(200):
+                    await asyncio.sleep(0)
+            assert server.stats().failed_listeners == ("broken",)
+            assert CountingListener.calls == calls  # not called since it was dropped
+            assert caplog.text.count("stopped accepting on listener broken") == 1
+            assert server.stats().listeners == 1
+            assert await ask(healthy) == b"echo: hi\n"
+            assert broken.fileno() >= 0  # the caller's to close
+            server.stop_accepting()
+    finally:
+        broken.close()
+        healthy.close()
+
+
 class FlakyListener(socket.socket):
     """A listener whose accept() fails with ECONNABORTED ``failures`` times first."""
 

@@ -15,7 +15,9 @@ per wake-up (never ``loop.sock_accept``: uvloop's registers and removes a watche
 listener for every call). ``accept()`` errors are sorted as ``_kernel._accept`` says:
 transient ones skip their client, resource ones (``EMFILE``...) pause that listener and
 retry, logged once per episode, and any other error drops that listener alone (its reader
-removed; the socket is the caller's and stays open).
+removed; the socket is the caller's and stays open). So does a Unix listener shut down
+underneath the server, which ``accept()`` reports as an empty queue (``EAGAIN``) while the
+poller reports it ready for good: ``accept_burst`` is given its fd to check.
 """
 
 from __future__ import annotations
@@ -233,7 +235,7 @@ class ConnectionServer:
             return  # stopped in this loop iteration, after the poller reported it ready
         accepted: list[tuple[socket.socket, Any]] = []
         try:
-            failure = accept_burst(entry.sock.accept, self._burst, accepted)
+            failure = accept_burst(entry.sock.accept, self._burst, accepted, entry.fd)
         finally:
             for sock, _addr in accepted:  # every accepted socket is tracked, even on error
                 self._conns.start(sock, entry.name, entry.handler, entry.protocol_factory)
