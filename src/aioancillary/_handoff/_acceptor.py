@@ -1,11 +1,5 @@
 """The acceptor: accept clients on listening sockets and hand each one to a worker process.
 
-One readiness callback per listener accepts until EAGAIN (at most ``accept_burst`` per wake,
-so that one busy listener cannot starve the others, and never more than the workers have room
-for) with ``sock._accept()``, which returns the raw fd and the peer address without building a
-socket object. Never ``loop.sock_accept``: uvloop's registers and tears down a watcher on the
-listener for every call.
-
 Each accepted client is assigned to a worker at once (least-busy by default) and appended to
 that worker's list for this wake; when the wake ends, each worker's list goes out in one batch
 (one ``sendmsg`` while the fd cap allows), and the acceptor closes its copies. Workers report
@@ -19,9 +13,9 @@ kernel already delivered into its socket, or that it was serving, are lost with 
 counted in [`AcceptorStats.lost`][aioancillary.AcceptorStats.lost] and logged.
 
 The parts: ``_ledger`` keeps the bookkeeping of clients and workers (no sockets), ``_link``
-the workers' connections and the hand-off, ``_listeners`` the listening sockets,
-``_acceptor_state`` the acceptor's states; this module reads the listeners, moves between the
-states, and is the public face.
+the workers' connections and the hand-off, ``_intake`` reads the listeners (``_listeners``)
+and moves between the acceptor's states (``_acceptor_state``); the workers' links reach it
+through the named ``_link.AcceptorSide``. This module is the public face.
 """
 
 from __future__ import annotations
@@ -37,14 +31,13 @@ from typing import Any, Self
 
 from .._asyncio._server import AncillaryServer
 from .._kernel import _fork
-from .._kernel._accept import AcceptErrorKind, AcceptFailure, ResourcePause, accept_burst
 from .._kernel._authorize import same_user
 from .._kernel._unix import Authorize
-from ._acceptor_state import AcceptorState, AcceptorStates
+from ._acceptor_state import AcceptorState
 from ._dispatch import DispatchName, Picker, WorkerInfo, make_policy
+from ._intake import Intake
 from ._ledger import Ledger, WorkerSlot
-from ._link import WorkerLink, WorkerLinks
-from ._listeners import Listener, Listeners
+from ._link import WorkerLink
 
 __all__ = ["Acceptor", "AcceptorStats"]
 
@@ -52,12 +45,6 @@ logger = logging.getLogger("aioancillary")
 
 #: Seconds the ``async with`` exit waits for the workers to leave before it aborts them.
 _CLOSE_TIMEOUT = 5.0
-
-_PAUSED = AcceptorState.PAUSED
-_ACCEPTING = AcceptorState.ACCEPTING
-_COOLING = AcceptorState.COOLING
-_STOPPED = AcceptorState.STOPPED
-_CLOSED = AcceptorState.CLOSED
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,37 +116,26 @@ class Acceptor:
     ) -> None:
         if worker_limit < 1 or accept_burst < 1:
             raise ValueError("worker_limit and accept_burst must be at least 1")
-        self._loop = asyncio.get_running_loop()
-        self._picker: Picker | None = None
+        picker: Picker | None = None
         if callable(dispatch):
-            self._picker = dispatch
-            dispatch = "least-busy"
+            picker, dispatch = dispatch, "least-busy"
         self._ledger: Ledger[WorkerLink] = Ledger(make_policy(dispatch), worker_limit)
-        self._listeners = Listeners()
-        self._links = WorkerLinks(
-            self._ledger, self._listeners.announcements, self._on_room, self._pause_accepting
-        )
-        self._burst = accept_burst
-        self._state = AcceptorStates()
-        self._resource = ResourcePause(logger, "the acceptor")
-        self._resume: asyncio.Handle | None = None  # a resume check scheduled
-        self._cooled: asyncio.TimerHandle | None = None  # the paced retry after a resource error
+        self._intake = Intake(self._ledger, picker, accept_burst)
+        self._listeners = self._intake.listeners
+        self._links = self._intake.links
         self._servers: list[AncillaryServer] = []
-        self._pid = _fork.track(self)
+        _fork.track(self)
 
     def _forked(self) -> None:
         # In a child process after fork(): drop this process's copies of the listeners and
         # of the clients held here; the loop and its registrations are the parent's, and so
         # are the workers (their links' transports are inert here, see _fork).
-        if self._state.state is not _CLOSED:
-            self._state.move(_CLOSED)
-        self._listeners.close()
-        self._links.forked()
+        self._intake.forked()
 
     def _in_child(self) -> bool:
         # A forked child holds an inert copy: nothing it could wait for will ever happen
         # there (no worker leaves, no completion arrives), so no wait may block it.
-        return os.getpid() != self._pid
+        return self._intake.in_child()
 
     # -- listeners --------------------------------------------------------------------------
 
@@ -187,26 +163,12 @@ class Acceptor:
                 stopped accepting.
             TypeError: ``metadata`` is not JSON-serialisable.
         """
-        if self._state.state in (_STOPPED, _CLOSED):
-            raise ValueError("the acceptor stopped accepting; create a new one")
-        listener = self._listeners.add(sock, name, metadata or {})
-        self._links.announce(listener.announcement)
-        if self._state.state is _ACCEPTING:
-            self._loop.add_reader(listener.fd, self._on_acceptable, listener)
-        else:
-            self._on_room()
+        self._intake.add(sock, name, metadata or {})
 
     @property
     def listeners(self) -> tuple[socket.socket, ...]:
         """The listening sockets (empty once accepting stopped)."""
         return tuple(listener.sock for listener in self._listeners.items)
-
-    def _drop_listener(self, listener: Listener, exc: OSError) -> None:
-        # accept() on it will never work again (e.g. EINVAL: it no longer listens): keeping
-        # its reader would make the loop call it again at once, forever.
-        if self._state.state is _ACCEPTING and not self._in_child():
-            self._loop.remove_reader(listener.fd)
-        self._listeners.drop(listener, exc)
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -290,92 +252,7 @@ class Acceptor:
             raise ValueError(f"{worker!r} is not a registered worker of this acceptor")
         self._links.retire(worker)
         if not self._ledger.has_room():
-            self._pause_accepting()  # the kernel's backlog holds clients until a worker comes
-
-    # -- accepting --------------------------------------------------------------------------
-
-    def _on_acceptable(self, listener: Listener, sweeping: bool = False) -> int:
-        """Accept a burst from ``listener`` (its reader); return how many were accepted."""
-        if self._state.state is not _ACCEPTING and not sweeping:
-            return 0  # a readiness callback already due when the readers were removed
-        ledger = self._ledger
-        burst = self._burst
-        # Never more than the workers have room for: the rest wait in the kernel's backlog.
-        free = ledger.free_places(burst + 1)
-        if not free:
-            self._pause_accepting()
-            return 0
-        accepted: list[tuple[int, Any]] = []
-        failure = accept_burst(
-            listener.accept, free if free <= burst else burst, accepted, listener.fd
-        )
-        if accepted:
-            picker = self._picker
-            if picker is None:
-                ledger.assign(accepted, listener.record)
-                if len(accepted) == free:  # the policy filled every free place
-                    self._pause_accepting()  # the kernel's backlog holds the next ones
-            else:
-                loop = self._loop
-                ledger.assign(
-                    accepted,
-                    listener.record,
-                    lambda addr: _chosen(loop, ledger, picker, addr, listener.name),
-                )
-                if not ledger.has_room():
-                    self._pause_accepting()
-            if ledger.dirty:
-                self._links.flush()
-        if failure is not None:
-            self._accept_failed(listener, failure)
-        elif self._resource.active:
-            self._resource.recovered()
-        return len(accepted)
-
-    def _accept_failed(self, listener: Listener, failure: AcceptFailure) -> None:
-        if failure.kind is not AcceptErrorKind.RESOURCE:
-            self._drop_listener(listener, failure.error)
-            return
-        # Out of fds or memory: stop for a moment instead of spinning on readiness (the
-        # clients wait in the backlog), logged once per episode.
-        delay = self._resource.failed(failure.error)
-        state = self._state.state
-        if state is _ACCEPTING:
-            self._remove_readers()
-        if state in (_ACCEPTING, _PAUSED):
-            self._state.move(_COOLING)
-            self._cooled = self._loop.call_later(delay, self._cooling_over)
-
-    def _cooling_over(self) -> None:
-        self._cooled = None
-        if self._state.state is _COOLING:
-            self._state.move(_PAUSED)
-            self._on_room()
-
-    def _on_room(self) -> None:
-        # A worker may have room: resume accepting once per loop iteration at most.
-        if self._state.state is _PAUSED and self._resume is None:
-            self._resume = self._loop.call_soon(self._resume_accepting)
-
-    def _resume_accepting(self) -> None:
-        self._resume = None
-        if self._state.state is not _PAUSED or not self._listeners.items or self._in_child():
-            return
-        if not self._ledger.wants_clients():
-            return
-        self._state.move(_ACCEPTING)
-        for listener in self._listeners.items:
-            self._loop.add_reader(listener.fd, self._on_acceptable, listener)
-
-    def _pause_accepting(self) -> None:
-        if self._state.state is _ACCEPTING:
-            self._state.move(_PAUSED)
-            self._remove_readers()
-
-    def _remove_readers(self) -> None:
-        if not self._in_child():
-            for listener in self._listeners.items:
-                self._loop.remove_reader(listener.fd)
+            self._intake.workers_full()  # the backlog holds clients until a worker comes
 
     # -- stopping ---------------------------------------------------------------------------
 
@@ -387,21 +264,7 @@ class Acceptor:
         the workers have room: closing a listener resets every connection still queued on it
         (``inet_csk_listen_stop``).
         """
-        if self._state.state in (_STOPPED, _CLOSED):
-            return
-        if not self._in_child():
-            for listener in list(self._listeners.items):  # a failing one drops itself
-                while listener in self._listeners.items and self._on_acceptable(listener, True):
-                    pass
-        state = self._state.state
-        if state is _ACCEPTING:
-            self._remove_readers()
-        for handle in (self._resume, self._cooled):
-            if handle is not None:
-                handle.cancel()
-        self._resume = self._cooled = None
-        self._state.move(_STOPPED)
-        self._listeners.close()
+        self._intake.stop()
 
     # A timeout here answers "did they finish in time?" (False) instead of raising: a graceful
     # stop goes on to close the workers either way.
@@ -428,13 +291,12 @@ class Acceptor:
         completions until they close. Clients waiting for a worker are closed. Use
         [`drain`][aioancillary.Acceptor.drain] first for a graceful stop.
         """
-        if self._state.state is _CLOSED:
+        if self._intake.state is AcceptorState.CLOSED:
             return
-        self.stop_accepting()
-        self._state.move(_CLOSED)
+        self._intake.stop()
         for server in self._servers:
             server.close()
-        self._links.close()
+        self._intake.close()
 
     def abort(self) -> None:
         """Close at once: every worker's link is aborted (see
@@ -464,7 +326,7 @@ class Acceptor:
 
     def stats(self) -> AcceptorStats:
         """A snapshot of the counters."""
-        accepting = self._state.state is _ACCEPTING
+        accepting = self._intake.state is AcceptorState.ACCEPTING
         return _stats(self._ledger, accepting, self._listeners.failed)
 
     async def __aenter__(self) -> Self:
@@ -488,7 +350,7 @@ class Acceptor:
 
     def __repr__(self) -> str:
         return (
-            f"<Acceptor {self._state.state.value} listeners={len(self._listeners.items)} "
+            f"<Acceptor {self._intake.state.value} listeners={len(self._listeners.items)} "
             f"workers={len(self._ledger.workers)}>"
         )
 
@@ -505,23 +367,3 @@ def _stats(ledger: Ledger[WorkerLink], accepting: bool, failed: list[str]) -> Ac
         accepting=accepting,
         failed_listeners=tuple(failed),
     )
-
-
-def _chosen(
-    loop: asyncio.AbstractEventLoop,
-    ledger: Ledger[WorkerLink],
-    picker: Picker,
-    addr: Any,
-    listener: str,
-) -> WorkerSlot[WorkerLink] | None:
-    """The worker a caller's picker chose for ``addr``; least-busy if it failed or chose
-    something that is not one of the workers (reported to the loop's exception handler)."""
-    try:
-        return ledger.checked_choice(picker(addr, listener, ledger.workers))
-    except ValueError as exc:
-        loop.call_exception_handler({"message": f"aioancillary Acceptor: {exc}; using least-busy"})
-    except Exception as exc:
-        loop.call_exception_handler(
-            {"message": "aioancillary Acceptor picker failed; using least-busy", "exception": exc}
-        )
-    return ledger.pick()

@@ -6,7 +6,9 @@ completions, broke the protocol, got clients back unsent, its socket filled or d
 left. `WorkerLinks` implements it for all of an acceptor's workers: it keeps their entries in
 the ledger (``_ledger``, the bookkeeping without sockets), sends each worker the clients
 assigned to it, retries a worker whose socket refused some, and answers the waits on workers
-and on clients in flight. Reading the listeners stays the acceptor's (``_acceptor``).
+and on clients in flight. Reading the listeners stays the acceptor's (``_intake``), which the
+links reach through another small named interface, `AcceptorSide`: the listeners'
+announcements, "a worker may have room", "no worker has room".
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import logging
 import operator
 import os
 import socket
-from collections.abc import Callable
 from typing import Protocol
 
 from .._asyncio._protocol import AncillaryProtocol
@@ -30,7 +31,15 @@ from .._kernel._unix import Authorize
 from . import _wire as wire
 from ._ledger import Item, Ledger, WorkerSlot
 
-__all__ = ["RETRY_DELAY", "LinkOwner", "WorkerLink", "WorkerLinks", "close_items", "send_clients"]
+__all__ = [
+    "RETRY_DELAY",
+    "AcceptorSide",
+    "LinkOwner",
+    "WorkerLink",
+    "WorkerLinks",
+    "close_items",
+    "send_clients",
+]
 
 logger = logging.getLogger("aioancillary")
 
@@ -68,6 +77,23 @@ class LinkOwner(Protocol):
 
     def link_lost(self, link: WorkerLink, exc: Exception | None) -> None:
         """The connection is closed: the worker left."""
+        ...
+
+
+class AcceptorSide(Protocol):
+    """What [`WorkerLinks`][] asks of, and tells, the side of the acceptor that reads the
+    listeners (``_intake.Intake``)."""
+
+    def announcements(self) -> list[bytes]:
+        """The messages announcing the acceptor's listeners (for a new worker)."""
+        ...
+
+    def workers_have_room(self) -> None:
+        """A worker may have room again: the listeners may be read."""
+        ...
+
+    def workers_full(self) -> None:
+        """A worker's socket filled up and no worker has room left: stop reading at once."""
         ...
 
 
@@ -152,28 +178,18 @@ class WorkerLinks:
     It implements [`LinkOwner`][] for every link it makes, sends each worker its pending
     clients ([`flush`][]), retries a worker whose socket refused some, takes back what a
     leaving worker never got, and answers the waits on workers and on the clients in flight.
-    It tells the acceptor when the workers may have room again (``on_room``) and when they
-    have none (``on_full``): reading the listeners is the acceptor's business.
+    It tells the acceptor's reading side, through [`AcceptorSide`][] only, when the workers
+    may have room again and when they have none: reading the listeners is its business.
 
     Args:
         ledger: The bookkeeping of clients and workers.
-        announcements: The messages announcing the acceptor's listeners (for a new worker).
-        on_room: Called when a worker may have room again.
-        on_full: Called when a worker's socket filled up and no worker has room left.
+        side: The acceptor's side that reads the listeners.
     """
 
-    def __init__(
-        self,
-        ledger: Ledger[WorkerLink],
-        announcements: Callable[[], list[bytes]],
-        on_room: Callable[[], None],
-        on_full: Callable[[], None],
-    ) -> None:
+    def __init__(self, ledger: Ledger[WorkerLink], side: AcceptorSide) -> None:
         self._loop = asyncio.get_running_loop()
         self.ledger = ledger
-        self._announcements = announcements
-        self._on_room = on_room
-        self._on_full = on_full
+        self._side = side
         self._next_index = 0
         self._pid = os.getpid()
         self._closing = False  # close(): no new worker, nothing more handed out
@@ -221,7 +237,7 @@ class WorkerLinks:
             transport.close()
             return
         transport.write(wire.welcome_message())
-        for announcement in self._announcements():
+        for announcement in self._side.announcements():
             transport.write(announcement)
         link.slot = self.ledger.join(link, self._next_index, link.pid)
         self._next_index += 1
@@ -233,7 +249,7 @@ class WorkerLinks:
         if self._all_gone.done():
             self._all_gone = self._loop.create_future()
         logger.debug("worker %r registered", link.slot)
-        self._on_room()
+        self._side.workers_have_room()
 
     def retire(self, slot: WorkerSlot[WorkerLink]) -> None:
         """Give ``slot``'s worker no more clients and end its client stream.
@@ -320,7 +336,7 @@ class WorkerLinks:
             if ledger.dirty:
                 self.flush()
         if not ledger.held:
-            self._on_room()
+            self._side.workers_have_room()
 
     # -- what the links say ---------------------------------------------------------------------
 
@@ -337,7 +353,7 @@ class WorkerLinks:
         if ledger.held:
             self.hand_held()
         elif was_full:
-            self._on_room()
+            self._side.workers_have_room()
         if self._drain_waiters:
             self._check_drained()
 
@@ -368,7 +384,7 @@ class WorkerLinks:
         if paused:
             ledger.full(slot)
             if not ledger.has_room():
-                self._on_full()  # stop reading at once, not at the next client's wake-up
+                self._side.workers_full()  # stop reading at once, not at the next client's wake-up
             return
         ledger.room_again(slot)
         if not slot.gone:
