@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -23,8 +22,8 @@ from typing import Any, Protocol
 
 from .._core._errors import AncillaryError, ConnectionClosedError, PeerRejectedError
 from .._kernel import _fork
-from .._kernel._accept import AcceptErrorKind, AcceptFailure, ResourcePause, accept_burst
-from .._kernel._unix import Authorize, check_peer, is_abstract, listener_shut_down
+from .._kernel._accept import AcceptErrorKind, ResourcePause, accept_burst
+from .._kernel._unix import Authorize, check_peer, is_abstract
 from ._closing import AsyncClosing
 
 __all__ = ["AncillaryServer", "Ended", "Serve", "Served", "ServerStats"]
@@ -160,12 +159,10 @@ class AncillaryServer(AsyncClosing):
         if sock is None:
             return
         accepted: list[tuple[socket.socket, object]] = []
-        failure = accept_burst(sock.accept, _ACCEPT_BURST, accepted)
-        if not accepted and failure is None and listener_shut_down(sock):
-            # A listener shut down underneath the server polls readable for good while
-            # accept() finds nothing: the reader would fire again at once, forever.
-            shut = OSError(errno.ESHUTDOWN, "the listening socket was shut down")
-            failure = AcceptFailure(AcceptErrorKind.FATAL, shut)
+        # fd=: a listener shut down underneath the server polls readable for good while
+        # accept() finds nothing; accept_burst reports it as fatal instead of letting the
+        # reader fire again at once, forever.
+        failure = accept_burst(sock.accept, _ACCEPT_BURST, accepted, fd=self._fileno)
         for index, (conn_sock, _addr) in enumerate(accepted):
             try:
                 self._admit(conn_sock)
