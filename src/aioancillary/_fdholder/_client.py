@@ -7,10 +7,10 @@ import builtins
 import contextlib
 import os
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Self, TypeVar
+from typing import TypeVar
 
 from .._asyncio._client import open_unix_connection
+from .._asyncio._closing import AsyncClosing
 from .._asyncio._connection import AncillaryConnection
 from .._core._errors import (
     ConnectionClosedError,
@@ -116,7 +116,7 @@ def refused(path: str) -> FdHolderRefusedError:
     )
 
 
-class FdHolderClient:
+class FdHolderClient(AsyncClosing):
     """A connection to an fd holder (``python -m aioancillary fdholder``).
 
     Example::
@@ -296,15 +296,8 @@ class FdHolderClient:
         self._conn.close()
         await self._conn.wait_closed()
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _close_and_wait(self, cancelled: bool) -> None:
+        """``async with``'s exit (AsyncClosing): close, then wait until closed."""
         await self.close()
 
     def __repr__(self) -> str:

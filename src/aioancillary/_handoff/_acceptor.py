@@ -26,9 +26,9 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from .._asyncio._closing import AsyncClosing
 from .._asyncio._server import AncillaryServer
 from .._kernel import _fork
 from .._kernel._authorize import same_user
@@ -78,7 +78,7 @@ class AcceptorStats:
     failed_listeners: tuple[str, ...] = ()
 
 
-class Acceptor:
+class Acceptor(AsyncClosing):
     """Accepts clients on listening sockets and hands each to a registered worker process.
 
     Create it inside a coroutine, add listeners
@@ -329,15 +329,8 @@ class Acceptor:
         accepting = self._intake.state is AcceptorState.ACCEPTING
         return _stats(self._ledger, accepting, self._listeners.failed)
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _close_and_wait(self, cancelled: bool) -> None:
+        """``async with``'s exit (AsyncClosing): close, then wait until closed."""
         self.close()
         if self._in_child():
             return  # the child's copy is inert; asyncio.timeout() would not even run there

@@ -19,10 +19,10 @@ import os
 import socket
 import sys
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from .._asyncio._client import create_unix_connection
+from .._asyncio._closing import AsyncClosing
 from .._asyncio._protocol import AncillaryProtocol
 from .._asyncio._transport import AncillaryTransport
 from .._core._cmsg import Credentials
@@ -166,7 +166,7 @@ class HandedClient:
 ClientHandler = Callable[[HandedClient], Awaitable[None]]
 
 
-class Worker(AncillaryProtocol):
+class Worker(AncillaryProtocol, AsyncClosing):
     """A worker process's link to its [`Acceptor`][aioancillary.Acceptor]: clients arrive here.
 
     Get one with [`connect`][aioancillary.Worker.connect]; then iterate (``async for client in
@@ -463,17 +463,9 @@ class Worker(AncillaryProtocol):
         """The acceptor's listeners announced so far: name -> metadata."""
         return {info.name: info.metadata for info in self._listeners.values()}
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _close_and_wait(self, cancelled: bool) -> None:
+        """``async with``'s exit (AsyncClosing): close, then wait until closed."""
         self.close()
-        cancelled = exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
         if cancelled and self._transport is not None:
             self._transport.abort()
         await self.wait_closed()

@@ -39,9 +39,8 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Self
 
+from .._asyncio._closing import AsyncClosing
 from .._asyncio._connection import AncillaryConnection
 from .._core._errors import (
     FdTypeError,
@@ -76,7 +75,7 @@ def _fd_list(fds: FdLike | Sequence[FdLike]) -> list[FdLike]:
     return [fds]
 
 
-class Generation:
+class Generation(AsyncClosing):
     """One generation of a server: inherits named fds, offers them to its successor.
 
     Made by [`start_generation`][aioancillary.start_generation], which has already fetched the
@@ -321,15 +320,8 @@ class Generation:
         if self._watcher is not None:
             await self._watcher
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _close_and_wait(self, cancelled: bool) -> None:
+        """``async with``'s exit (AsyncClosing): close, then wait until closed."""
         await self.close()
 
     def __repr__(self) -> str:
