@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from aioancillary import InvalidFdError, MessageTooLargeError, OwnedFd, TooManyFdsError
 from aioancillary._core._framing import FRAME_HEADER_SIZE, Mode
 from aioancillary._core._outbox import (
+    _NO_BATCHES,
     Outbox,
     borrowed_fds,
     check_message,
@@ -117,6 +118,7 @@ def test_every_fd_rides_with_or_before_its_message(
     while outbox:
         send_some(outbox, wire, next(take_iter), mode)
     check_counters(outbox, 0, 0)
+    check_released(outbox)
     outbox.end_burst()
     assert outbox.sendable_now()
     assert max(wire.sendmsg_fds, default=0) <= cap
@@ -141,6 +143,13 @@ def test_every_fd_rides_with_or_before_its_message(
         if mode is Mode.RAW and fds:
             assert all(arrival[fd] == start for fd in fds)  # exactly with it
     assert pos == len(wire.data)
+
+
+def check_released(outbox: Outbox) -> None:
+    """An empty outbox holds no queue of its own (an empty deque costs ~760 bytes), only the
+    shared empty one, which nothing ever appends to."""
+    assert outbox._batches is _NO_BATCHES
+    assert not _NO_BATCHES
 
 
 def _last_batch_fds(outbox: Outbox) -> int:
@@ -174,6 +183,7 @@ def test_after_a_failure_unsent_messages_come_back_and_nothing_is_lost(
     unsent = outbox.take_unsent()
     dropped = outbox.drop()
     check_counters(outbox, 0, 0)
+    check_released(outbox)
     sent_fds = [fd for fd, _offset in wire.fd_arrivals]
     back_fds = [fd for _data, fds in unsent for fd in fds]
     every = [fd for _data, fds in queued for fd in fds]

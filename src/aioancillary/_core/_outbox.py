@@ -43,6 +43,7 @@ __all__ = [
 Payload = bytes | bytearray | memoryview
 _SEQUENCES = (list, tuple)
 _F_GETFD = fcntl.F_GETFD
+_deque = collections.deque
 
 
 # -- what a caller may send --------------------------------------------------------------------
@@ -236,6 +237,13 @@ class _Batch:
         self.sealed = False
 
 
+# The queue of an outbox with nothing queued, shared by all of them (never appended to): CPython
+# gives every deque, empty or not, a 64-slot block (about 760 bytes in all), and most
+# connections are idle with nothing queued. An outbox gets a deque of its own when something is
+# queued and drops it when it empties again.
+_NO_BATCHES: collections.deque[_Batch] = collections.deque()
+
+
 class Outbox:
     """The queue of bytes and fds waiting for the socket, and the rules for grouping them.
 
@@ -263,7 +271,7 @@ class Outbox:
         self._mode = mode
         self._framed = mode is Mode.FRAMED
         self._cap = fd_cap
-        self._batches: collections.deque[_Batch] = collections.deque()
+        self._batches = _NO_BATCHES
         self._burst = False
         self.direct = True
         self.nbytes = 0
@@ -295,6 +303,7 @@ class Outbox:
 
     def _emptied(self) -> None:
         if not self._batches:
+            self._batches = _NO_BATCHES
             self.direct = not self._burst
 
     def frame(self, payload: Payload, nfds: int) -> list[Payload]:
@@ -327,7 +336,11 @@ class Outbox:
         gains nothing from waiting for more).
         """
         batches = self._batches
-        last = batches[-1] if batches else None
+        if batches:
+            last: _Batch | None = batches[-1]
+        else:
+            last = None
+            batches = self._batches = _deque()
         nfds = len(fds)
         if nfds:
             # Only a framed stream merges fd-carrying messages: a raw stream's reader would
@@ -362,6 +375,8 @@ class Outbox:
         batch = _Batch([])
         batch.data += rest
         batch.sealed = True
+        if not self._batches:
+            self._batches = _deque()
         self._batches.append(batch)
         self.nbytes += len(rest)
         self.direct = False
@@ -427,7 +442,7 @@ class Outbox:
     def drop(self) -> list[int]:
         """Empty the queue; return every fd it owned (never sent: the caller closes them)."""
         fds = [fd for batch in self._batches for fd in batch.fds]
-        self._batches.clear()
+        self._batches = _NO_BATCHES
         self.nbytes = 0
         self.nfds = 0
         self._burst = False
