@@ -21,6 +21,7 @@ from ._closing import AsyncClosing
 from ._inbox import (
     DEFAULT_MAX_QUEUED_BYTES,
     DEFAULT_MAX_QUEUED_FDS,
+    NO_MESSAGES,
     Inbox,
     State,
     default_max_queued_fds,
@@ -109,7 +110,7 @@ class AncillaryConnection(Inbox, AsyncClosing):
         """
         self._state = State.CLOSED  # until the transport exists: __del__ has nothing to close
         self._loop = asyncio.get_running_loop()
-        self._queue: collections.deque[AncillaryMessage] = collections.deque()
+        self._queue: collections.deque[AncillaryMessage] = NO_MESSAGES  # a deque once needed
         self._qbytes = 0
         self._qfds = 0
         self._max_qbytes = max_queued_bytes
@@ -119,7 +120,7 @@ class AncillaryConnection(Inbox, AsyncClosing):
         self._exc: BaseException | None = None
         self._lost = self._loop.create_future()
         self._write_paused = False
-        self._drain_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._drain_waiters: list[asyncio.Future[None]] | None = None  # a list once needed
         self._transport = AncillaryTransport(
             self._loop,
             sock,
@@ -207,14 +208,21 @@ class AncillaryConnection(Inbox, AsyncClosing):
         if not self._write_paused:
             return
         waiter: asyncio.Future[None] = self._loop.create_future()
-        self._drain_waiters.append(waiter)
+        waiters = self._drain_waiters
+        if waiters is None:
+            waiters = self._drain_waiters = []
+        waiters.append(waiter)
         waited_on.add(self)
         try:
             await waiter
         finally:
-            if waiter in self._drain_waiters:
-                self._drain_waiters.remove(waiter)
-            if not self._drain_waiters and self._waiter is None:
+            waiters = self._drain_waiters
+            if waiters is not None:
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                if not waiters:
+                    self._drain_waiters = None
+            if self._drain_waiters is None and self._waiter is None:
                 waited_on.discard(self)
         self._raise_if_failed()
 
@@ -225,7 +233,7 @@ class AncillaryConnection(Inbox, AsyncClosing):
 
     def _on_resume_writing(self) -> None:
         self._write_paused = False
-        for waiter in self._drain_waiters:
+        for waiter in self._drain_waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
 
@@ -243,7 +251,7 @@ class AncillaryConnection(Inbox, AsyncClosing):
         if not self._lost.done():
             self._lost.set_result(None)
         self._wake_reader()
-        for waiter in self._drain_waiters:
+        for waiter in self._drain_waiters or ():
             if not waiter.done():
                 waiter.set_result(None)  # drain() then raises, chained from the cause
         self._write_paused = False

@@ -24,6 +24,9 @@ class WriteFlow:
     ``RLIMIT_NOFILE``), and resumes it once the queue is below both low marks.
     """
 
+    if not TYPE_CHECKING:  # mypy would refuse assignments to attributes no mixin slot names
+        __slots__ = ()  # the transport declares the state, in its own __slots__
+
     _sock: socket.socket | None
     _type: int
     _outbox: Outbox

@@ -19,6 +19,7 @@ from ._transport import AncillaryTransport
 __all__ = [
     "DEFAULT_MAX_QUEUED_BYTES",
     "DEFAULT_MAX_QUEUED_FDS",
+    "NO_MESSAGES",
     "Inbox",
     "State",
     "default_max_queued_fds",
@@ -78,6 +79,13 @@ _OPEN = State.OPEN
 _EOF = State.EOF
 _CLOSED = State.CLOSED
 
+# The queue of every connection with no message waiting (never appended to): CPython gives
+# every deque, empty or not, a 64-slot block (about 760 bytes in all), and most connections of
+# a server are idle. A connection gets a deque of its own when messages arrive and drops it
+# when the application has taken them all.
+NO_MESSAGES: collections.deque[AncillaryMessage] = collections.deque()
+_deque = collections.deque
+
 
 class Inbox:
     """Receiving for [`AncillaryConnection`][aioancillary.AncillaryConnection] (a mixin: the
@@ -95,7 +103,7 @@ class Inbox:
     _read_paused: bool
     _waiter: asyncio.Future[None] | None
     _exc: BaseException | None
-    _drain_waiters: collections.deque[asyncio.Future[None]]
+    _drain_waiters: list[asyncio.Future[None]] | None  # None: no task in drain()
 
     def _move(self, new: State) -> None:
         """Go to ``new`` if the table allows it from the current state."""
@@ -111,7 +119,11 @@ class Inbox:
             for msg in messages:
                 msg.close()  # the application closed the connection: nobody will read them
             return
-        self._queue.extend(messages)
+        queue = self._queue
+        if queue:
+            queue.extend(messages)
+        else:
+            self._queue = _deque(messages)
         if len(messages) == 1:
             msg = messages[0]
             self._qbytes += len(msg.data)
@@ -186,9 +198,13 @@ class Inbox:
             ConnectionClosedError: the peer closed the connection (EOF) or it was closed here.
             ProtocolError: the peer broke the framing protocol (the connection is closed).
         """
-        if not self._queue:
+        queue = self._queue
+        if not queue:
             await self._wait_for_messages()
-        msg = self._queue.popleft()
+            queue = self._queue
+        msg = queue.popleft()
+        if not queue:
+            self._queue = NO_MESSAGES
         self._qbytes -= len(msg.data)
         self._qfds -= msg.fd_count
         if self._read_paused:
@@ -204,7 +220,7 @@ class Inbox:
         if not self._queue:
             await self._wait_for_messages()
         messages = list(self._queue)
-        self._queue.clear()
+        self._queue = NO_MESSAGES
         self._qbytes = 0
         self._qfds = 0
         if self._read_paused:
@@ -216,15 +232,19 @@ class Inbox:
 
     async def __anext__(self) -> AncillaryMessage:
         """The next message; iteration ends at EOF or local close, and raises on errors."""
-        if not self._queue:
+        queue = self._queue
+        if not queue:
             try:
                 await self._wait_for_messages()
             except ConnectionClosedError:
                 if self._exc is not None:
                     raise
                 raise StopAsyncIteration from None
+            queue = self._queue
         # recv() inlined: one coroutine frame less per message.
-        msg = self._queue.popleft()
+        msg = queue.popleft()
+        if not queue:
+            self._queue = NO_MESSAGES
         self._qbytes -= len(msg.data)
         self._qfds -= msg.fd_count
         if self._read_paused:
@@ -235,6 +255,7 @@ class Inbox:
         queue = self._queue
         while queue:
             queue.popleft().close()  # the application gave up on them: close their fds
+        self._queue = NO_MESSAGES
         self._qbytes = 0
         self._qfds = 0
 

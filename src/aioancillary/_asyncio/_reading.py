@@ -26,6 +26,9 @@ class ReadSide:
     decoder; the messages of a wake-up are handed to the protocol in groups.
     """
 
+    if not TYPE_CHECKING:  # mypy would refuse assignments to attributes no mixin slot names
+        __slots__ = ()  # the transport declares the state, in its own __slots__
+
     _loop: asyncio.AbstractEventLoop
     _sock: socket.socket | None
     _protocol: AncillaryProtocol

@@ -111,6 +111,47 @@ class AncillaryTransport(ReadSide, WriteSide, WriteFlow, asyncio.Transport):
     ``send_fds`` instead of queueing a duplicate of every fd).
     """
 
+    # Slots, not an instance dict: a server may hold thousands of idle transports, and with
+    # this many attributes CPython's dict is the largest part of one (about 1.5 KiB). Weak
+    # references are kept: `_fork` tracks transports in a WeakSet. ``_extra`` is
+    # asyncio.BaseTransport's slot.
+    __slots__ = (
+        "__weakref__",
+        "_datagram_limit",
+        "_decoder",
+        "_eof_requested",
+        "_exc",
+        "_fd_cap",
+        "_fd_high",
+        "_fd_low",
+        "_fileno",
+        "_flush_scheduled",
+        "_framed",
+        "_high",
+        "_loop",
+        "_low",
+        "_max_message_size",
+        "_mode",
+        "_on_closed",
+        "_outbox",
+        "_passcred",
+        "_pid",
+        "_platform",
+        "_protocol",
+        "_protocol_paused",
+        "_read_paused",
+        "_reading",
+        "_receiver",
+        "_rview",
+        "_size_limit",
+        "_sock",
+        "_state",
+        "_type",
+        "_writable",
+        "_write_failure",
+        "_writer_added",
+    )
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,

@@ -47,6 +47,9 @@ class WriteSide:
     ``call_soon`` flush sends the queue.
     """
 
+    if not TYPE_CHECKING:  # mypy would refuse assignments to attributes no mixin slot names
+        __slots__ = ()  # the transport declares the state, in its own __slots__
+
     _loop: asyncio.AbstractEventLoop
     _sock: socket.socket | None
     _protocol: AncillaryProtocol
