@@ -1027,7 +1027,10 @@ grow(void **array, Py_ssize_t *cap, Py_ssize_t want, size_t item)
     if (want <= *cap) {
         return 0;
     }
-    Py_ssize_t size = *cap ? *cap : 64;
+    /* Small first: every connection that has received an fd keeps these arrays, and a
+       message rarely carries more than a few fds (64 ints each made 512 bytes per idle
+       connection). 64 bytes for the byte buffer, 8 items for the fd arrays. */
+    Py_ssize_t size = *cap ? *cap : (item == 1 ? 64 : 8);
     while (size < want) {
         size *= 2;
     }
