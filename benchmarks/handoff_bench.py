@@ -10,6 +10,9 @@ Servers (each: its processes, started fresh, 2 workers):
   connection;
 * ``toolkit-asyncio`` / ``toolkit-uvloop``: :class:`aioancillary.Acceptor` (least-busy) and
   :class:`aioancillary.Worker`;
+* ``reuseport-asyncio`` / ``reuseport-uvloop``: no hand-off: each worker binds its own
+  ``SO_REUSEPORT`` listener on the same port (the kernel spreads connections over them by
+  hash) and serves it with ``loop.create_server`` and a protocol (issue 20's anchor);
 * ``node-cluster``: Node's ``cluster`` module, round robin (the primary hands off), when
   ``node`` is on the PATH.
 
@@ -49,7 +52,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_build"
@@ -66,6 +69,9 @@ SERVERS = [
     # The toolkit on the pure-Python hot path (issue 20: both paths side by side).
     "toolkit-asyncio-py",
     "toolkit-uvloop-py",
+    # No hand-off: every worker accepts on its own SO_REUSEPORT listener (issue 20's anchor).
+    "reuseport-asyncio",
+    "reuseport-uvloop",
     "node-cluster",
 ]
 LABELS = {
@@ -77,6 +83,8 @@ LABELS = {
     "toolkit-uvloop": "**toolkit, uvloop**",
     "toolkit-asyncio-py": "toolkit, asyncio, pure-Python hot path (`AIOANCILLARY_NO_EXTENSIONS=1`)",
     "toolkit-uvloop-py": "toolkit, uvloop, pure-Python hot path",
+    "reuseport-asyncio": "asyncio workers on SO_REUSEPORT (`loop.create_server`, no hand-off)",
+    "reuseport-uvloop": "uvloop workers on SO_REUSEPORT",
     "node-cluster": "Node `cluster` round robin (primary hands off)",
 }
 WORKERS = 2
@@ -144,6 +152,13 @@ def serve_later(sock: socket.socket, stamp: int, finish: Callable[[], None]) -> 
 
 def worker_main(kind: str, fd: int, loop_name: str) -> None:
     sock = socket.socket(fileno=fd)
+    if kind == "reuseport":
+        # ``fd``: the server's placeholder, bound and not listening (it holds the port and
+        # gets no connections); this worker's own listener joins the port's reuseport group.
+        port = sock.getsockname()[1]
+        sock.close()
+        sock = socket.create_server(("127.0.0.1", port), backlog=1024, reuse_port=True)
+        _defer_accept(sock)
     print("ready", flush=True)
     if kind == "shared":
         while True:
@@ -160,7 +175,7 @@ def worker_main(kind: str, fd: int, loop_name: str) -> None:
         import uvloop  # noqa: PLC0415 - only in the uvloop cells
 
         factory = uvloop.new_event_loop
-    main = _docs_worker if kind == "docs" else _toolkit_worker
+    main = {"docs": _docs_worker, "reuseport": _reuseport_worker}.get(kind, _toolkit_worker)
 
     def run() -> None:
         with asyncio.Runner(loop_factory=factory) as runner:
@@ -196,6 +211,31 @@ async def _toolkit_worker(sock: socket.socket) -> None:
                 serve_later(client.sock, stamp, client.done)
 
 
+class _Respond(asyncio.Protocol):
+    """Per client: read the request, write the 64-byte response, close (as every worker)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.stamp = time.monotonic_ns()
+        # uvloop's TCPTransport is not an asyncio.Transport subclass: no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(response(self.stamp))
+        self.transport.close()
+
+
+async def _reuseport_worker(sock: socket.socket) -> None:
+    server = await asyncio.get_running_loop().create_server(_Respond, sock=sock, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+def _defer_accept(listener: socket.socket) -> None:
+    if os.environ.get(DEFER_ENV):
+        # accept() returns a client only once its first bytes are in (tcp(7)).
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+
+
 # -- server processes (the acceptor side) -----------------------------------------------------
 
 
@@ -205,17 +245,22 @@ class Server:
     def __init__(self, kind: str, stamps: bool) -> None:
         self.kind, _, self.loop_name = kind.partition("-")
         self.stamps: list[int] | None = [] if stamps else None
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        if os.environ.get(DEFER_ENV):
-            # accept() returns a client only once its first bytes are in (tcp(7)).
-            self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+        if self.kind == "reuseport":
+            # Bound, never listening: it reserves a port for the workers' SO_REUSEPORT
+            # listeners and receives no connection itself.
+            self.listener = socket.socket()
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self.listener.bind(("127.0.0.1", 0))
+        else:
+            self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+            _defer_accept(self.listener)
         self.port = self.listener.getsockname()[1]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.links: list[socket.socket] = []
 
     def start_workers(self) -> None:
         for _ in range(WORKERS):
-            if self.kind == "shared":
+            if self.kind in ("shared", "reuseport"):
                 theirs = self.listener
             else:
                 ours, theirs = socket.socketpair()
@@ -232,7 +277,7 @@ class Server:
             assert proc.stdout.readline().strip() == b"ready"
 
     def ready(self) -> None:
-        acceptor = None if self.kind == "shared" else os.getpid()
+        acceptor = None if self.kind in ("shared", "reuseport") else os.getpid()
         info = {"port": self.port, "acceptor": acceptor, "workers": [p.pid for p in self.procs]}
         print(json.dumps(info), flush=True)
 
@@ -259,7 +304,7 @@ def server_main(kind: str, stamps: bool) -> None:
     server = Server(kind, stamps)
     server.start_workers()
     try:
-        if server.kind in ("shared", "stdlib"):
+        if server.kind in ("shared", "stdlib", "reuseport"):
             _blocking_server(server)
         else:
             factory = asyncio.new_event_loop
@@ -449,12 +494,13 @@ def measure_load(kind: str, n: int, conc: int, warmup: int) -> dict[str, Any]:
         "p99_us": load["p99_us"],
         "acceptor_us": per_conn([acceptor]) if acceptor else None,
         "workers_us": per_conn(info["workers"]),
+        "server_us": per_conn([acceptor, *info["workers"]] if acceptor else info["workers"]),
     }
 
 
 def measure_lone(kind: str, count: int) -> dict[str, Any] | None:
-    if kind in ("shared", "node-cluster"):
-        return None  # no hand-off to time (shared), or no hook in Node's primary
+    if kind in ("shared", "node-cluster") or kind.startswith("reuseport-"):
+        return None  # no hand-off to time (shared, reuseport), or no hook in Node's primary
     proc, info = start_server(kind, stamps=True)
     try:
         tcpload(info["port"], 20, 1)  # warm up
@@ -528,9 +574,9 @@ def report(
         "",
         *[f"- {note}" for note in notes],
         "",
-        "| server | conn/s | acceptor µs/conn | workers µs/conn | p50 µs | p99 µs |"
-        " hand-off p50 µs | hand-off p99 µs |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| server | conn/s | acceptor µs/conn | workers µs/conn | server CPU µs/conn | p50 µs |"
+        " p99 µs | hand-off p50 µs | hand-off p99 µs |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for kind, runs in results.items():
 
@@ -540,7 +586,8 @@ def report(
         hand = lone.get(kind, [])
         lines.append(
             f"| {LABELS[kind]} | {_fmt(col('rate'), 'k', 1000)} | {_fmt(col('acceptor_us'))} | "
-            f"{_fmt(col('workers_us'))} | {_fmt(col('p50_us'), digits=0)} | "
+            f"{_fmt(col('workers_us'))} | {_fmt(col('server_us'))} | "
+            f"{_fmt(col('p50_us'), digits=0)} | "
             f"{_fmt(col('p99_us'), digits=0)} | "
             f"{_fmt([h['p50_us'] for h in hand], digits=0)} | "
             f"{_fmt([h['p99_us'] for h in hand], digits=0)} |"
@@ -585,6 +632,25 @@ def targets(results: dict[str, list[dict[str, Any]]]) -> list[str]:
                 "p99 ≤ shared listener's",
                 med(kind, "p99_us"),
                 med("shared", "p99_us"),
+                lambda a, b: a <= b,
+            ),
+            # Issue 20: against uvloop workers accepting on SO_REUSEPORT (no hand-off).
+            (
+                "conn/s ≥ uvloop SO_REUSEPORT",
+                med(kind, "rate"),
+                med("reuseport-uvloop", "rate"),
+                lambda a, b: a >= b,
+            ),
+            (
+                "server CPU/conn (acceptor + workers) ≤ 1.25x uvloop SO_REUSEPORT's",
+                med(kind, "server_us"),
+                med("reuseport-uvloop", "server_us"),
+                lambda a, b: a <= 1.25 * b,
+            ),
+            (
+                "p99 ≤ uvloop SO_REUSEPORT's",
+                med(kind, "p99_us"),
+                med("reuseport-uvloop", "p99_us"),
                 lambda a, b: a <= b,
             ),
         ]
