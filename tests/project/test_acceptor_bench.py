@@ -31,6 +31,14 @@ def test_handoff_benchmark_quick_mode_runs() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     table = (ROOT / "benchmarks" / "_out" / "handoff.md").read_text()
     assert table.strip() == result.stdout.strip()
-    for row in ("sharing one listener", "blocking stdlib", "docs idiom, uvloop", "toolkit, uvloop"):
+    for row in (
+        "sharing one listener",
+        "blocking stdlib",
+        "docs idiom, uvloop",
+        "toolkit, uvloop",
+        "asyncio workers on SO_REUSEPORT",
+        "uvloop workers on SO_REUSEPORT",
+    ):
         assert row in table
+    assert "conn/s ≥ uvloop SO_REUSEPORT" in table
     assert "Client errors (refused, reset or cut short): 0." in table
