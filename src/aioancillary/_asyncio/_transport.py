@@ -111,11 +111,13 @@ class AncillaryTransport(ReadSide, WriteSide, WriteFlow, asyncio.Transport):
     ``send_fds`` instead of queueing a duplicate of every fd).
     """
 
-    # Slots, not an instance dict: a server may hold thousands of idle transports, and with
-    # this many attributes CPython's dict is the largest part of one (about 1.5 KiB). Weak
-    # references are kept: `_fork` tracks transports in a WeakSet. ``_extra`` is
-    # asyncio.BaseTransport's slot.
+    # Slots: a server may hold thousands of idle transports, and with this many attributes
+    # CPython's instance dict was the largest part of one (about 1.5 KiB). "__dict__" keeps
+    # attributes of the caller's own (and tests' patched methods) possible: that dict is made
+    # only when one is set. Weak references are kept: `_fork` tracks transports in a WeakSet.
+    # ``_extra`` is asyncio.BaseTransport's slot.
     __slots__ = (
+        "__dict__",
         "__weakref__",
         "_datagram_limit",
         "_decoder",
