@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import enum
 
+from .._core._states import StateMachine
+
 __all__ = ["TRANSITIONS", "AcceptorState", "AcceptorStates"]
 
 
@@ -53,27 +55,10 @@ TRANSITIONS: dict[AcceptorState, frozenset[AcceptorState]] = {
 }
 
 
-class AcceptorStates:
+class AcceptorStates(StateMachine[AcceptorState]):
     """The current state of one acceptor; every move is checked against `TRANSITIONS`."""
 
-    __slots__ = ("state",)
+    __slots__ = ()
 
     def __init__(self) -> None:
-        #: The current state (read it; change it with `move`).
-        self.state = AcceptorState.PAUSED
-
-    def move(self, new: AcceptorState) -> None:
-        """Go to ``new``.
-
-        Raises:
-            RuntimeError: the table does not allow it (a bug in this package).
-        """
-        if new not in TRANSITIONS[self.state]:
-            raise RuntimeError(
-                f"acceptor state {self.state.value!r} cannot become {new.value!r}: a bug in "
-                "aioancillary, please report it"
-            )
-        self.state = new
-
-    def __repr__(self) -> str:
-        return f"<AcceptorStates {self.state.value}>"
+        super().__init__("acceptor", AcceptorState.PAUSED, TRANSITIONS)

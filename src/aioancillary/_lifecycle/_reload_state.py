@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import enum
 
+from .._core._states import StateMachine
+
 __all__ = ["GenerationState", "GenerationStates"]
 
 
@@ -57,42 +59,10 @@ TRANSITIONS: dict[GenerationState, frozenset[GenerationState]] = {
 }
 
 
-class GenerationStates:
+class GenerationStates(StateMachine[GenerationState]):
     """The current state of one generation; every move is checked against `TRANSITIONS`."""
 
-    __slots__ = ("_state",)
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self._state = GenerationState.STARTING
-
-    @property
-    def state(self) -> GenerationState:
-        """The current state."""
-        return self._state
-
-    def move(self, new: GenerationState) -> None:
-        """Go to ``new``.
-
-        Raises:
-            RuntimeError: the table does not allow it (a bug in this package).
-        """
-        if new not in TRANSITIONS[self._state]:
-            raise RuntimeError(
-                f"a generation cannot go from {self._state.value} to {new.value}: this is a "
-                "bug in aioancillary, please report it"
-            )
-        self._state = new
-
-    def move_from(self, current: GenerationState, new: GenerationState) -> bool:
-        """Go to ``new`` if the state is ``current`` (still: an await may have closed it).
-
-        Returns:
-            Whether the state moved.
-        """
-        if self._state is not current:
-            return False
-        self.move(new)
-        return True
-
-    def __repr__(self) -> str:
-        return f"<GenerationStates {self._state.value}>"
+        super().__init__("generation", GenerationState.STARTING, TRANSITIONS)
