@@ -300,17 +300,23 @@ def report(cells: list[Cell], args: argparse.Namespace) -> str:
 
             versions[module] = version(module)
     load = args.load_average
+    before = getattr(args, "load_average_before", None)
     meta = (
         f"{args.repeat} repeats (medians; ratios to {BASE} in the same repeat), "
         f"{args.seconds:g} s per cell after {args.warmup:g} s of warm-up, {args.conns} "
         f"connections, {args.workers} workers; HUP runs: {args.hup_seconds:g} s, SIGHUP at "
         f"25 % and 60 %. CPython {platform.python_version()}, {os.cpu_count()} CPUs, "
-        f"load average {load:.1f} at the end; " + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + (f"load average {before:.1f} before the run, " if before is not None else "load average ")
+        + f"{load:.1f} at its end (its own processes included); "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
     )
-    if load > (os.cpu_count() or 1) * 0.5:
+    # The load at the end counts the benchmark's own client, runner and workers (they keep both
+    # CPUs busy): only the load before the run says whether other work shared the machine.
+    busy = before if before is not None else load - 2 * (os.cpu_count() or 1)
+    if busy > (os.cpu_count() or 1) * 0.5:
         meta += (
             "\n\n**The machine was busy with other work during this run** (load average "
-            f"{load:.1f} on {os.cpu_count()} CPUs): requests/s and CPU per request moved by "
+            f"{busy:.1f} on {os.cpu_count()} CPUs): requests/s and CPU per request moved by "
             "tens of per cent between repeats, so only the failure counts are firm. Compare "
             "instruction counts instead (`serve_callgrind.py`), or rerun on a quiet machine."
         )
@@ -342,13 +348,23 @@ def main(argv: list[str]) -> int:
         cells = [Cell(**c) for c in saved["cells"]]
     else:
         build_client(args.cc)
+        args.load_average_before = os.getloadavg()[0]
         cells = measure(args)
         args.load_average = os.getloadavg()[0]
     text = report(cells, args)
     print(text)
     out.mkdir(exist_ok=True)
     (out / "serve.md").write_text("# Serve benchmark\n\n" + text)
-    keep = ("repeat", "seconds", "warmup", "conns", "workers", "hup_seconds", "load_average")
+    keep = (
+        "repeat",
+        "seconds",
+        "warmup",
+        "conns",
+        "workers",
+        "hup_seconds",
+        "load_average",
+        "load_average_before",
+    )
     saved = {"args": {k: getattr(args, k) for k in keep}, "cells": [c.__dict__ for c in cells]}
     (out / "serve.json").write_text(json.dumps(saved, indent=1))
     return 0
