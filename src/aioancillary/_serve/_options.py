@@ -108,7 +108,8 @@ class ServeOptions:
         return cls(**data)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (workers, counts, limits)."""
     try:
         value = int(text)
     except ValueError:
@@ -171,7 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_loop: str) -> None:
         f"passed, or {DEFAULT_BIND})",
     )
     parser.add_argument(
-        "-w", "--workers", type=_positive_int, default=1, metavar="N", help="default 1"
+        "-w", "--workers", type=positive_int, default=1, metavar="N", help="default 1"
     )
     parser.add_argument(
         "--loop",
@@ -208,7 +209,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_loop: str) -> None:
     )
     parser.add_argument(
         "--backlog",
-        type=_positive_int,
+        type=positive_int,
         default=2048,
         metavar="N",
         help="listen() backlog of the sockets the runner binds (default 2048)",

@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 
 from .._core._version import __version__
 from .._kernel import _accel
+from .._serve._options import positive_int
 from ._output import OutputClosed
 
 PROG = "python -m aioancillary"
@@ -110,14 +111,14 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
     bench.add_argument(
         "-n",
         "--messages",
-        type=_positive,
+        type=positive_int,
         default=50_000,
         metavar="N",
         help="messages per throughput cell; ping-pong makes N/10 round trips (default 50000)",
     )
     bench.add_argument(
         "--repeat",
-        type=_positive,
+        type=positive_int,
         default=3,
         metavar="R",
         help="runs of every cell, interleaved; the best is shown (default 3)",
@@ -165,11 +166,11 @@ def _fdholder_parser(commands: Any) -> argparse.ArgumentParser:
         help="the holder's event loop (default: uvloop if installed, else asyncio)",
     )
     fdholder.add_argument(
-        "--max-entries", type=_positive, default=1000, metavar="N", help="default 1000"
+        "--max-entries", type=positive_int, default=1000, metavar="N", help="default 1000"
     )
     fdholder.add_argument(
         "--max-fds",
-        type=_positive,
+        type=positive_int,
         default=1000,
         metavar="N",
         help="fds held, all entries together (default 1000)",
@@ -198,16 +199,6 @@ def _serve_parser(commands: Any) -> argparse.ArgumentParser:
     )
     _options.add_arguments(serve, default_loop="uvloop" if _has_uvloop() else "asyncio")
     return serve  # type: ignore[no-any-return]
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
