@@ -37,8 +37,8 @@ from ._accept import AcceptFailure
 __all__ = [
     "EXTENSION",
     "PATH",
-    "FrameDecoder",
     "AcceptInto",
+    "FrameDecoder",
     "ReadDecoder",
     "Receiver",
     "accept_into",
