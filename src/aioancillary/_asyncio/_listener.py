@@ -167,7 +167,9 @@ class AncillaryServer(AsyncClosing):
             return
         accept_into = _accel.accept_into
         kind = self._kind
-        if accept_into is not None and kind is not None:
+        # The C burst accepts on the fd; a socket object standing in for the listener (a
+        # subclass, or one put in its place) has its own accept() called instead.
+        if accept_into is not None and kind is not None and type(sock) is socket.socket:
             fds: list[int] = []  # the C burst: raw fds, no address tuples
             failure = accept_into(self._fileno, _ACCEPT_BURST, fds, None)
             self._admit_all(sockets_of(fds, kind))
