@@ -30,7 +30,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aioancillary._handoff import _wire as wire
-from aioancillary._kernel._accept import AcceptErrorKind, AcceptFailure, accept_burst
+from aioancillary._kernel._accept import (
+    AcceptErrorKind,
+    AcceptFailure,
+    accept_burst,
+    accepted_kind,
+    sockets_of,
+)
 
 #: A burst: (listener, limit, into) -> failure; ``into`` gets one entry per client.
 Burst = Callable[[socket.socket, int, list[Any]], AcceptFailure | None]
@@ -429,3 +435,48 @@ def test_close_item_fds_closes_those_fds_and_no_other(layout: str) -> None:
         for fd in opened:
             if fd not in chosen:
                 os.close(fd)
+
+
+# -- the sockets the servers make of the C burst's fds ---------------------------------------------
+
+
+def test_sockets_of_makes_nonblocking_sockets_of_the_listeners_kind(
+    tcp_listener: socket.socket, accepted: list[Any]
+) -> None:
+    kind = accepted_kind(tcp_listener)
+    assert kind is not None
+    with socket.create_connection(tcp_listener.getsockname()) as client:
+        assert c_burst(tcp_listener, 8, accepted) is None
+        (sock,) = sockets_of(accepted, kind)
+        accepted.clear()  # the socket object owns the fd now
+        with sock:
+            assert (sock.family, sock.type, sock.proto) == (
+                tcp_listener.family,
+                tcp_listener.type,
+                tcp_listener.proto,
+            )
+            assert sock.gettimeout() == 0.0  # the object knows its fd is non-blocking
+            assert sock.getpeername() == client.getsockname()
+
+
+def test_sockets_of_closes_every_fd_when_one_cannot_be_wrapped() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        fds = [os.dup(a.fileno()), -5, os.dup(b.fileno())]
+        kind = accepted_kind(a)
+        assert kind is not None
+        with pytest.raises(ValueError, match="negative file descriptor"):
+            sockets_of(fds, kind)
+        for fd in (fds[0], fds[2]):
+            with pytest.raises(OSError, match="Bad file descriptor") as caught:
+                os.fstat(fd)
+            assert caught.value.errno == errno.EBADF
+
+
+def test_a_socket_subclass_keeps_its_own_accept() -> None:
+    class Listener(socket.socket):
+        pass
+
+    with Listener() as sub, socket.socket() as plain:
+        assert accepted_kind(sub) is None
+        assert accepted_kind(plain) is not None
