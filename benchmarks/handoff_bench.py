@@ -392,6 +392,7 @@ async def _docs_acceptor(server: Server) -> None:
 
 async def _toolkit_acceptor(server: Server) -> None:
     from aioancillary import Acceptor  # noqa: PLC0415
+    from aioancillary._kernel import _accel  # noqa: PLC0415
 
     acceptor = Acceptor()
     for link, proc in zip(server.links, server.procs, strict=True):
@@ -409,6 +410,18 @@ async def _toolkit_acceptor(server: Server) -> None:
             return result
 
         listener.accept = stamped
+        c_burst = _accel.accept_into
+        if c_burst is not None:
+            # The C path accepts in the burst itself: one stamp per client, taken when the
+            # burst returns (within the same wake-up as the accept).
+            def stamped_burst(fd: int, limit: int, into: list[Any], prefix: bytes | None) -> Any:
+                before = len(into)
+                failure = c_burst(fd, limit, into, prefix)
+                now = time.monotonic_ns()
+                stamps.extend([now] * (len(into) - before))
+                return failure
+
+            _accel.accept_into = stamped_burst
     try:
         await asyncio.get_running_loop().create_future()
     finally:

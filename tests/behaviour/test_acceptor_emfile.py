@@ -7,17 +7,20 @@ named on its command line; it prints what it saw as one JSON line.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 from helpers import LOOP_NAMES
+from helpers.speedups import require_extension
 
 SCRIPT = textwrap.dedent(
     """
     import asyncio, errno, json, logging, os, resource, socket, sys
     import aioancillary as aa
+    from aioancillary._kernel import _accel
 
     if sys.argv[1] == "uvloop":
         import uvloop
@@ -77,6 +80,16 @@ SCRIPT = textwrap.dedent(
                 raise
 
         entry.accept = accept
+        c_burst = _accel.accept_into  # the C path: its burst reports the kernel's EMFILE
+
+        def accept_into(fd, limit, into, prefix):
+            failure = c_burst(fd, limit, into, prefix)
+            if failure is not None and failure.error.errno == errno.EMFILE:
+                emfile[0] += 1
+            return failure
+
+        if c_burst is not None:
+            _accel.accept_into = accept_into
         clients = [socket.socket() for _ in range(CLIENTS)]
         resource.setrlimit(resource.RLIMIT_NOFILE, (count(), HARD))  # not one fd more
         for client in clients:
@@ -104,6 +117,7 @@ SCRIPT = textwrap.dedent(
             "after": records.lines[len(during):],
             "accepting": accepting,
             "failed_listeners": list(getattr(stats, "failed_listeners", ())),
+            "path": _accel.PATH,
         }))
 
     with asyncio.Runner(loop_factory=LOOP) as runner:
@@ -112,17 +126,26 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("path", ["python", "C"])
 @pytest.mark.parametrize("loop_name", LOOP_NAMES)
-def test_emfile_in_the_acceptor_is_logged_once_and_recovers(loop_name: str) -> None:
+def test_emfile_in_the_acceptor_is_logged_once_and_recovers(loop_name: str, path: str) -> None:
+    env = dict(os.environ)
+    if path == "python":
+        env["AIOANCILLARY_NO_EXTENSIONS"] = "1"
+    else:
+        require_extension()
+        env.pop("AIOANCILLARY_NO_EXTENSIONS", None)
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, loop_name],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
+    assert out["path"].startswith(path if path == "C" else "pure Python"), out
     assert out["clients"] >= 1, out
     assert out["emfile"] >= 4, out
     # One line for the whole episode, however many retries it took (not one per retry).

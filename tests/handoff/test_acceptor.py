@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from helpers.acceptor import (
     linked_worker,
     request,
 )
+from helpers.speedups import require_extension
 
 from aioancillary import (
     Acceptor,
@@ -31,6 +33,7 @@ from aioancillary import (
     Worker,
     WorkerInfo,
 )
+from aioancillary._kernel import _accel
 
 
 def _ipv6_loopback() -> bool:
@@ -42,7 +45,37 @@ def _ipv6_loopback() -> bool:
     return True
 
 
-async def test_metadata_and_addresses_on_ipv4_ipv6_and_unix_listeners(tmp_path: Path) -> None:
+@pytest.fixture(params=["python", "C"])
+def hand_off_path(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, Counter[str]]:
+    """The acceptor's accept burst and hand-off on the Python path, then on the C one
+    (whichever the process selected); counts the C functions' calls."""
+    calls: Counter[str] = Counter()
+    names = ("accept_into", "client_batch", "close_item_fds")
+    if request.param == "python":
+        for name in names:
+            monkeypatch.setattr(_accel, name, None)
+        return "python", calls
+    module = require_extension()
+
+    def counted(name: str) -> Any:
+        real = getattr(module, name)
+
+        def call(*args: Any) -> Any:
+            calls[name] += 1
+            return real(*args)
+
+        return call
+
+    for name in names:
+        monkeypatch.setattr(_accel, name, counted(name))
+    return "C", calls
+
+
+async def test_metadata_and_addresses_on_ipv4_ipv6_and_unix_listeners(
+    tmp_path: Path, hand_off_path: tuple[str, Counter[str]]
+) -> None:
     async with acceptor_with_workers(1) as (acceptor, _workers, v4):
         if _ipv6_loopback():
             v6_listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
@@ -85,6 +118,12 @@ async def test_metadata_and_addresses_on_ipv4_ipv6_and_unix_listeners(tmp_path: 
         await writer.wait_closed()
         assert answer["peer"] == str(tmp_path / "client-name")
         await wait_until(lambda: acceptor.stats().completed == 3 + _ipv6_loopback())
+    path, calls = hand_off_path
+    if path == "C":  # every client went through the C functions
+        clients = 3 + _ipv6_loopback()
+        assert calls["accept_into"] >= clients
+        assert calls["client_batch"] >= clients
+        assert calls["close_item_fds"] >= clients
 
 
 async def test_round_robin_alternates() -> None:

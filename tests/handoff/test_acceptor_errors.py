@@ -16,6 +16,8 @@ from helpers import wait_until
 from helpers.acceptor import acceptor_with_workers, link_transport, request
 
 from aioancillary import Acceptor
+from aioancillary._kernel import _accel
+from aioancillary._kernel._accept import AcceptFailure, classify_accept_error
 
 LOGGER = "aioancillary"
 
@@ -38,9 +40,12 @@ async def spin_a_little(turns: int = 200) -> None:
         await asyncio.sleep(0)
 
 
-def failing_accept(acceptor: Acceptor, name: str, code: int) -> dict[str, int]:
+def failing_accept(
+    acceptor: Acceptor, name: str, code: int, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, int]:
     """Make the listener ``name`` fail with ``code`` while ``state["fail"]`` is true; count the
-    failed calls in ``state["failed"]``."""
+    failed calls in ``state["failed"]``. On the C path the burst itself (``_accel.accept_into``)
+    reports the failure, as the C burst does for a first ``accept4`` failing with ``code``."""
     state = {"fail": 1, "failed": 0}
     listener = next(entry for entry in acceptor._listeners.items if entry.name == name)
     real: Callable[[], Any] = listener.accept
@@ -52,6 +57,17 @@ def failing_accept(acceptor: Acceptor, name: str, code: int) -> dict[str, int]:
         return real()
 
     listener.accept = accept
+    c_burst = _accel.accept_into
+    if c_burst is not None:
+
+        def accept_into(fd: int, limit: int, into: list[Any], prefix: bytes | None) -> Any:
+            if fd == listener.fd and state["fail"]:
+                state["failed"] += 1
+                exc = OSError(code, "injected")
+                return AcceptFailure(classify_accept_error(exc), exc)
+            return c_burst(fd, limit, into, prefix)
+
+        monkeypatch.setattr(_accel, "accept_into", accept_into)
     return state
 
 
@@ -106,12 +122,12 @@ async def test_a_dropped_listeners_id_is_not_reused() -> None:
 
 
 async def test_resource_errors_pause_and_log_once_per_episode(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     async with acceptor_with_workers(1) as (acceptor, _workers, addr):
         for episode in (1, 2):
-            state = failing_accept(acceptor, "tcp", errno.EMFILE)
+            state = failing_accept(acceptor, "tcp", errno.EMFILE, monkeypatch)
             pending = asyncio.ensure_future(request(addr, f"episode {episode}"))
             # Paced retries (every 100 ms): wait for several of them.
             await wait_until(lambda s=state: s["failed"] >= 4)  # type: ignore[misc]
@@ -130,7 +146,12 @@ async def test_resource_errors_pause_and_log_once_per_episode(
         assert len(acceptor.listeners) == 1
 
 
-async def test_transient_errors_are_skipped_silently(caplog: pytest.LogCaptureFixture) -> None:
+async def test_transient_errors_are_skipped_silently(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Python burst, whose accept can be scripted; the C burst skips transient errors the
+    # same way (tests/kernel/test_accept_c.py).
+    monkeypatch.setattr(_accel, "accept_into", None)
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     async with acceptor_with_workers(1) as (acceptor, _workers, addr):
         listener = acceptor._listeners.items[0]

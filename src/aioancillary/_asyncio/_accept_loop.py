@@ -29,7 +29,14 @@ import os
 import socket
 from typing import Any, NamedTuple, Self
 
-from .._kernel._accept import AcceptErrorKind, ResourcePause, accept_burst
+from .._kernel import _accel
+from .._kernel._accept import (
+    AcceptErrorKind,
+    ResourcePause,
+    accept_burst,
+    accepted_kind,
+    sockets_of,
+)
 from ._tracking import Connections, ProtocolFactory, StreamHandler
 
 __all__ = ["ConnectionServer", "ConnectionServerStats"]
@@ -64,7 +71,16 @@ class ConnectionServerStats(NamedTuple):
 class _Listener:
     """One listening socket served by the server."""
 
-    __slots__ = ("fd", "handler", "name", "protocol_factory", "reading", "retry", "sock")
+    __slots__ = (
+        "fd",
+        "handler",
+        "kind",
+        "name",
+        "protocol_factory",
+        "reading",
+        "retry",
+        "sock",
+    )
 
     def __init__(
         self,
@@ -75,6 +91,7 @@ class _Listener:
     ) -> None:
         self.sock = sock
         self.fd = sock.fileno()  # kept: the caller may close the socket object under us
+        self.kind = accepted_kind(sock)
         self.name = name
         self.handler = handler
         self.protocol_factory = protocol_factory
@@ -233,14 +250,26 @@ class ConnectionServer:
     def _on_readable(self, entry: _Listener) -> None:
         if self._listeners.get(entry.fd) is not entry:
             return  # stopped in this loop iteration, after the poller reported it ready
-        accepted: list[tuple[socket.socket, Any]] = []
-        try:
-            failure = accept_burst(entry.sock.accept, self._burst, accepted, entry.fd)
-        finally:
-            for sock, _addr in accepted:  # every accepted socket is tracked, even on error
-                self._conns.start(sock, entry.name, entry.handler, entry.protocol_factory)
+        accept_into = _accel.accept_into
+        kind = entry.kind
+        if accept_into is not None and kind is not None:
+            fds: list[int] = []  # the C burst: raw fds, no address tuples
+            try:
+                failure = accept_into(entry.fd, self._burst, fds, None)
+            finally:
+                for sock in sockets_of(fds, kind):  # each tracked, even on error
+                    self._conns.start(sock, entry.name, entry.handler, entry.protocol_factory)
+            count = len(fds)
+        else:
+            accepted: list[tuple[socket.socket, Any]] = []
+            try:
+                failure = accept_burst(entry.sock.accept, self._burst, accepted, entry.fd)
+            finally:
+                for sock, _addr in accepted:  # every accepted socket is tracked, even on error
+                    self._conns.start(sock, entry.name, entry.handler, entry.protocol_factory)
+            count = len(accepted)
         if failure is None:
-            if accepted:
+            if count:
                 self._pause.recovered()
             return
         self._stop_reading(entry)

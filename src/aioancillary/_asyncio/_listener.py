@@ -21,8 +21,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .._core._errors import AncillaryError, ConnectionClosedError, PeerRejectedError
-from .._kernel import _fork
-from .._kernel._accept import AcceptErrorKind, ResourcePause, accept_burst
+from .._kernel import _accel, _fork
+from .._kernel._accept import (
+    AcceptErrorKind,
+    ResourcePause,
+    accept_burst,
+    accepted_kind,
+    sockets_of,
+)
 from .._kernel._unix import Authorize, check_peer, is_abstract
 from ._closing import AsyncClosing
 
@@ -110,6 +116,7 @@ class AncillaryServer(AsyncClosing):
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = sock
         self._fileno = sock.fileno()
+        self._kind = accepted_kind(sock)
         self._serve = serve
         self._authorize = authorize
         self._peer_level = peer_error_level
@@ -158,18 +165,27 @@ class AncillaryServer(AsyncClosing):
         sock = self._sock
         if sock is None:
             return
-        accepted: list[tuple[socket.socket, object]] = []
-        # fd=: a listener shut down underneath the server polls readable for good while
-        # accept() finds nothing; accept_burst reports it as fatal instead of letting the
-        # reader fire again at once, forever.
-        failure = accept_burst(sock.accept, _ACCEPT_BURST, accepted, fd=self._fileno)
-        for index, (conn_sock, _addr) in enumerate(accepted):
-            try:
-                self._admit(conn_sock)
-            except BaseException:
-                for rest, _ in accepted[index + 1 :]:
-                    rest.close()  # KeyboardInterrupt, SystemExit: never served
-                raise
+        accept_into = _accel.accept_into
+        kind = self._kind
+        # The C burst accepts on the fd; a socket object standing in for the listener (a
+        # subclass, or one put in its place) has its own accept() called instead.
+        if accept_into is not None and kind is not None and type(sock) is socket.socket:
+            fds: list[int] = []  # the C burst: raw fds, no address tuples
+            failure = accept_into(self._fileno, _ACCEPT_BURST, fds, None)
+            self._admit_all(sockets_of(fds, kind))
+        else:
+            accepted: list[tuple[socket.socket, object]] = []
+            # fd=: a listener shut down underneath the server polls readable for good while
+            # accept() finds nothing; accept_burst reports it as fatal instead of letting the
+            # reader fire again at once, forever.
+            failure = accept_burst(sock.accept, _ACCEPT_BURST, accepted, fd=self._fileno)
+            for index, (conn_sock, _addr) in enumerate(accepted):
+                try:
+                    self._admit(conn_sock)
+                except BaseException:
+                    for rest, _ in accepted[index + 1 :]:
+                        rest.close()  # KeyboardInterrupt, SystemExit: never served
+                    raise
         if failure is None:
             if self._resource.active:
                 self._resource.recovered()
@@ -181,6 +197,15 @@ class AncillaryServer(AsyncClosing):
             self._loop.call_later(delay, self._resume_accepting)
         else:
             self._listener_failed(failure.error)
+
+    def _admit_all(self, socks: list[socket.socket]) -> None:
+        for index, conn_sock in enumerate(socks):
+            try:
+                self._admit(conn_sock)
+            except BaseException:
+                for rest in socks[index + 1 :]:
+                    rest.close()  # KeyboardInterrupt, SystemExit: never served
+                raise
 
     def _admit(self, conn_sock: socket.socket) -> None:
         """Authorize and serve one accepted socket; a failure closes it and serves on."""

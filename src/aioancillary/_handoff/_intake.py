@@ -24,10 +24,11 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
+from .._kernel import _accel
 from .._kernel._accept import AcceptErrorKind, AcceptFailure, ResourcePause, accept_burst
 from ._acceptor_state import AcceptorState, AcceptorStates
 from ._dispatch import Picker
-from ._ledger import Ledger, WorkerSlot
+from ._ledger import Item, Ledger, WorkerSlot
 from ._link import WorkerLink, WorkerLinks
 from ._listeners import Listener, Listeners
 
@@ -124,32 +125,44 @@ class Intake:
         if not free:
             self.workers_full()
             return 0
-        accepted: list[tuple[int, Any]] = []
-        failure = accept_burst(
-            listener.accept, free if free <= burst else burst, accepted, listener.fd
-        )
-        if accepted:
-            picker = self._picker
+        limit = free if free <= burst else burst
+        picker = self._picker
+        accept_into = _accel.accept_into
+        if accept_into is not None and picker is None:
+            # The C burst: each client comes as its hand-off item, its record encoded from
+            # the kernel's address (no address tuple to build and pack again).
+            items: list[Item] = []
+            failure = accept_into(listener.fd, limit, items, listener.prefix)
+            count = len(items)
+            if count:
+                ledger.assign_items(items)
+        else:
+            accepted: list[tuple[int, Any]] = []
+            failure = accept_burst(listener.accept, limit, accepted, listener.fd)
+            count = len(accepted)
+            if count:
+                if picker is None:
+                    ledger.assign(accepted, listener.record)
+                else:
+                    loop = self._loop
+                    ledger.assign(
+                        accepted,
+                        listener.record,
+                        lambda addr: _chosen(loop, ledger, picker, addr, listener.name),
+                    )
+        if count:
             if picker is None:
-                ledger.assign(accepted, listener.record)
-                if len(accepted) == free:  # the policy filled every free place
+                if count == free:  # the policy filled every free place
                     self.workers_full()  # the kernel's backlog holds the next ones
-            else:
-                loop = self._loop
-                ledger.assign(
-                    accepted,
-                    listener.record,
-                    lambda addr: _chosen(loop, ledger, picker, addr, listener.name),
-                )
-                if not ledger.has_room():
-                    self.workers_full()
+            elif not ledger.has_room():
+                self.workers_full()
             if ledger.dirty:
                 self.links.flush()
         if failure is not None:
             self._accept_failed(listener, failure)
         elif self._resource.active:
             self._resource.recovered()
-        return len(accepted)
+        return count
 
     def _accept_failed(self, listener: Listener, failure: AcceptFailure) -> None:
         if failure.kind is not AcceptErrorKind.RESOURCE:

@@ -241,6 +241,24 @@ class Ledger(Generic[L]):
             slot.pending.append(item)
             slot.in_flight += 1
 
+    def assign_items(self, items: list[Item]) -> None:
+        """Give each client just accepted, as its `Item` already, to the policy's pick
+        (pending), or hold it (`assign` without a caller's choice, for records made by the C
+        accept burst)."""
+        workers = self.workers
+        pick = self._pick
+        dirty = self.dirty
+        self.accepted += len(items)
+        for item in items:
+            slot = pick(workers)
+            if slot is None:
+                self.held.append(item)  # no worker has room
+                continue
+            if not slot.pending:
+                dirty.append(slot)
+            slot.pending.append(item)
+            slot.in_flight += 1
+
     def checked_choice(self, chosen: object) -> WorkerSlot[L] | None:
         """A picker's answer if it is one of the live workers, else the policy's pick."""
         if chosen is not None and (

@@ -27,6 +27,7 @@ from .._core._errors import AncillaryError, ConnectionClosedError, ProtocolError
 from .._core._fd import close_raw
 from .._core._message import AncillaryMessage, take_raw_fds
 from .._core._platform import SCM_MAX_FD
+from .._kernel import _accel
 from .._kernel._unix import Authorize
 from . import _wire as wire
 from ._ledger import Item, Ledger, WorkerSlot
@@ -498,15 +499,19 @@ def send_clients(
     so what a failure leaves is exactly what was not taken.
     """
     taken = 0
+    batch = _accel.client_batch
     try:
         while taken < len(items):
             chunk = items[taken : taken + SCM_MAX_FD] if taken or len(items) > SCM_MAX_FD else items
             # This wake's clients are one message already: send it now, not after the
             # transport's end-of-iteration flush (which would also duplicate every fd).
             transport.end_burst()
-            transport.write_fds(
-                wire.client_message(map(_record_of, chunk)), list(map(_fd_of, chunk))
-            )
+            if batch is None:
+                transport.write_fds(
+                    wire.client_message(map(_record_of, chunk)), list(map(_fd_of, chunk))
+                )
+            else:
+                transport.write_fds(*batch(chunk))  # the same message and fds, built in C
             taken += len(chunk)
     except (AncillaryError, OSError) as exc:
         return taken, exc
@@ -516,5 +521,9 @@ def send_clients(
 def close_items(items: list[Item]) -> None:
     """Close the fds of ``items``."""
     # The clients of one wake are mostly consecutive fd numbers (accept hands out the lowest
-    # free ones): close_raw closes such runs with one close_range(2) each.
-    close_raw(list(map(_fd_of, items)))
+    # free ones): both close such runs with one close_range(2) each.
+    close = _accel.close_item_fds
+    if close is None:
+        close_raw(list(map(_fd_of, items)))
+    else:
+        close(items)

@@ -24,7 +24,7 @@ logger = logging.getLogger("aioancillary")
 class Listener:
     """One listening socket of the acceptor, with what its clients' hand-off needs."""
 
-    __slots__ = ("accept", "announcement", "fd", "index", "name", "record", "sock")
+    __slots__ = ("accept", "announcement", "fd", "index", "name", "prefix", "record", "sock")
 
     def __init__(
         self, sock: socket.socket, index: int, name: str, metadata: Mapping[str, Any]
@@ -34,6 +34,8 @@ class Listener:
         self.index = index
         self.name = name
         self.record = wire.record_packer(index, sock.family)
+        # The first bytes of each client's record (the C accept burst builds the rest).
+        self.prefix = wire.record_prefix(index)
         self.announcement = wire.listener_message(index, sock, name, metadata)
         # socket._accept() returns (fd, address): no socket object is built for a client
         # that only passes through.

@@ -56,6 +56,7 @@ __all__ = [
     "parse_listener",
     "parse_welcome",
     "record_packer",
+    "record_prefix",
     "welcome_message",
 ]
 
@@ -212,6 +213,17 @@ def parse_listener(data: bytes) -> ListenerInfo:
 _INET = frozenset({socket.AF_INET, socket.AF_INET6})
 
 
+def record_prefix(index: int) -> bytes:
+    """The listener id that starts the record of every client of listener ``index``.
+
+    Raises:
+        ValueError: ``index`` out of range.
+    """
+    if not 0 <= index <= MAX_LISTENERS:
+        raise ValueError(f"listener id {index} out of range 0..{MAX_LISTENERS}")
+    return index.to_bytes(2, "big")
+
+
 def record_packer(index: int, family: int) -> Callable[[Any], bytes]:
     """The function that turns an address ``accept()`` returned on listener ``index`` (of
     ``family``) into that client's record.
@@ -219,9 +231,7 @@ def record_packer(index: int, family: int) -> Callable[[Any], bytes]:
     Raises:
         ValueError: ``index`` out of range, or another family.
     """
-    if not 0 <= index <= MAX_LISTENERS:
-        raise ValueError(f"listener id {index} out of range 0..{MAX_LISTENERS}")
-    listener = index.to_bytes(2, "big")
+    listener = record_prefix(index)
     pack = packer_for(family)
     if family == socket.AF_INET:
         prefix = listener + b"\x06"  # the length of every packed IPv4 address

@@ -1,4 +1,4 @@
-"""Which implementation of the receive hot path this process uses: C or pure Python.
+"""Which implementation of the hot paths this process uses: C or pure Python.
 
 The one selection point. The optional C extension ``_speedups`` (built at install where a
 compiler is present) replaces, with the same interface, results, errors and fds closed:
@@ -6,7 +6,17 @@ compiler is present) replaces, with the same interface, results, errors and fds 
 * ``_syscalls.Receiver`` (the read loop and the control-message
   rules),
 * ``_framing.FrameDecoder`` (framed streams),
-* ``_message.messages_of`` (``ReadDecoder``'s batch path).
+* ``_message.messages_of`` (``ReadDecoder``'s batch path),
+* ``_accept.accept_burst`` on a listener's ``accept`` (``accept_into``: the same burst and
+  classification with ``accept4(SOCK_CLOEXEC | SOCK_NONBLOCK)``, each client as a raw fd for
+  the servers, or as its hand-off item, ``(record, fd)``, for the
+  [`Acceptor`][aioancillary.Acceptor], the record encoded from the kernel's address without a
+  Python address tuple),
+* the acceptor's batched hand-off: the ``C`` message of a batch and its fds
+  (``client_batch``), the fds closed once sent (``close_item_fds``).
+
+The hand-off functions are ``None`` on the pure-Python path: their callers (above this layer)
+then run their own Python code, unchanged.
 
 The pure-Python path is used when the extension is absent (no compiler at install, another
 interpreter) or when ``AIOANCILLARY_NO_EXTENSIONS`` is set to anything but ``""``/``"0"`` in
@@ -16,17 +26,24 @@ the environment before the package is imported. ``PATH`` names the one in use.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 from .._core import _framing, _message
 from . import _syscalls
+from ._accept import AcceptFailure
 
 __all__ = [
     "EXTENSION",
     "PATH",
+    "AcceptInto",
     "FrameDecoder",
     "ReadDecoder",
     "Receiver",
+    "accept_into",
+    "client_batch",
+    "close_item_fds",
     "messages_of",
     "use_extension",
 ]
@@ -46,7 +63,16 @@ def _load() -> tuple[ModuleType | None, str]:
 EXTENSION, PATH = _load()
 _LOADED = EXTENSION
 
+#: ``accept_into(fd, limit, into, prefix)``: see ``_speedups.pyi``.
+AcceptInto = Callable[[int, int, list[Any], bytes | None], AcceptFailure | None]
+
 Receiver: type[_syscalls.Receiver]
+#: The C accept burst, or ``None``: use ``_accept.accept_burst``.
+accept_into: AcceptInto | None = None
+#: ``(b"C" + records, fds)`` of a batch of hand-off items in C, or ``None``.
+client_batch: Callable[[list[tuple[bytes, int]]], tuple[bytes, list[int]]] | None = None
+#: Close the fds of hand-off items in C, or ``None``.
+close_item_fds: Callable[[list[tuple[bytes, int]]], None] | None = None
 FrameDecoder: type[_framing.FrameDecoder]
 ReadDecoder: type[_framing.ReadDecoder]
 
@@ -64,22 +90,28 @@ def _c_read_decoder(module: ModuleType) -> type[_framing.ReadDecoder]:
 
 def _bind(module: ModuleType | None) -> None:
     global Receiver, FrameDecoder, ReadDecoder, messages_of
+    global accept_into, client_batch, close_item_fds
     if module is None:
         Receiver = _syscalls.Receiver
         FrameDecoder = _framing.FrameDecoder
         ReadDecoder = _framing.ReadDecoder
         messages_of = _message.messages_of
+        accept_into = client_batch = close_item_fds = None
     else:
         Receiver = module.Receiver
         FrameDecoder = module.FrameDecoder
         ReadDecoder = _c_read_decoder(module)
         messages_of = module.messages_of
+        accept_into = module.accept_into
+        client_batch = module.client_batch
+        close_item_fds = module.close_item_fds
 
 
 def use_extension(enabled: bool) -> None:
     """Switch this process's hot path (for the benchmarks, which compare both in one run).
 
-    Transports created afterwards use the new path; existing ones keep theirs.
+    Transports created afterwards use the new path; existing ones keep theirs. Accept loops
+    and the acceptor's hand-off look the path up at every wake-up: they switch at once.
 
     Raises:
         RuntimeError: the extension was asked for and is not loaded.

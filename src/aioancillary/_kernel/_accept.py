@@ -36,10 +36,12 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
+from .._core._fd import close_raw
 from ._unix import listener_shut_down
 
 __all__ = [
@@ -50,7 +52,9 @@ __all__ = [
     "AcceptFailure",
     "ResourcePause",
     "accept_burst",
+    "accepted_kind",
     "classify_accept_error",
+    "sockets_of",
 ]
 
 T = TypeVar("T")
@@ -158,6 +162,48 @@ def accept_burst(
     if transient == limit and last is not None:
         return AcceptFailure(AcceptErrorKind.RESOURCE, last)
     return None
+
+
+#: ``socket.socket``'s type flag for a non-blocking fd (0 where there is none: setblocking).
+_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
+
+#: What `sockets_of` makes sockets of: (family, type, proto).
+SocketKind = tuple[int, int, int]
+
+
+def accepted_kind(listener: socket.socket) -> SocketKind | None:
+    """The ``(family, type, proto)`` of the sockets `sockets_of` makes for ``listener``'s
+    clients (ints, computed once: ``socket.family`` and ``.type`` build enums on each read).
+
+    ``None`` for an instance of a subclass of ``socket.socket``: its own ``accept()`` is
+    called (the Python burst), never bypassed by the C one.
+    """
+    if type(listener) is not socket.socket:
+        return None
+    return int(listener.family), int(listener.type) | _NONBLOCK, listener.proto
+
+
+def sockets_of(fds: list[int], kind: SocketKind) -> list[socket.socket]:
+    """Socket objects for the fds the C burst (``_accel.accept_into``) accepted.
+
+    The fds are non-blocking (``accept4(SOCK_NONBLOCK)``) and their objects say so (timeout
+    0). If one cannot be made, every fd of ``fds`` is closed before the error propagates: each
+    was the caller's, and no object would be left to close it.
+    """
+    family, kind_type, proto = kind
+    socks: list[socket.socket] = []
+    try:
+        for fd in fds:
+            sock = socket.socket(family, kind_type, proto, fd)
+            socks.append(sock)
+            if not _NONBLOCK:
+                sock.setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        close_raw(fds[len(socks) :])
+        raise
+    return socks
 
 
 class ResourcePause:

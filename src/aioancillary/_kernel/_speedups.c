@@ -167,6 +167,8 @@ truncation_error(PyObject *cls, PyObject *message, const char *data, Py_ssize_t 
     return exc;
 }
 
+#include "_speedups_accept.c" /* the accept burst and the hand-off (ACCEPT_METHODS) */
+
 /* -- control messages (cmsg(3)) ---------------------------------------------------------- */
 
 /* The record walk of CPython's socket module (sock_recvmsg_guts), so that this code sees
@@ -1564,6 +1566,7 @@ static PyMethodDef module_methods[] = {
     {"parse_control", (PyCFunction)(void (*)(void))parse_control, METH_VARARGS | METH_KEYWORDS,
      "parse_control(control, msg_flags, recv_flags, platform, data=b'', buffer_len=0) -> "
      "list[int]: the receive rules on a raw control buffer."},
+    ACCEPT_METHODS
     {NULL, NULL, 0, NULL},
 };
 

@@ -2,11 +2,13 @@
 
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 from .._core._errors import ProtocolError
 from .._core._fd import OwnedFd
 from .._core._message import AncillaryMessage
 from .._core._platform import Platform
+from ._accept import AcceptFailure
 
 CONTROL_BUFFER: int
 
@@ -43,3 +45,9 @@ def parse_control(
     data: bytes = b"",
     buffer_len: int = 0,
 ) -> list[int]: ...
+def accept_into(
+    fd: int, limit: int, into: list[Any], prefix: bytes | None
+) -> AcceptFailure | None: ...
+def client_record(prefix: bytes, sockaddr: bytes) -> bytes: ...
+def client_batch(items: list[tuple[bytes, int]]) -> tuple[bytes, list[int]]: ...
+def close_item_fds(items: list[tuple[bytes, int]]) -> None: ...
