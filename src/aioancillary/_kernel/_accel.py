@@ -1,4 +1,4 @@
-"""Which implementation of the receive hot path this process uses: C or pure Python.
+"""Which implementation of the hot paths this process uses: C or pure Python.
 
 The one selection point. The optional C extension ``_speedups`` (built at install where a
 compiler is present) replaces, with the same interface, results, errors and fds closed:
@@ -6,7 +6,12 @@ compiler is present) replaces, with the same interface, results, errors and fds 
 * ``_syscalls.Receiver`` (the read loop and the control-message
   rules),
 * ``_framing.FrameDecoder`` (framed streams),
-* ``_message.messages_of`` (``ReadDecoder``'s batch path).
+* ``_message.messages_of`` (``ReadDecoder``'s batch path),
+* ``_outbox.Outbox`` (the send queue), whose C version also sends: its ``write`` is
+  ``WriteSide.write_fds``'s direct ``sendmsg`` or its queueing of duplicates
+  (``WriteSide._queue``), its ``flush`` the loop of ``WriteSide._send_queued``; a transport
+  whose outbox is the C one takes that path (``WriteSide._csend``),
+* ``_syscalls.duplicates`` (close-on-exec copies of borrowed fds, for the queue).
 
 The pure-Python path is used when the extension is absent (no compiler at install, another
 interpreter) or when ``AIOANCILLARY_NO_EXTENSIONS`` is set to anything but ``""``/``"0"`` in
@@ -18,15 +23,17 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-from .._core import _framing, _message
+from .._core import _framing, _message, _outbox
 from . import _syscalls
 
 __all__ = [
     "EXTENSION",
     "PATH",
     "FrameDecoder",
+    "Outbox",
     "ReadDecoder",
     "Receiver",
+    "duplicates",
     "messages_of",
     "use_extension",
 ]
@@ -49,6 +56,7 @@ _LOADED = EXTENSION
 Receiver: type[_syscalls.Receiver]
 FrameDecoder: type[_framing.FrameDecoder]
 ReadDecoder: type[_framing.ReadDecoder]
+Outbox: type[_outbox.Outbox]
 
 
 def _c_read_decoder(module: ModuleType) -> type[_framing.ReadDecoder]:
@@ -63,17 +71,21 @@ def _c_read_decoder(module: ModuleType) -> type[_framing.ReadDecoder]:
 
 
 def _bind(module: ModuleType | None) -> None:
-    global Receiver, FrameDecoder, ReadDecoder, messages_of
+    global Receiver, FrameDecoder, ReadDecoder, messages_of, Outbox, duplicates
     if module is None:
         Receiver = _syscalls.Receiver
         FrameDecoder = _framing.FrameDecoder
         ReadDecoder = _framing.ReadDecoder
         messages_of = _message.messages_of
+        Outbox = _outbox.Outbox
+        duplicates = _syscalls.duplicates
     else:
         Receiver = module.Receiver
         FrameDecoder = module.FrameDecoder
         ReadDecoder = _c_read_decoder(module)
         messages_of = module.messages_of
+        Outbox = module.Outbox
+        duplicates = module.duplicates
 
 
 def use_extension(enabled: bool) -> None:
@@ -93,4 +105,5 @@ def use_extension(enabled: bool) -> None:
 
 
 messages_of = _message.messages_of
+duplicates = _syscalls.duplicates
 _bind(EXTENSION)

@@ -141,6 +141,8 @@ raise_exception(PyObject *exc) /* steals exc */
 #endif
 }
 
+#include "_speedups_send.c" /* the send path: Outbox, duplicates */
+
 /* cls(message, data=data, closed_fds=n): FdTruncatedError / DataTruncatedError. */
 static PyObject *
 truncation_error(PyObject *cls, PyObject *message, const char *data, Py_ssize_t nbytes,
@@ -1564,6 +1566,7 @@ static PyMethodDef module_methods[] = {
     {"parse_control", (PyCFunction)(void (*)(void))parse_control, METH_VARARGS | METH_KEYWORDS,
      "parse_control(control, msg_flags, recv_flags, platform, data=b'', buffer_len=0) -> "
      "list[int]: the receive rules on a raw control buffer."},
+    SEND_METHODS
     {NULL, NULL, 0, NULL},
 };
 
@@ -1643,6 +1646,7 @@ PyInit__speedups(void)
     }
     if (PyModule_AddObjectRef(module, "Receiver", (PyObject *)&ReceiverType) < 0 ||
         PyModule_AddObjectRef(module, "FrameDecoder", (PyObject *)&FrameDecoderType) < 0 ||
+        send_init(module) < 0 ||
         PyModule_AddIntConstant(module, "CONTROL_BUFFER", SHARED_CONTROL) < 0) {
         Py_DECREF(module);
         return NULL;

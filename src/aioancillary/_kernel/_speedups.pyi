@@ -3,6 +3,7 @@
 import socket
 from collections.abc import Sequence
 
+from .._core import _outbox
 from .._core._errors import ProtocolError
 from .._core._fd import OwnedFd
 from .._core._message import AncillaryMessage
@@ -43,3 +44,10 @@ def parse_control(
     data: bytes = b"",
     buffer_len: int = 0,
 ) -> list[int]: ...
+
+class Outbox(_outbox.Outbox):
+    # Not a subclass at run time: the same interface, in C, with the transport's send calls.
+    def write(self, fileno: int, payload: _outbox.Payload, nums: list[int]) -> int | OSError: ...
+    def flush(self, fileno: int) -> OSError | None: ...
+
+def duplicates(nums: list[int]) -> list[int]: ...
