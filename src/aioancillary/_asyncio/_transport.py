@@ -277,6 +277,8 @@ class AncillaryTransport(ReadSide, WriteSide, WriteFlow, asyncio.Transport):
         self._outbox = outbox = _accel.Outbox(mode, cap)
         # The C outbox also sends (write, flush): the write side takes its C path through it.
         self._csend = cast("COutbox", outbox) if _accel.EXTENSION is not None else None
+        if self._csend is not None:
+            self._csend.size_limit = self._size_limit  # try_write's own check
         self._framed = mode is Mode.FRAMED
         self._high = FRAMED_HIGH_WATER if mode is Mode.FRAMED else 0
         self._low = self._high // 4

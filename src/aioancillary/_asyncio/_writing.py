@@ -40,6 +40,7 @@ _NO_FDS: list[int] = []
 _dup = os.dup  # the copy is non-inheritable (CLOEXEC), as every fd this library holds
 _EMPTY = b""
 # What the C outbox's write() asks for next (_speedups_send.c): 0 is "sent, nothing to do".
+_DECLINED = -1  # try_write only: an input for the full checks, nothing done
 _QUEUED = 1
 _FULL = 2
 _PARTIAL = 3
@@ -138,6 +139,20 @@ class WriteSide:
         if close_fds or not self._writable:
             self._write_handed_over(data, fds, close_fds)
             return
+        outbox = self._outbox
+        csend = self._csend
+        if csend is not None:
+            # The C path: the checks of the common shapes, then the direct sendmsg or copies
+            # of the fds queued with the message, in one call; what is left to do (schedule
+            # the flush, or the full checks of an unusual input) comes back as a code.
+            code = csend.try_write(self._fileno, data, fds)
+            if code and (code != _QUEUED or not self._flush_scheduled):
+                self._after_write(csend, code, data, fds)
+            if not self._protocol_paused and (
+                outbox.nbytes > self._high or outbox.nfds > self._fd_high
+            ):
+                self._pause_protocol()
+            return
         # The hot path of every sender: borrowed fds, checked inline for the common shapes.
         payload = data if type(data) is bytes else payload_of(data)
         if not fds:
@@ -150,15 +165,7 @@ class WriteSide:
         size = len(payload)
         if len(nums) > self._fd_cap or size > self._size_limit or not size:
             self._check(size, len(nums))
-        outbox = self._outbox
-        csend = self._csend
-        if csend is not None:
-            # The C path: the direct sendmsg, or duplicates queued with the message, in one
-            # call; what is left to do (schedule the flush...) comes back as a code.
-            code = csend.write(self._fileno, payload, nums)
-            if code and (code != _QUEUED or not self._flush_scheduled):
-                self._after_write(code, len(nums))
-        elif outbox.direct:
+        if outbox.direct:
             # The direct path, inline: one sendmsg with the caller's own fds (no duplicate).
             if self._framed:
                 buffers: list[Payload] = [encode_header(len(nums), size), payload]
@@ -187,10 +194,20 @@ class WriteSide:
         ):
             self._pause_protocol()
 
-    def _after_write(self, code: int | OSError, nfds: int) -> None:
-        """What the C path's ``write`` left to do: report a failure, or get the queue sent."""
+    def _after_write(self, csend: COutbox, code: int | OSError, data: Any, fds: Any) -> None:
+        """What the C path's ``try_write`` left to do: the full checks of an input it declined,
+        a failure to report, or the queue to get sent."""
+        if code == _DECLINED:
+            payload = payload_of(data)
+            nums = borrowed_fds(fds)
+            self._check(len(payload), len(nums))
+            code = csend.write(self._fileno, payload, nums)
+            if not code or (code == _QUEUED and self._flush_scheduled):
+                return
+        else:
+            nums = fds  # a list or tuple: try_write took it as it is
         if isinstance(code, OSError):
-            self._raise_send_error(code, nfds)
+            self._raise_send_error(code, len(nums))
         elif code == _PARTIAL:
             self._add_writer()
         elif self._writer_added:

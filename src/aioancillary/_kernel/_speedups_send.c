@@ -29,7 +29,7 @@
 #define SEND_HEADER 8
 
 /* What write() asks the Python side to do next (the transport's C path reads these). */
-enum { WRITE_SENT = 0, WRITE_QUEUED = 1, WRITE_FULL = 2, WRITE_PARTIAL = 3 };
+enum { WRITE_DECLINED = -1, WRITE_SENT = 0, WRITE_QUEUED = 1, WRITE_FULL = 2, WRITE_PARTIAL = 3 };
 enum { MODE_FRAMED = 0, MODE_RAW = 1, MODE_DATAGRAM = 2 };
 
 static PyObject *InvalidFdError;
@@ -56,6 +56,7 @@ typedef struct {
     batch_t *batches; /* batches[head .. head + count), NULL when nothing is queued */
     Py_ssize_t head, count, alloc;
     Py_ssize_t nbytes, nfds;
+    Py_ssize_t size_limit; /* try_write's bound on a payload (the transport's _size_limit) */
     int mode, cap;
     char burst, direct;
 } OutboxObject;
@@ -879,46 +880,15 @@ outbox_queue_borrowed(OutboxObject *self, const char *payload, Py_ssize_t size,
     return PyLong_FromLong(full ? WRITE_FULL : WRITE_QUEUED);
 }
 
+/* write() after the checks: the direct sendmsg, or the message queued with copies of the
+ * borrowed fds (on EAGAIN too). Returns the WRITE_* code, or the sendmsg OSError (returned). */
 static PyObject *
-Outbox_write(OutboxObject *self, PyObject *const *args, Py_ssize_t nargs)
+outbox_write_checked(OutboxObject *self, int sockfd, const char *payload, Py_ssize_t size,
+                     const int *nums, Py_ssize_t nfds)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "write() takes (fileno, payload, nums)");
-        return NULL;
-    }
-    int sockfd = as_int(args[0]);
-    if (sockfd == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    int room[16];
-    int *nums = NULL;
-    Py_ssize_t nfds = int_items(args[2], room, 16, &nums);
-    if (nfds < 0) {
-        return NULL;
-    }
-    Py_buffer view;
-    const char *payload;
-    Py_ssize_t size;
-    int release = 0;
-    if (PyBytes_CheckExact(args[1])) {
-        payload = PyBytes_AS_STRING(args[1]);
-        size = PyBytes_GET_SIZE(args[1]);
-    }
-    else {
-        if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0) {
-            if (nums != room) {
-                PyMem_Free(nums);
-            }
-            return NULL;
-        }
-        payload = view.buf;
-        size = view.len;
-        release = 1;
-    }
     PyObject *result = NULL;
     if (!self->direct) {
-        result = outbox_queue_borrowed(self, payload, size, nums, nfds);
-        goto done;
+        return outbox_queue_borrowed(self, payload, size, nums, nfds);
     }
     /* The direct path: one sendmsg with the caller's own fds (no duplicate). */
     char header[SEND_HEADER];
@@ -934,7 +904,7 @@ Outbox_write(OutboxObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t total = size + (self->mode == MODE_FRAMED ? SEND_HEADER : 0);
     Py_ssize_t sent = send_with_fds(sockfd, iov, niov, nums, nfds);
     if (sent == -2) {
-        goto done; /* a signal handler raised, or no memory */
+        return result; /* a signal handler raised, or no memory */
     }
     if (sent < 0) {
         int err = errno;
@@ -946,7 +916,7 @@ Outbox_write(OutboxObject *self, PyObject *const *args, Py_ssize_t nargs)
         else {
             result = send_error(err); /* returned: the caller translates it */
         }
-        goto done;
+        return result;
     }
     if (self->mode == MODE_FRAMED) {
         self->burst = 1;
@@ -969,20 +939,82 @@ Outbox_write(OutboxObject *self, PyObject *const *args, Py_ssize_t nargs)
             failed = outbox_queue_rest(self, payload + skip, size - skip);
         }
         if (failed) {
-            goto done;
+            return result;
         }
         result = PyLong_FromLong(WRITE_PARTIAL);
-        goto done;
+        return result;
     }
-    result = PyLong_FromLong(WRITE_SENT);
-done:
-    if (release) {
+    return PyLong_FromLong(WRITE_SENT);
+}
+
+static PyObject *
+Outbox_write(OutboxObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "write() takes (fileno, payload, nums)");
+        return NULL;
+    }
+    int sockfd = as_int(args[0]);
+    if (sockfd == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    int room[16];
+    int *nums = NULL;
+    Py_ssize_t nfds = int_items(args[2], room, 16, &nums);
+    if (nfds < 0) {
+        return NULL;
+    }
+    Py_buffer view;
+    PyObject *result = NULL;
+    /* A buffer export: the payload cannot move or shrink while it is sent or copied. */
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) == 0) {
+        result = outbox_write_checked(self, sockfd, view.buf, view.len, nums, nfds);
         PyBuffer_Release(&view);
     }
     if (nums != room) {
         PyMem_Free(nums);
     }
     return result;
+}
+
+/* try_write(fileno, data, fds): write_fds's common case whole, checks included: bytes and a
+ * list or tuple of at most fd_cap ints in range, 0 < len(data) <= size_limit. Anything else
+ * returns WRITE_DECLINED with nothing done: the caller runs the full checks (payload_of,
+ * borrowed_fds, check_message) and then write(). */
+static PyObject *
+Outbox_try_write(OutboxObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "try_write() takes (fileno, data, fds)");
+        return NULL;
+    }
+    int sockfd = as_int(args[0]);
+    if (sockfd == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *data = args[1], *fds = args[2];
+    if (!PyBytes_CheckExact(data) || !(PyTuple_CheckExact(fds) || PyList_CheckExact(fds))) {
+        return PyLong_FromLong(WRITE_DECLINED);
+    }
+    Py_ssize_t size = PyBytes_GET_SIZE(data);
+    Py_ssize_t nfds = PySequence_Fast_GET_SIZE(fds);
+    if (size == 0 || size > self->size_limit || nfds > self->cap || nfds > SEND_SCM_MAX) {
+        return PyLong_FromLong(WRITE_DECLINED);
+    }
+    int nums[SEND_SCM_MAX];
+    PyObject **items = PySequence_Fast_ITEMS(fds);
+    for (Py_ssize_t i = 0; i < nfds; i++) {
+        if (!PyLong_CheckExact(items[i])) {
+            return PyLong_FromLong(WRITE_DECLINED);
+        }
+        int overflow;
+        long fd = PyLong_AsLongAndOverflow(items[i], &overflow);
+        if (overflow || fd < 0 || fd > INT_MAX) {
+            return PyLong_FromLong(WRITE_DECLINED); /* refused by the full checks */
+        }
+        nums[i] = (int)fd;
+    }
+    return outbox_write_checked(self, sockfd, PyBytes_AS_STRING(data), size, nums, nfds);
 }
 
 static PyObject *
@@ -1043,6 +1075,9 @@ static PyMethodDef Outbox_methods[] = {
     {"write", (PyCFunction)(void (*)(void))Outbox_write, METH_FASTCALL,
      "write(fileno, payload, nums) -> 0 sent, 1 queued, 2 queued (batch full), 3 partly "
      "sent (the rest queued), or the sendmsg OSError (returned, not raised)."},
+    {"try_write", (PyCFunction)(void (*)(void))Outbox_try_write, METH_FASTCALL,
+     "try_write(fileno, data, fds) -> as write(), with write_fds's checks, or -1 (nothing "
+     "done) for an input the full checks must see."},
     {"flush", (PyCFunction)Outbox_flush, METH_O,
      "flush(fileno) -> None, or the sendmsg OSError (returned; the queue unchanged)."},
     {NULL, NULL, 0, NULL},
@@ -1055,6 +1090,8 @@ static PyMemberDef Outbox_members[] = {
      "Fds queued (owned here) and not yet sent."},
     {"direct", T_BOOL, offsetof(OutboxObject, direct), READONLY,
      "A new message may be sent at once instead of queued."},
+    {"size_limit", T_PYSSIZET, offsetof(OutboxObject, size_limit), 0,
+     "Largest payload try_write sends without the full checks (0: none)."},
     {NULL, 0, 0, 0, NULL},
 };
 

@@ -371,6 +371,9 @@ def send_all(sock: socket.socket, data: bytes | bytearray | memoryview, fds: lis
     return sent
 
 
+_dup = os.dup  # one global lookup per fd, not two (a sender's per-message path)
+
+
 def duplicates(nums: list[int]) -> list[int]:
     """Close-on-exec duplicates of the borrowed ``nums``, for a sender that queues them.
 
@@ -389,7 +392,7 @@ def duplicates(nums: list[int]) -> list[int]:
     copies: list[int] = []
     try:
         for num in nums:
-            copy = os.dup(num)  # non-inheritable (CLOEXEC), as every fd this library holds
+            copy = _dup(num)  # non-inheritable (CLOEXEC), as every fd this library holds
             copies.append(copy)
             if copy in nums and len(nums) > 1:
                 # dup() returns the lowest free number: if that is one of the numbers to
