@@ -9,6 +9,7 @@ copies). The outboxes themselves are compared on random sequences of operations.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
@@ -31,9 +32,10 @@ from aioancillary import (
     AncillaryConnection,
     ConnectionClosedError,
     InvalidFdError,
+    OwnedFd,
     connection_pair,
 )
-from aioancillary._core._framing import Mode
+from aioancillary._core._framing import DEFAULT_MAX_FRAME_SIZE, Mode
 from aioancillary._core._outbox import Outbox
 from aioancillary._kernel import _accel, _syscalls
 
@@ -529,3 +531,87 @@ def test_the_c_write_leaks_no_copy_on_memory_error_anywhere() -> None:
         os.close(fd)
         left.close()
         right.close()
+
+
+def _inputs(fd: int) -> list[tuple[Any, Any]]:
+    """(data, fds) pairs the C path's try_write leaves to the full checks, good and bad."""
+    return [
+        (bytearray(b"ba"), [fd]),
+        (memoryview(b"mv"), (fd,)),
+        (array.array("H", [1, 2]), [fd]),
+        (b"gen", (f for f in [fd, fd])),
+        (b"obj", [OwnedFd.dup_of(fd)]),
+        (b"", [fd]),
+        (b"", []),
+        (b"big", [fd] * 254),
+        (b"x" * (DEFAULT_MAX_FRAME_SIZE + 1), []),
+        ("text", [fd]),
+        (b"neg", [-1]),
+        (b"bool", [True]),
+        (b"none", None),
+        (b"huge", [2**40]),
+        (b"closed", [999_983]),
+    ]
+
+
+async def _outcomes(path: str) -> tuple[list[str], list[tuple[bytes, int]]]:
+    _accel.use_extension(path == "c")
+    a, b = await connection_pair()
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        outcomes = []
+        for data, fds in _inputs(fd):
+            try:
+                a.transport.write_fds(data, fds)
+                a.transport.end_burst()
+                outcomes.append("sent")
+            except Exception as exc:  # the outcome is what is compared
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                for item in fds if isinstance(fds, list) else ():
+                    if isinstance(item, OwnedFd):
+                        item.close()
+        got = []
+        while len(got) < outcomes.count("sent"):
+            with await within(b.recv()) as msg:
+                got.append((bytes(msg.data), msg.fd_count))
+        return outcomes, got
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
+        await a.wait_closed()
+        await b.wait_closed()
+
+
+async def test_inputs_the_c_path_declines_meet_the_same_checks() -> None:
+    require_extension()
+    was = _accel.EXTENSION is not None
+    try:
+        py = await _outcomes("py")
+        c = await _outcomes("c")
+    finally:
+        _accel.use_extension(was)
+    assert c == py
+    outcomes, got = c
+    assert outcomes[:7] == ["sent"] * 7
+    assert [o.split(":")[0] for o in outcomes[7:]] == [
+        "TooManyFdsError",
+        "MessageTooLargeError",
+        "TypeError",
+        "InvalidFdError",
+        "TypeError",
+        "sent",  # fds=None: no fds (the checks take a falsy fds as none)
+        "InvalidFdError",
+        "InvalidFdError",
+    ]
+    assert got == [
+        (b"ba", 1),
+        (b"mv", 1),
+        (array.array("H", [1, 2]).tobytes(), 1),
+        (b"gen", 2),
+        (b"obj", 1),
+        (b"", 1),
+        (b"", 0),
+        (b"none", 0),
+    ]

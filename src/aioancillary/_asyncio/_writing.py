@@ -199,7 +199,7 @@ class WriteSide:
         a failure to report, or the queue to get sent."""
         if code == _DECLINED:
             payload = payload_of(data)
-            nums = borrowed_fds(fds)
+            nums = borrowed_fds(fds) if fds else _NO_FDS  # as the pure path's checks
             self._check(len(payload), len(nums))
             code = csend.write(self._fileno, payload, nums)
             if not code or (code == _QUEUED and self._flush_scheduled):
