@@ -571,7 +571,7 @@ async def _outcomes(path: str) -> tuple[list[str], list[tuple[bytes, int]]]:
                 for item in fds if isinstance(fds, list) else ():
                     if isinstance(item, OwnedFd):
                         item.close()
-        got = []
+        got: list[tuple[bytes, int]] = []
         while len(got) < outcomes.count("sent"):
             with await within(b.recv()) as msg:
                 got.append((bytes(msg.data), msg.fd_count))
