@@ -7,7 +7,7 @@
  *   write(fileno, payload, nums)  write_fds after its checks, for borrowed fds: the direct
  *                                 sendmsg (header, payload and SCM_RIGHTS in one call), or,
  *                                 during a burst or on EAGAIN, duplicates of the fds queued
- *                                 with the message (as WriteSide._queue / _duplicates).
+ *                                 with the message (as WriteSide._queue, one copy per distinct fd).
  *   flush(fileno)                 WriteSide._send_queued's loop: sendmsg of the queued batches
  *                                 until the queue is empty, EAGAIN or a partial write, the
  *                                 sent fds closed here.
@@ -43,10 +43,15 @@ typedef union {
     char bytes[CMSG_SPACE(SEND_SCM_MAX * sizeof(int))];
 } send_control_t;
 
+/* A batch's fds are what its sendmsg carries, in order. own[i] says whether fds[i] is owned
+ * by that entry (closed once sent or dropped) or repeats a number an earlier entry of the same
+ * message owns: write() makes one copy per distinct fd of a message ([fd, fd] costs one dup
+ * and one close, and still sends two fds). */
 typedef struct {
     char *data;
     Py_ssize_t len, alloc, sent;
     int *fds;
+    unsigned char *own;
     Py_ssize_t nfds, fd_alloc;
     int sealed;
 } batch_t;
@@ -68,8 +73,10 @@ batch_free(batch_t *b)
 {
     PyMem_Free(b->data);
     PyMem_Free(b->fds);
+    PyMem_Free(b->own);
     b->data = NULL;
     b->fds = NULL;
+    b->own = NULL;
 }
 
 static int
@@ -115,9 +122,51 @@ batch_reserve_fds(batch_t *b, Py_ssize_t n)
         PyErr_NoMemory();
         return -1;
     }
-    b->fds = fds;
+    b->fds = fds; /* larger: fd_alloc grows once both arrays have */
+    unsigned char *own = PyMem_Realloc(b->own, (size_t)want);
+    if (own == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->own = own;
     b->fd_alloc = want;
     return 0;
+}
+
+/* Close the numbers the batch's entries own (the others repeat one of them). */
+static void
+batch_close_owned(batch_t *b)
+{
+    for (Py_ssize_t i = 0; i < b->nfds; i++) {
+        if (b->own[i]) {
+            (void)close(b->fds[i]);
+        }
+    }
+}
+
+/* The numbers the batch's entries own, for a caller who closes them. */
+static PyObject *
+batch_owned_list(batch_t *b, PyObject *append_to)
+{
+    PyObject *list = append_to;
+    if (list == NULL && (list = PyList_New(0)) == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < b->nfds; i++) {
+        if (!b->own[i]) {
+            continue;
+        }
+        PyObject *num = PyLong_FromLong(b->fds[i]);
+        if (num == NULL || PyList_Append(list, num) < 0) {
+            Py_XDECREF(num);
+            if (append_to == NULL) {
+                Py_DECREF(list);
+            }
+            return NULL;
+        }
+        Py_DECREF(num);
+    }
+    return list;
 }
 
 static void
@@ -206,11 +255,12 @@ outbox_undo_append(OutboxObject *self, batch_t *b)
     }
 }
 
-/* Outbox.queue for fds already owned (nfds ints): on failure nothing is queued and the fds
- * are still the caller's. Returns 1 if the batch is full, 0 if not, -1 on error. */
+/* Outbox.queue for fds already owned (nfds ints; own: which entries own their number, NULL:
+ * all): on failure nothing is queued and the fds are still the caller's. Returns 1 if the
+ * batch is full, 0 if not, -1 on error. */
 static int
 outbox_queue(OutboxObject *self, const char *payload, Py_ssize_t size, const int *fds,
-             Py_ssize_t nfds)
+             const unsigned char *own, Py_ssize_t nfds)
 {
     batch_t *last = outbox_last(self);
     int made = 0;
@@ -247,6 +297,12 @@ outbox_queue(OutboxObject *self, const char *payload, Py_ssize_t size, const int
     }
     if (nfds) {
         memcpy(last->fds + last->nfds, fds, (size_t)nfds * sizeof(int));
+        if (own != NULL) {
+            memcpy(last->own + last->nfds, own, (size_t)nfds);
+        }
+        else {
+            memset(last->own + last->nfds, 1, (size_t)nfds);
+        }
         last->nfds += nfds;
         self->nfds += nfds;
     }
@@ -364,7 +420,9 @@ raise_from_errno(PyObject *cls, int err, PyObject *message)
     raise_exception(exc);
 }
 
-/* Duplicates (close-on-exec) of the borrowed fds, as _writing._duplicates: on any failure the
+static void raise_dup_error(int err);
+
+/* Duplicates (close-on-exec) of the borrowed fds, as _syscalls.duplicates: on any failure the
  * copies made are closed and InvalidFdError (EBADF) or OSError (RLIMIT_NOFILE...) raised. */
 static int
 duplicate_fds(const int *nums, Py_ssize_t n, int *out)
@@ -396,6 +454,14 @@ duplicate_fds(const int *nums, Py_ssize_t n, int *out)
         return 0;
     }
     close_fds(out, made); /* none of them was queued */
+    raise_dup_error(err);
+    return -1;
+}
+
+/* InvalidFdError (EBADF) or OSError (RLIMIT_NOFILE...), as _syscalls.duplicates raises them. */
+static void
+raise_dup_error(int err)
+{
     if (err == EBADF) {
         raise_from_errno(InvalidFdError, err,
                          PyUnicode_FromString("cannot send: an fd in the list is not open "
@@ -408,7 +474,6 @@ duplicate_fds(const int *nums, Py_ssize_t n, int *out)
                                               "RLIMIT_NOFILE. Nothing was queued",
                                               strerror(err)));
     }
-    return -1;
 }
 
 /* -- argument helpers --------------------------------------------------------------------- */
@@ -521,7 +586,7 @@ Outbox_dealloc(OutboxObject *self)
     /* Fds still queued are the outbox's: nobody else will close them. */
     for (Py_ssize_t i = 0; i < self->count; i++) {
         batch_t *b = &self->batches[self->head + i];
-        close_fds(b->fds, b->nfds);
+        batch_close_owned(b);
         batch_free(b);
     }
     PyMem_Free(self->batches);
@@ -648,7 +713,7 @@ Outbox_queue(OutboxObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer view;
     int full = -1;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) == 0) {
-        full = outbox_queue(self, view.buf, view.len, fds, nfds);
+        full = outbox_queue(self, view.buf, view.len, fds, NULL, nfds);
         PyBuffer_Release(&view);
     }
     if (full < 0) {
@@ -704,13 +769,13 @@ outbox_advance(OutboxObject *self, Py_ssize_t sent, int close, PyObject **out)
 {
     batch_t *b = outbox_first(self);
     if (out != NULL) {
-        *out = fds_to_list(b->fds, b->nfds);
+        *out = batch_owned_list(b, NULL);
         if (*out == NULL) {
             return -1;
         }
     }
     if (close) {
-        close_fds(b->fds, b->nfds); /* sent: the kernel holds its own references */
+        batch_close_owned(b); /* sent: the kernel holds its own references */
     }
     self->nfds -= b->nfds;
     b->nfds = 0;
@@ -749,7 +814,7 @@ Outbox_discard_first(OutboxObject *self, PyObject *Py_UNUSED(ignored))
         return NULL;
     }
     batch_t *b = outbox_first(self);
-    PyObject *fds = fds_to_list(b->fds, b->nfds);
+    PyObject *fds = batch_owned_list(b, NULL);
     if (fds == NULL) {
         return NULL;
     }
@@ -762,6 +827,23 @@ Outbox_discard_first(OutboxObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Outbox_take_unsent(OutboxObject *self, PyObject *Py_UNUSED(ignored))
 {
+    /* An entry repeating a number gets a copy of its own now: each message handed back owns
+     * each of its fds. A batch for which a copy cannot be made (RLIMIT_NOFILE) is not handed
+     * back: it is sealed, so drop() returns its fds to be closed, as a partly sent batch's. */
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        batch_t *b = &self->batches[self->head + i];
+        for (Py_ssize_t j = 0; j < b->nfds && !b->sealed; j++) {
+            if (!b->own[j]) {
+                int copy = fcntl(b->fds[j], F_DUPFD_CLOEXEC, 0);
+                if (copy < 0) {
+                    b->sealed = 1;
+                    break;
+                }
+                b->fds[j] = copy;
+                b->own[j] = 1;
+            }
+        }
+    }
     PyObject *out = PyList_New(0);
     if (out == NULL) {
         return NULL;
@@ -819,24 +901,14 @@ Outbox_take_unsent(OutboxObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Outbox_drop(OutboxObject *self, PyObject *Py_UNUSED(ignored))
 {
-    Py_ssize_t total = 0;
-    for (Py_ssize_t i = 0; i < self->count; i++) {
-        total += self->batches[self->head + i].nfds;
-    }
-    PyObject *out = PyList_New(total);
+    PyObject *out = PyList_New(0);
     if (out == NULL) {
         return NULL;
     }
-    Py_ssize_t k = 0;
     for (Py_ssize_t i = 0; i < self->count; i++) {
-        batch_t *b = &self->batches[self->head + i];
-        for (Py_ssize_t j = 0; j < b->nfds; j++) {
-            PyObject *num = PyLong_FromLong(b->fds[j]);
-            if (num == NULL) {
-                Py_DECREF(out);
-                return NULL;
-            }
-            PyList_SET_ITEM(out, k++, num);
+        if (batch_owned_list(&self->batches[self->head + i], out) == NULL) {
+            Py_DECREF(out);
+            return NULL;
         }
     }
     for (Py_ssize_t i = 0; i < self->count; i++) {
@@ -851,30 +923,73 @@ Outbox_drop(OutboxObject *self, PyObject *Py_UNUSED(ignored))
 
 /* -- Outbox: the transport's C path ------------------------------------------------------- */
 
+/* Copies of the borrowed fds, one per distinct number (repeats share it: own[i] = 0), with
+ * _syscalls.duplicates' errors and rules (the dup-number collision), every copy closed on failure. */
+static int
+duplicate_distinct(const int *nums, Py_ssize_t n, int *out, unsigned char *own)
+{
+    Py_ssize_t made = 0;
+    int err = 0;
+    for (Py_ssize_t i = 0; i < n && !err; i++) {
+        Py_ssize_t first = 0;
+        while (nums[first] != nums[i]) {
+            first++;
+        }
+        if (first < i) {
+            out[i] = out[first];
+            own[i] = 0;
+            continue;
+        }
+        int copy = fcntl(nums[i], F_DUPFD_CLOEXEC, 0);
+        if (copy < 0) {
+            err = errno;
+            break;
+        }
+        out[i] = copy;
+        own[i] = 1;
+        made = i + 1;
+        if (n > 1) {
+            for (Py_ssize_t j = 0; j < n; j++) {
+                if (nums[j] == copy) {
+                    err = EBADF; /* that entry was closed: see duplicate_fds */
+                    break;
+                }
+            }
+        }
+    }
+    if (!err) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < made; i++) {
+        if (own[i]) {
+            (void)close(out[i]); /* none of them was queued */
+        }
+    }
+    raise_dup_error(err);
+    return -1;
+}
+
 /* Duplicate the borrowed fds and queue the message with the copies (WriteSide._queue). */
 static PyObject *
 outbox_queue_borrowed(OutboxObject *self, const char *payload, Py_ssize_t size,
                       const int *nums, Py_ssize_t nfds)
 {
-    int stack[16];
-    int *copies = stack;
-    if (nfds > 16) {
-        copies = PyMem_Malloc((size_t)nfds * sizeof(int));
-        if (copies == NULL) {
-            return PyErr_NoMemory();
-        }
+    int copies[SEND_SCM_MAX] = {0};
+    unsigned char own[SEND_SCM_MAX] = {0};
+    if (nfds > SEND_SCM_MAX) {
+        PyErr_Format(PyExc_ValueError, "more than %d fds in one message", SEND_SCM_MAX);
+        return NULL;
     }
-    int full = -1;
-    if (duplicate_fds(nums, nfds, copies) == 0) {
-        full = outbox_queue(self, payload, size, copies, nfds);
-        if (full < 0) {
-            close_fds(copies, nfds); /* never queued */
-        }
+    if (duplicate_distinct(nums, nfds, copies, own) < 0) {
+        return NULL;
     }
-    if (copies != stack) {
-        PyMem_Free(copies);
-    }
+    int full = outbox_queue(self, payload, size, copies, own, nfds);
     if (full < 0) {
+        for (Py_ssize_t i = 0; i < nfds; i++) {
+            if (own[i]) {
+                (void)close(copies[i]); /* never queued */
+            }
+        }
         return NULL;
     }
     return PyLong_FromLong(full ? WRITE_FULL : WRITE_QUEUED);
@@ -1111,7 +1226,7 @@ static PyTypeObject OutboxType = {
     .tp_members = Outbox_members,
 };
 
-/* duplicates(nums) -> list[int]: _writing._duplicates in C (what write() does to queue). */
+/* duplicates(nums) -> list[int]: _syscalls.duplicates in C (a copy for every entry). */
 static PyObject *
 send_duplicates(PyObject *Py_UNUSED(module), PyObject *arg)
 {
@@ -1146,7 +1261,7 @@ send_duplicates(PyObject *Py_UNUSED(module), PyObject *arg)
 #define SEND_METHODS                                                                             \
     {"duplicates", (PyCFunction)send_duplicates, METH_O,                                         \
      "duplicates(nums) -> list[int]: close-on-exec copies of borrowed fds, as "                  \
-     "_writing._duplicates (InvalidFdError or OSError, no copy left open, on failure)."},
+     "_syscalls.duplicates (InvalidFdError or OSError, no copy left open, on failure)."},
 
 /* At module init: the names the send path needs, and the Outbox type. */
 static int
