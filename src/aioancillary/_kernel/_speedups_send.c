@@ -1,20 +1,26 @@
 /* aioancillary._kernel._speedups: the send hot path in C (included by _speedups.c).
  *
  * Outbox replaces _core/_outbox.py Outbox (same interface, same rules, same counters) and adds
- * the two calls the transport's C path makes instead of its Python send code
+ * the calls the transport's C path makes instead of its Python send code
  * (_asyncio/_writing.py):
  *
+ *   try_write(fileno, data, fds)  write_fds whole for the common shapes (bytes, a list or
+ *                                 tuple of ints), its checks included; anything else is
+ *                                 declined untouched, for the Python checks and then write().
  *   write(fileno, payload, nums)  write_fds after its checks, for borrowed fds: the direct
  *                                 sendmsg (header, payload and SCM_RIGHTS in one call), or,
- *                                 during a burst or on EAGAIN, duplicates of the fds queued
- *                                 with the message (as WriteSide._queue, one copy per distinct fd).
+ *                                 during a burst or on EAGAIN, the message queued with
+ *                                 copies of its fds (WriteSide._queue), one per distinct fd.
  *   flush(fileno)                 WriteSide._send_queued's loop: sendmsg of the queued batches
  *                                 until the queue is empty, EAGAIN or a partial write, the
  *                                 sent fds closed here.
  *
+ * duplicates(nums) is _syscalls.duplicates (a copy for every entry).
+ *
  * Ownership: every fd in a batch is the outbox's (a duplicate made here, or an fd handed over to
- * queue()). It leaves the outbox in exactly one way: sent (closed here by flush, or handed back
- * by advance), returned to the caller (discard_first, take_unsent, drop), or closed here when
+ * queue()), owned by exactly one entry (an entry repeating it within its message owns nothing).
+ * It leaves the outbox in exactly one way: sent (closed here by flush, or handed back by
+ * advance), returned to the caller (discard_first, take_unsent, drop), or closed here when
  * the outbox is deallocated with fds still queued. Duplicates made by write() are closed on
  * every failure before the error is raised.
  *
@@ -924,7 +930,8 @@ Outbox_drop(OutboxObject *self, PyObject *Py_UNUSED(ignored))
 /* -- Outbox: the transport's C path ------------------------------------------------------- */
 
 /* Copies of the borrowed fds, one per distinct number (repeats share it: own[i] = 0), with
- * _syscalls.duplicates' errors and rules (the dup-number collision), every copy closed on failure. */
+ * _syscalls.duplicates' errors and rules (the dup-number collision); on failure every copy is
+ * closed. */
 static int
 duplicate_distinct(const int *nums, Py_ssize_t n, int *out, unsigned char *own)
 {
