@@ -188,7 +188,7 @@ class WriteSide:
                     outbox.queue_rest(b"".join(buffers)[sent:])
                     self._add_writer()
         else:
-            self._queue(payload, nums, owned=False)
+            self._queue(payload, nums)  # borrowed fds (positional: see _queue)
         if not self._protocol_paused and (
             outbox.nbytes > self._high or outbox.nfds > self._fd_high
         ):
@@ -353,9 +353,13 @@ class WriteSide:
         return start
 
     def _queue(
-        self, payload: Payload, nums: list[int], *, owned: bool, checked: bool = False
+        self, payload: Payload, nums: list[int], owned: bool = False, checked: bool = False
     ) -> None:
-        """Queue a message; the outbox gets fds of its own (handed over, or duplicates)."""
+        """Queue a message; the outbox gets fds of its own (handed over, or duplicates).
+
+        ``owned`` and ``checked`` may be given by position: the pure path's burst calls this
+        for every message but the first, and a call with keywords costs more in CPython.
+        """
         if not nums:
             fds = nums
         elif owned:
