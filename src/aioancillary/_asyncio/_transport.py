@@ -290,7 +290,8 @@ class AncillaryTransport(ReadSide, WriteSide, WriteFlow, asyncio.Transport):
         self._protocol_paused = False
         self._eof_requested = False
         self._write_failure: Exception | None = None  # why writing stopped (peer gone)
-        self._writable = True  # open, no write_eof, no write failure
+        # open, no write_eof, no write failure (and which send path: see WriteSide.write_fds)
+        self._writable = True if self._csend is None else None
         # state
         self._state = State.OPEN
         self._exc: Exception | None = None  # what made the connection fail, if anything

@@ -82,7 +82,9 @@ class WriteSide:
     _eof_requested: bool
     _write_failure: Exception | None
     _exc: Exception | None
-    _writable: bool  # open, no write_eof, no write failure: the one check of the hot path
+    # Open, no write_eof, no write failure: True on the pure path, None on the C path (falsy:
+    # the pure path's hot test, `not _writable`, lets it through), False once writing stopped.
+    _writable: bool | None
 
     if TYPE_CHECKING:
 
@@ -137,22 +139,26 @@ class WriteSide:
                 ``close_fds=True``.
         """
         if close_fds or not self._writable:
+            # The pure path's one test: everything else (handed-over fds, a transport that
+            # cannot write, the C path, whose _writable is None) starts here.
+            if self._writable is None and not close_fds:
+                # The C path: the checks of the common shapes, then the direct sendmsg or
+                # copies of the fds queued with the message, in one call; what is left to do
+                # (schedule the flush, or the full checks of an unusual input) comes back as
+                # a code.
+                csend = self._csend
+                assert csend is not None
+                code = csend.try_write(self._fileno, data, fds)
+                if code and (code != _QUEUED or not self._flush_scheduled):
+                    self._after_write(csend, code, data, fds)
+                if not self._protocol_paused and (
+                    csend.nbytes > self._high or csend.nfds > self._fd_high
+                ):
+                    self._pause_protocol()
+                return
             self._write_handed_over(data, fds, close_fds)
             return
         outbox = self._outbox
-        csend = self._csend
-        if csend is not None:
-            # The C path: the checks of the common shapes, then the direct sendmsg or copies
-            # of the fds queued with the message, in one call; what is left to do (schedule
-            # the flush, or the full checks of an unusual input) comes back as a code.
-            code = csend.try_write(self._fileno, data, fds)
-            if code and (code != _QUEUED or not self._flush_scheduled):
-                self._after_write(csend, code, data, fds)
-            if not self._protocol_paused and (
-                outbox.nbytes > self._high or outbox.nfds > self._fd_high
-            ):
-                self._pause_protocol()
-            return
         # The hot path of every sender: borrowed fds, checked inline for the common shapes.
         payload = data if type(data) is bytes else payload_of(data)
         if not fds:
@@ -220,7 +226,7 @@ class WriteSide:
 
     def _write_handed_over(self, data: Any, fds: Iterable[Any], close_fds: bool) -> None:
         """``write_fds`` when the fds are handed over, or when the transport cannot write."""
-        if not self._writable:
+        if self._writable is False:  # None: writable, on the C path
             if close_fds:
                 release_handed_over(fds)
             raise self._closed_error()
@@ -260,7 +266,7 @@ class WriteSide:
         Raises the same errors as `write_fds`, for any message of the batch.
         """
         items = list(messages)
-        if not self._writable:
+        if self._writable is False:  # None: writable, on the C path
             if close_fds:
                 for item in items:
                     release_handed_over(_fds_of(item))
@@ -434,19 +440,18 @@ class WriteSide:
         sock = self._sock
         outbox = self._outbox
         csend = self._csend
-        while outbox and sock is not None:
-            if csend is not None:
-                # The C path: sendmsg until the queue is empty, EAGAIN or a partial write, the
-                # sent fds closed there; a failure comes back with the queue as it was.
-                failure = csend.flush(self._fileno)
-                if failure is None:
-                    break
-                view, fds = outbox.pending()
-                size = len(view)
-                view.release()
-                if self._queued_send_failed(failure, size, len(fds)):
-                    continue
+        while csend is not None and outbox and sock is not None:
+            # The C path: sendmsg until the queue is empty, EAGAIN or a partial write, the sent
+            # fds closed there; a failure comes back with the queue as it was.
+            failure = csend.flush(self._fileno)
+            if failure is None:
+                break
+            view, fds = outbox.pending()
+            size = len(view)
+            view.release()
+            if not self._queued_send_failed(failure, size, len(fds)):
                 return
+        while csend is None and outbox and sock is not None:
             view, fds = outbox.pending()
             size = len(view)
             try:
