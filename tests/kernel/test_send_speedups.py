@@ -218,6 +218,44 @@ RLIMIT_SCRIPT = textwrap.dedent(
 
     for path in ("py", "c"):
         out["burst-" + path] = asyncio.run(burst(path))
+
+    # A message with a repeated fd taken back when no copy can be made for the repeat: it is
+    # not handed back (its one copy is dropped, to be closed), and nothing leaks.
+    import socket
+    from aioancillary._core._framing import Mode
+    left, right = socket.socketpair()
+    fd = os.open(os.devnull, os.O_RDONLY)
+    outbox = _speedups.Outbox(Mode.FRAMED, 253)
+    outbox.sent_directly()
+    outbox.write(left.fileno(), b"one", [fd])
+    outbox.write(left.fileno(), b"rep", [fd, fd])
+    import fcntl
+
+    def count_open():  # without opening anything: at the limit, listdir cannot
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        count = 0
+        for n in range(limit):
+            try:
+                fcntl.fcntl(n, fcntl.F_GETFD)
+            except OSError:
+                continue
+            count += 1
+        return count
+
+    filler, soft, hard = at_limit(0)
+    before = count_open()
+    unsent = outbox.take_unsent()
+    dropped = outbox.drop()
+    made = count_open() - before
+    for f in [f for _d, fds in unsent for f in fds] + dropped:
+        os.close(f)
+    for f in filler:
+        os.close(f)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    out["take-back"] = [[[d.decode(), len(fds)] for d, fds in unsent], len(dropped), made]
+    os.close(fd)
+    left.close()
+    right.close()
     json.dump(out, sys.stdout)
     """
 )
@@ -249,6 +287,9 @@ def test_at_rlimit_nofile_both_paths_raise_the_same_and_queue_nothing() -> None:
     assert leaked == 0
     assert queued == [0, 0]  # nothing of the refused message was queued
     assert msgs == [["first", 2], ["third", 1]]
+    # "one" and "rep" share a batch: the copy for the repeat fails, so neither comes back;
+    # their two copies are dropped (to be closed), none made.
+    assert out["take-back"] == [[], 2, 0]
 
 
 # -- the transport's send path on both implementations ------------------------------------------
