@@ -3,15 +3,15 @@
 The one selection point. The optional C extension ``_speedups`` (built at install where a
 compiler is present) replaces, with the same interface, results, errors and fds closed:
 
+* ``_outbox.Outbox`` (the send queue, its rules and counters), whose C version also sends: a
+  transport whose outbox is the C one (``WriteSide._csend``) gives ``write_fds`` to its
+  ``try_write`` (the checks of the common shapes, then the direct ``sendmsg`` or the message
+  queued with copies of its fds, as ``WriteSide._queue`` with ``_syscalls.duplicates``) and
+  runs ``WriteSide._send_queued``'s loop in its ``flush``,
 * ``_syscalls.Receiver`` (the read loop and the control-message
   rules),
 * ``_framing.FrameDecoder`` (framed streams),
-* ``_message.messages_of`` (``ReadDecoder``'s batch path),
-* ``_outbox.Outbox`` (the send queue), whose C version also sends: its ``write`` is
-  ``WriteSide.write_fds``'s direct ``sendmsg`` or its queueing of duplicates
-  (``WriteSide._queue``), its ``flush`` the loop of ``WriteSide._send_queued``; a transport
-  whose outbox is the C one takes that path (``WriteSide._csend``),
-* ``_syscalls.duplicates`` (close-on-exec copies of borrowed fds, for the queue).
+* ``_message.messages_of`` (``ReadDecoder``'s batch path).
 
 The pure-Python path is used when the extension is absent (no compiler at install, another
 interpreter) or when ``AIOANCILLARY_NO_EXTENSIONS`` is set to anything but ``""``/``"0"`` in
@@ -33,7 +33,6 @@ __all__ = [
     "Outbox",
     "ReadDecoder",
     "Receiver",
-    "duplicates",
     "messages_of",
     "use_extension",
 ]
@@ -71,21 +70,20 @@ def _c_read_decoder(module: ModuleType) -> type[_framing.ReadDecoder]:
 
 
 def _bind(module: ModuleType | None) -> None:
-    global Receiver, FrameDecoder, ReadDecoder, messages_of, Outbox, duplicates
+    global Outbox
+    global Receiver, FrameDecoder, ReadDecoder, messages_of
     if module is None:
+        Outbox = _outbox.Outbox
         Receiver = _syscalls.Receiver
         FrameDecoder = _framing.FrameDecoder
         ReadDecoder = _framing.ReadDecoder
         messages_of = _message.messages_of
-        Outbox = _outbox.Outbox
-        duplicates = _syscalls.duplicates
     else:
+        Outbox = module.Outbox
         Receiver = module.Receiver
         FrameDecoder = module.FrameDecoder
         ReadDecoder = _c_read_decoder(module)
         messages_of = module.messages_of
-        Outbox = module.Outbox
-        duplicates = module.duplicates
 
 
 def use_extension(enabled: bool) -> None:
@@ -105,5 +103,4 @@ def use_extension(enabled: bool) -> None:
 
 
 messages_of = _message.messages_of
-duplicates = _syscalls.duplicates
 _bind(EXTENSION)

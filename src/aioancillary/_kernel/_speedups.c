@@ -1563,10 +1563,10 @@ static PyTypeObject FrameDecoderType = {
 static PyMethodDef module_methods[] = {
     {"messages_of", (PyCFunction)messages_of, METH_O,
      "messages_of(reads) -> list[AncillaryMessage]: as _message.messages_of."},
+    SEND_METHODS
     {"parse_control", (PyCFunction)(void (*)(void))parse_control, METH_VARARGS | METH_KEYWORDS,
      "parse_control(control, msg_flags, recv_flags, platform, data=b'', buffer_len=0) -> "
      "list[int]: the receive rules on a raw control buffer."},
-    SEND_METHODS
     {NULL, NULL, 0, NULL},
 };
 
