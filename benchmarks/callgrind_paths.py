@@ -11,6 +11,10 @@ message) is near zero and is not a row.
 
     .venv/bin/python benchmarks/callgrind_paths.py            # every cell, a Markdown table
     .venv/bin/python benchmarks/callgrind_paths.py --only stream-1fd
+    .venv/bin/python benchmarks/callgrind_paths.py --sender-only --only 'aioancillary-*'
+
+``--sender-only`` counts the sending side alone (aioancillary rows, one-way cases): the
+receiver is a plain ``recvmsg`` loop in another process, which callgrind does not trace.
 
 Rows: ``aioancillary-{loop}-c`` (the C extension), ``aioancillary-{loop}-py`` (pure Python),
 ``naive-{loop}`` (the careful ``add_reader`` loop of ``impl_naive``), ``stdlib`` (blocking
@@ -51,6 +55,21 @@ IMPLS = [
 ]
 COUNTS = (500, 2500)
 PAYLOAD = b"x" * 16
+_SENDER_ONLY = "AIOANCILLARY_CALLGRIND_SENDER_ONLY"
+# The untraced receiver of --sender-only: reads until EOF, closing every fd that arrives.
+_DRAIN = """
+import array, os, socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+while True:
+    data, anc, _flags, _addr = sock.recvmsg(1 << 16, socket.CMSG_SPACE(253 * 4))
+    for _level, _kind, raw in anc:
+        fds = array.array("i")
+        fds.frombytes(raw[: len(raw) - len(raw) % fds.itemsize])
+        for fd in fds:
+            os.close(fd)
+    if not data and not anc:
+        break
+"""
 
 
 def _loop_factory(name: str) -> asyncio.AbstractEventLoop:
@@ -71,6 +90,9 @@ async def _aioancillary(case: str, path: str, n: int) -> None:
     else:
         _accel.use_extension(path == "c")
     kind, nfds, framed, pingpong = CASES[case]
+    if os.environ.get(_SENDER_ONLY):
+        await _sender_only(kind, nfds, framed, n)
+        return
     a, b = await connection_pair(kind, framed=framed if kind == socket.SOCK_STREAM else None)
     fd = os.open(os.devnull, os.O_RDONLY)
     fds = [fd] * nfds
@@ -101,6 +123,31 @@ async def _aioancillary(case: str, path: str, n: int) -> None:
     b.close()
     await a.wait_closed()
     await b.wait_closed()
+
+
+def _start_drain(sock: socket.socket) -> subprocess.Popen[bytes]:
+    """The receiver of --sender-only, in a process of its own (it takes ``sock`` over)."""
+    with sock:
+        return subprocess.Popen(
+            [sys.executable, "-c", _DRAIN, str(sock.fileno())], pass_fds=[sock.fileno()]
+        )
+
+
+async def _sender_only(kind: int, nfds: int, framed: bool, n: int) -> None:
+    from aioancillary import AncillaryConnection  # noqa: PLC0415
+
+    left, right = socket.socketpair(socket.AF_UNIX, kind)
+    drain = _start_drain(right)
+    a = AncillaryConnection(left, framed=framed if kind == socket.SOCK_STREAM else None)
+    fd = os.open(os.devnull, os.O_RDONLY)
+    fds = [fd] * nfds
+    for _ in range(n):
+        await a.send_fds(PAYLOAD, fds)
+    await a.drain()
+    os.close(fd)
+    a.close()
+    await a.wait_closed()
+    await asyncio.to_thread(drain.wait)
 
 
 async def _naive(case: str, n: int) -> None:
@@ -173,12 +220,15 @@ def child(case: str, impl: str, n: int) -> None:
             runner.run(_aioancillary(case, parts[2], n))
 
 
-def count(case: str, impl: str, n: int, src: str = "") -> int:
+def count(case: str, impl: str, n: int, src: str = "", sender_only: bool = False) -> int:
     """Instructions of one whole run (callgrind's "Collected" total).
 
     ``src``: another tree's ``src`` directory to import aioancillary from (a baseline).
+    ``sender_only``: the receiver runs in an untraced process.
     """
     env = {**os.environ, "PYTHONHASHSEED": "0"}
+    if sender_only:
+        env[_SENDER_ONLY] = "1"
     if src:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     result = subprocess.run(
@@ -210,6 +260,11 @@ def main() -> int:
     parser.add_argument(
         "--src", default="", help="import aioancillary from this src/ (e.g. a baseline tree)"
     )
+    parser.add_argument(
+        "--sender-only",
+        action="store_true",
+        help="count the sender alone (aioancillary rows, one-way cases)",
+    )
     parser.add_argument("--child", nargs=3, metavar=("CASE", "IMPL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -224,14 +279,18 @@ def main() -> int:
 
     cases = [c for c in CASES if wanted(c) or not any(wanted(c) for c in CASES)]
     impls = [i for i in IMPLS if wanted(i) or not any(wanted(i) for i in IMPLS)]
+    if args.sender_only:
+        cases = [c for c in cases if not CASES[c][3]]
+        impls = [i for i in impls if i.startswith("aioancillary-")]
     table: dict[tuple[str, str], float] = {}
     for case in cases:
         for impl in impls:
-            low, high = (count(case, impl, n, args.src) for n in COUNTS)
+            low, high = (count(case, impl, n, args.src, args.sender_only) for n in COUNTS)
             table[case, impl] = (high - low) / (COUNTS[1] - COUNTS[0])
             print(f"{case:15} {impl:24} {table[case, impl] / 1000:7.1f}k", file=sys.stderr)
     unit = "round trip" if cases == ["pingpong"] else "message (ping-pong: round trip)"
-    print(f"\nUser-space instructions per {unit}, both sides, thousands (callgrind):\n")
+    sides = "the sender alone" if args.sender_only else "both sides"
+    print(f"\nUser-space instructions per {unit}, {sides}, thousands (callgrind):\n")
     print("| impl | " + " | ".join(cases) + " |")
     print("|---|" + "---:|" * len(cases))
     for impl in impls:

@@ -35,7 +35,7 @@ class WriteFlow:
     _fd_high: int
     _protocol_paused: bool
     _eof_requested: bool
-    _writable: bool
+    _writable: bool | None  # see WriteSide
 
     if TYPE_CHECKING:
 

@@ -22,13 +22,12 @@ import socket
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .._core._errors import AncillaryError
 from .._core._fd import FD_MAX, close_raw
 from .._core._framing import DEFAULT_MAX_FRAME_SIZE, Decoder, Mode
 from .._core._message import new_message
-from .._core._outbox import Outbox
 from .._core._platform import SCM_MAX_FD, Platform, current_platform
 from .._kernel import _accel, _fork
 from .._kernel._peercred import peer_credentials
@@ -37,6 +36,9 @@ from ._flow import FRAMED_HIGH_WATER, WriteFlow
 from ._protocol import AncillaryProtocol
 from ._reading import ReadSide
 from ._writing import WriteSide
+
+if TYPE_CHECKING:
+    from .._kernel._speedups import Outbox as COutbox
 
 __all__ = ["AncillaryTransport", "OnClosed", "mode_of"]
 
@@ -119,6 +121,7 @@ class AncillaryTransport(ReadSide, WriteSide, WriteFlow, asyncio.Transport):
     __slots__ = (
         "__dict__",
         "__weakref__",
+        "_csend",
         "_datagram_limit",
         "_decoder",
         "_eof_requested",
@@ -271,7 +274,11 @@ class AncillaryTransport(ReadSide, WriteSide, WriteFlow, asyncio.Transport):
             Mode.RAW: FD_MAX,
         }[mode]
         # write side
-        self._outbox = Outbox(mode, cap)
+        self._outbox = outbox = _accel.Outbox(mode, cap)
+        # The C outbox also sends (write, flush): the write side takes its C path through it.
+        self._csend = cast("COutbox", outbox) if _accel.EXTENSION is not None else None
+        if self._csend is not None:
+            self._csend.size_limit = self._size_limit  # try_write's own check
         self._framed = mode is Mode.FRAMED
         self._high = FRAMED_HIGH_WATER if mode is Mode.FRAMED else 0
         self._low = self._high // 4
@@ -283,7 +290,8 @@ class AncillaryTransport(ReadSide, WriteSide, WriteFlow, asyncio.Transport):
         self._protocol_paused = False
         self._eof_requested = False
         self._write_failure: Exception | None = None  # why writing stopped (peer gone)
-        self._writable = True  # open, no write_eof, no write failure
+        # open, no write_eof, no write failure (and which send path: see WriteSide.write_fds)
+        self._writable = True if self._csend is None else None
         # state
         self._state = State.OPEN
         self._exc: Exception | None = None  # what made the connection fail, if anything

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .._core._cmsg import rights
-from .._core._errors import AncillaryError, ConnectionClosedError, InvalidFdError
+from .._core._errors import AncillaryError, ConnectionClosedError
 from .._core._fd import FD_MAX, FdLike, close_raw
 from .._core._framing import Mode, encode_header
 from .._core._outbox import (
@@ -24,8 +24,12 @@ from .._core._outbox import (
     release_handed_over,
     take_over,
 )
+from .._kernel._syscalls import duplicates as _duplicates
 from .._kernel._syscalls import translate_send_error
 from ._protocol import AncillaryProtocol
+
+if TYPE_CHECKING:
+    from .._kernel._speedups import Outbox as COutbox
 
 __all__ = ["WriteSide"]
 
@@ -35,6 +39,11 @@ _SEQUENCES = (list, tuple)
 _NO_FDS: list[int] = []
 _dup = os.dup  # the copy is non-inheritable (CLOEXEC), as every fd this library holds
 _EMPTY = b""
+# What the C outbox's write() asks for next (_speedups_send.c): 0 is "sent, nothing to do".
+_DECLINED = -1  # try_write only: an input for the full checks, nothing done
+_QUEUED = 1
+_FULL = 2
+_PARTIAL = 3
 
 
 class WriteSide:
@@ -57,6 +66,8 @@ class WriteSide:
     _framed: bool
     _type: int
     _outbox: Outbox
+    _csend: COutbox | None  # the same outbox when it is the C one (_accel), else None
+    _fileno: int
     _fd_cap: int
     _max_message_size: int
     _datagram_limit: int
@@ -71,7 +82,9 @@ class WriteSide:
     _eof_requested: bool
     _write_failure: Exception | None
     _exc: Exception | None
-    _writable: bool  # open, no write_eof, no write failure: the one check of the hot path
+    # Open, no write_eof, no write failure: True on the pure path, None on the C path (falsy:
+    # the pure path's hot test, `not _writable`, lets it through), False once writing stopped.
+    _writable: bool | None
 
     if TYPE_CHECKING:
 
@@ -126,8 +139,26 @@ class WriteSide:
                 ``close_fds=True``.
         """
         if close_fds or not self._writable:
+            # The pure path's one test: everything else (handed-over fds, a transport that
+            # cannot write, the C path, whose _writable is None) starts here.
+            if self._writable is None and not close_fds:
+                # The C path: the checks of the common shapes, then the direct sendmsg or
+                # copies of the fds queued with the message, in one call; what is left to do
+                # (schedule the flush, or the full checks of an unusual input) comes back as
+                # a code.
+                csend = self._csend
+                assert csend is not None
+                code = csend.try_write(self._fileno, data, fds)
+                if code and (code != _QUEUED or not self._flush_scheduled):
+                    self._after_write(csend, code, data, fds)
+                if not self._protocol_paused and (
+                    csend.nbytes > self._high or csend.nfds > self._fd_high
+                ):
+                    self._pause_protocol()
+                return
             self._write_handed_over(data, fds, close_fds)
             return
+        outbox = self._outbox
         # The hot path of every sender: borrowed fds, checked inline for the common shapes.
         payload = data if type(data) is bytes else payload_of(data)
         if not fds:
@@ -140,7 +171,6 @@ class WriteSide:
         size = len(payload)
         if len(nums) > self._fd_cap or size > self._size_limit or not size:
             self._check(size, len(nums))
-        outbox = self._outbox
         if outbox.direct:
             # The direct path, inline: one sendmsg with the caller's own fds (no duplicate).
             if self._framed:
@@ -164,15 +194,39 @@ class WriteSide:
                     outbox.queue_rest(b"".join(buffers)[sent:])
                     self._add_writer()
         else:
-            self._queue(payload, nums, owned=False)
+            self._queue(payload, nums)  # borrowed fds (positional: see _queue)
         if not self._protocol_paused and (
             outbox.nbytes > self._high or outbox.nfds > self._fd_high
         ):
             self._pause_protocol()
 
+    def _after_write(self, csend: COutbox, code: int | OSError, data: Any, fds: Any) -> None:
+        """What the C path's ``try_write`` left to do: the full checks of an input it declined,
+        a failure to report, or the queue to get sent."""
+        if code == _DECLINED:
+            payload = payload_of(data)
+            nums = borrowed_fds(fds) if fds else _NO_FDS  # as the pure path's checks
+            self._check(len(payload), len(nums))
+            code = csend.write(self._fileno, payload, nums)
+            if not code or (code == _QUEUED and self._flush_scheduled):
+                return
+        else:
+            nums = fds  # a list or tuple: try_write took it as it is
+        if isinstance(code, OSError):
+            self._raise_send_error(code, len(nums))
+        elif code == _PARTIAL:
+            self._add_writer()
+        elif self._writer_added:
+            return  # the socket is full: the writer callback sends when it can
+        elif code == _FULL:
+            self._send_queued()  # a full batch gains nothing from waiting for the flush
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def _write_handed_over(self, data: Any, fds: Iterable[Any], close_fds: bool) -> None:
         """``write_fds`` when the fds are handed over, or when the transport cannot write."""
-        if not self._writable:
+        if self._writable is False:  # None: writable, on the C path
             if close_fds:
                 release_handed_over(fds)
             raise self._closed_error()
@@ -212,7 +266,7 @@ class WriteSide:
         Raises the same errors as `write_fds`, for any message of the batch.
         """
         items = list(messages)
-        if not self._writable:
+        if self._writable is False:  # None: writable, on the C path
             if close_fds:
                 for item in items:
                     release_handed_over(_fds_of(item))
@@ -305,9 +359,13 @@ class WriteSide:
         return start
 
     def _queue(
-        self, payload: Payload, nums: list[int], *, owned: bool, checked: bool = False
+        self, payload: Payload, nums: list[int], owned: bool = False, checked: bool = False
     ) -> None:
-        """Queue a message; the outbox gets fds of its own (handed over, or duplicates)."""
+        """Queue a message; the outbox gets fds of its own (handed over, or duplicates).
+
+        ``owned`` and ``checked`` may be given by position: the pure path's burst calls this
+        for every message but the first, and a call with keywords costs more in CPython.
+        """
         if not nums:
             fds = nums
         elif owned:
@@ -381,7 +439,19 @@ class WriteSide:
     def _send_queued(self) -> None:
         sock = self._sock
         outbox = self._outbox
-        while outbox and sock is not None:
+        csend = self._csend
+        while csend is not None and outbox and sock is not None:
+            # The C path: sendmsg until the queue is empty, EAGAIN or a partial write, the sent
+            # fds closed there; a failure comes back with the queue as it was.
+            failure = csend.flush(self._fileno)
+            if failure is None:
+                break
+            view, fds = outbox.pending()
+            size = len(view)
+            view.release()
+            if not self._queued_send_failed(failure, size, len(fds)):
+                return
+        while csend is None and outbox and sock is not None:
             view, fds = outbox.pending()
             size = len(view)
             try:
@@ -391,19 +461,8 @@ class WriteSide:
                 break
             except OSError as exc:
                 view.release()
-                if exc.errno == errno.EMSGSIZE and self._mode is Mode.DATAGRAM:
-                    # SO_SNDBUF shrank after the message was queued: drop that message only.
-                    close_raw(outbox.discard_first())
-                    self._loop.call_exception_handler(
-                        {
-                            "message": "aioancillary dropped a queued message the kernel "
-                            f"refused as too large ({size} bytes)",
-                            "exception": translate_send_error(exc, len(fds)),
-                            "transport": self,
-                        }
-                    )
+                if self._queued_send_failed(exc, size, len(fds)):
                     continue
-                self._send_failed(translate_send_error(exc, len(fds)))
                 return
             view.release()  # the batch's bytearray may grow again
             gone = outbox.advance(sent)
@@ -429,6 +488,23 @@ class WriteSide:
             self._protocol_paused = False
             self._call_protocol("resume_writing")
 
+    def _queued_send_failed(self, exc: OSError, size: int, nfds: int) -> bool:
+        """The kernel refused the next queued ``sendmsg``; True if the rest may still go."""
+        if exc.errno == errno.EMSGSIZE and self._mode is Mode.DATAGRAM:
+            # SO_SNDBUF shrank after the message was queued: drop that message only.
+            close_raw(self._outbox.discard_first())
+            self._loop.call_exception_handler(
+                {
+                    "message": "aioancillary dropped a queued message the kernel "
+                    f"refused as too large ({size} bytes)",
+                    "exception": translate_send_error(exc, nfds),
+                    "transport": self,
+                }
+            )
+            return True
+        self._send_failed(translate_send_error(exc, nfds))
+        return False
+
 
 def _fds_of(item: object) -> Iterable[Any]:
     """The fds of a ``(data, fds)`` item given to ``write_batch``, or nothing if malformed."""
@@ -437,28 +513,3 @@ def _fds_of(item: object) -> Iterable[Any]:
         if isinstance(fds, Iterable):
             return fds
     return ()
-
-
-def _duplicates(nums: list[int]) -> list[int]:
-    """Duplicates of the borrowed ``nums``, owned by the outbox while queued."""
-    copies: list[int] = []
-    try:
-        for num in nums:
-            copy = _dup(num)
-            copies.append(copy)
-            if copy in nums and len(nums) > 1:
-                # dup() returns the lowest free number: if that is one of the numbers to
-                # send, that entry was closed, and would otherwise send our copy instead.
-                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-    except OSError as exc:
-        close_raw(copies)  # none of them was queued
-        if exc.errno == errno.EBADF:
-            raise InvalidFdError(
-                "cannot send: an fd in the list is not open (EBADF); nothing was queued"
-            ) from exc
-        raise OSError(
-            exc.errno,
-            f"cannot queue fds to send: duplicating one failed ({exc.strerror}); the "
-            "process is probably at its RLIMIT_NOFILE. Nothing was queued",
-        ) from exc
-    return copies

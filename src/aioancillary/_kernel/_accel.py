@@ -3,6 +3,11 @@
 The one selection point. The optional C extension ``_speedups`` (built at install where a
 compiler is present) replaces, with the same interface, results, errors and fds closed:
 
+* ``_outbox.Outbox`` (the send queue, its rules and counters), whose C version also sends: a
+  transport whose outbox is the C one (``WriteSide._csend``) gives ``write_fds`` to its
+  ``try_write`` (the checks of the common shapes, then the direct ``sendmsg`` or the message
+  queued with copies of its fds, as ``WriteSide._queue`` with ``_syscalls.duplicates``) and
+  runs ``WriteSide._send_queued``'s loop in its ``flush``,
 * ``_syscalls.Receiver`` (the read loop and the control-message
   rules),
 * ``_framing.FrameDecoder`` (framed streams),
@@ -30,7 +35,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from .._core import _framing, _message
+from .._core import _framing, _message, _outbox
 from . import _syscalls
 from ._accept import AcceptFailure
 
@@ -39,6 +44,7 @@ __all__ = [
     "PATH",
     "AcceptInto",
     "FrameDecoder",
+    "Outbox",
     "ReadDecoder",
     "Receiver",
     "accept_into",
@@ -75,6 +81,7 @@ client_batch: Callable[[list[tuple[bytes, int]]], tuple[bytes, list[int]]] | Non
 close_item_fds: Callable[[list[tuple[bytes, int]]], None] | None = None
 FrameDecoder: type[_framing.FrameDecoder]
 ReadDecoder: type[_framing.ReadDecoder]
+Outbox: type[_outbox.Outbox]
 
 
 def _c_read_decoder(module: ModuleType) -> type[_framing.ReadDecoder]:
@@ -89,15 +96,18 @@ def _c_read_decoder(module: ModuleType) -> type[_framing.ReadDecoder]:
 
 
 def _bind(module: ModuleType | None) -> None:
+    global Outbox
     global Receiver, FrameDecoder, ReadDecoder, messages_of
     global accept_into, client_batch, close_item_fds
     if module is None:
+        Outbox = _outbox.Outbox
         Receiver = _syscalls.Receiver
         FrameDecoder = _framing.FrameDecoder
         ReadDecoder = _framing.ReadDecoder
         messages_of = _message.messages_of
         accept_into = client_batch = close_item_fds = None
     else:
+        Outbox = module.Outbox
         Receiver = module.Receiver
         FrameDecoder = module.FrameDecoder
         ReadDecoder = _c_read_decoder(module)

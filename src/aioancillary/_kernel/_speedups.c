@@ -141,6 +141,8 @@ raise_exception(PyObject *exc) /* steals exc */
 #endif
 }
 
+#include "_speedups_send.c" /* the send path: Outbox, duplicates */
+
 /* cls(message, data=data, closed_fds=n): FdTruncatedError / DataTruncatedError. */
 static PyObject *
 truncation_error(PyObject *cls, PyObject *message, const char *data, Py_ssize_t nbytes,
@@ -1563,6 +1565,7 @@ static PyTypeObject FrameDecoderType = {
 static PyMethodDef module_methods[] = {
     {"messages_of", (PyCFunction)messages_of, METH_O,
      "messages_of(reads) -> list[AncillaryMessage]: as _message.messages_of."},
+    SEND_METHODS
     {"parse_control", (PyCFunction)(void (*)(void))parse_control, METH_VARARGS | METH_KEYWORDS,
      "parse_control(control, msg_flags, recv_flags, platform, data=b'', buffer_len=0) -> "
      "list[int]: the receive rules on a raw control buffer."},
@@ -1646,6 +1649,7 @@ PyInit__speedups(void)
     }
     if (PyModule_AddObjectRef(module, "Receiver", (PyObject *)&ReceiverType) < 0 ||
         PyModule_AddObjectRef(module, "FrameDecoder", (PyObject *)&FrameDecoderType) < 0 ||
+        send_init(module) < 0 ||
         PyModule_AddIntConstant(module, "CONTROL_BUFFER", SHARED_CONTROL) < 0) {
         Py_DECREF(module);
         return NULL;

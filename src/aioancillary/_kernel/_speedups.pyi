@@ -4,6 +4,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
+from .._core import _outbox
 from .._core._errors import ProtocolError
 from .._core._fd import OwnedFd
 from .._core._message import AncillaryMessage
@@ -11,6 +12,15 @@ from .._core._platform import Platform
 from ._accept import AcceptFailure
 
 CONTROL_BUFFER: int
+
+class Outbox(_outbox.Outbox):
+    # Not a subclass at run time: the same interface, in C, with the transport's send calls.
+    size_limit: int
+    def try_write(self, fileno: int, data: object, fds: object) -> int | OSError: ...
+    def write(self, fileno: int, payload: _outbox.Payload, nums: list[int]) -> int | OSError: ...
+    def flush(self, fileno: int) -> OSError | None: ...
+
+def duplicates(nums: list[int]) -> list[int]: ...
 
 class Receiver:
     def __init__(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import errno
 import mmap
+import os
 import socket
 
 from .._core._cmsg import AncData, extract_fds, rights
@@ -35,6 +36,7 @@ __all__ = [
     "FAILED",
     "LIMIT",
     "Receiver",
+    "duplicates",
     "peek_is_eof",
     "receive_into",
     "send_all",
@@ -367,3 +369,44 @@ def send_all(sock: socket.socket, data: bytes | bytearray | memoryview, fds: lis
             # The fds went with the first chunk; resending them would duplicate them.
             sent += send_message(sock, [view[sent:]], [])
     return sent
+
+
+_dup = os.dup  # one global lookup per fd, not two (a sender's per-message path)
+
+
+def duplicates(nums: list[int]) -> list[int]:
+    """Close-on-exec duplicates of the borrowed ``nums``, for a sender that queues them.
+
+    Args:
+        nums: Fd numbers the caller keeps; the copies are the new owner's.
+
+    Returns:
+        One copy per number, in order (``os.dup``: the lowest free numbers).
+
+    Raises:
+        InvalidFdError: a number is not open (EBADF), including when a copy got one of the
+            numbers to send (that entry had been closed). No copy is left open.
+        OSError: duplicating failed otherwise (at ``RLIMIT_NOFILE``: EMFILE). No copy is left
+            open.
+    """
+    copies: list[int] = []
+    try:
+        for num in nums:
+            copy = _dup(num)  # non-inheritable (CLOEXEC), as every fd this library holds
+            copies.append(copy)
+            if copy in nums and len(nums) > 1:
+                # dup() returns the lowest free number: if that is one of the numbers to
+                # send, that entry was closed, and would otherwise send our copy instead.
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    except OSError as exc:
+        close_raw(copies)  # none of them was queued
+        if exc.errno == errno.EBADF:
+            raise InvalidFdError(
+                "cannot send: an fd in the list is not open (EBADF); nothing was queued"
+            ) from exc
+        raise OSError(
+            exc.errno,
+            f"cannot queue fds to send: duplicating one failed ({exc.strerror}); the "
+            "process is probably at its RLIMIT_NOFILE. Nothing was queued",
+        ) from exc
+    return copies
