@@ -1,6 +1,9 @@
-/* aioancillary._kernel._speedups: the receive hot path in C.
+/* aioancillary._kernel._speedups: the hot paths in C.
  *
- * An optional accelerator for the pure-Python receive path. Each piece here replaces one
+ * An optional accelerator for the pure-Python paths: this file holds the receive side;
+ * _speedups_send.c (the send side: the write queue, the direct sendmsg, the flush) and
+ * _speedups_accept.c (the accept burst and the acceptor's batched hand-off) are #included
+ * below and say what they replace. Each piece here replaces one
  * Python piece behind one selection point (aioancillary/_kernel/_accel.py), with the same
  * interface, the same results, the same errors (types and messages) and the same fds closed:
  *
