@@ -19,7 +19,8 @@ from collections import Counter
 
 @dataclasses.dataclass
 class Failure:
-    kind: str  # "refused", "reset", "eof" (ended before the full response), "timeout", "status"
+    kind: str  # "refused", "reset", "eof" (ended before the full response), "timeout",
+    # "status", "connect" (connect() failed otherwise)
     detail: str
     opened: float  # time.monotonic() when its connection was opened (or tried)
     requests_before: int  # requests this connection had answered before
@@ -129,6 +130,14 @@ class HttpLoad:
                 reader, writer = await asyncio.wait_for(self._open(), self.timeout)
             except ConnectionRefusedError as exc:
                 result.failures.append(Failure("refused", str(exc), opened, 0))
+                await asyncio.sleep(0.01)
+                continue
+            except ConnectionResetError as exc:
+                # The handshake completed in the listener's queue and the listener closed
+                # before accepting it: the reset can arrive before the non-blocking connect()
+                # is seen to finish (SO_ERROR), and is the same fresh reset as one on the
+                # first request.
+                result.failures.append(Failure("reset", repr(exc), opened, 0))
                 await asyncio.sleep(0.01)
                 continue
             except (OSError, TimeoutError) as exc:
