@@ -19,6 +19,8 @@ import pytest
 from aioancillary._core import _framing, _message
 from aioancillary._kernel import _syscalls
 
+from . import is_open
+
 speedups: ModuleType | None
 try:
     from aioancillary._kernel import _speedups as speedups
@@ -36,6 +38,22 @@ def require_extension() -> ModuleType:
             pytest.fail(f"AIOANCILLARY_REQUIRE_EXTENSIONS is set but {NO_EXTENSION}")
         pytest.skip(NO_EXTENSION)
     return speedups
+
+
+def fd_table() -> set[int]:
+    """The fds open in this process now (without the listing's own)."""
+    return {int(name) for name in os.listdir("/proc/self/fd") if is_open(int(name))}
+
+
+def call_failing(count: int, function: Any, *args: Any) -> Any:
+    """``function(*args)`` with every memory allocation after the first ``count`` failing
+    (``_testcapi``'s allocator hooks; the test is skipped where that module is missing)."""
+    testcapi = pytest.importorskip("_testcapi")
+    testcapi.set_nomemory(count, 0)
+    try:
+        return function(*args)
+    finally:
+        testcapi.remove_mem_hooks()
 
 
 def _c_read_decoder() -> type[_framing.ReadDecoder]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from helpers import is_open, within
-from helpers.speedups import require_extension
+from helpers.speedups import call_failing, fd_table, require_extension
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -68,10 +68,6 @@ def send_path(request: pytest.FixtureRequest) -> Iterator[str]:
 
 def duplicates_of(path: str) -> Any:
     return require_extension().duplicates if path == "c" else _syscalls.duplicates
-
-
-def fd_table() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd") if is_open(int(name))}
 
 
 def inode(fd: int) -> tuple[int, int]:
@@ -554,16 +550,6 @@ def test_the_c_outbox_closes_what_it_still_owns_when_freed() -> None:
     outbox.queue(b"b", fds[2:])
     del outbox
     assert not any(is_open(fd) for fd in fds)
-
-
-def call_failing(count: int, function: Any, *args: Any) -> Any:
-    """``function(*args)`` with every memory allocation after the first ``count`` failing."""
-    testcapi = pytest.importorskip("_testcapi")
-    testcapi.set_nomemory(count, 0)
-    try:
-        return function(*args)
-    finally:
-        testcapi.remove_mem_hooks()
 
 
 def test_the_c_write_leaks_no_copy_on_memory_error_anywhere() -> None:

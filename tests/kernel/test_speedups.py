@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from helpers import is_open
-from helpers.speedups import receivers, require_extension
+from helpers.speedups import call_failing, fd_table, receivers, require_extension
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -377,21 +377,6 @@ def test_receiver_at_rlimit_nofile_closes_what_arrived_like_python() -> None:
 
 
 # -- MemoryError at every allocation: nothing leaks, nothing is closed twice -------------------
-
-
-def fd_table() -> set[int]:
-    # Without the directory's own fd (closed once listdir returns).
-    return {int(name) for name in os.listdir("/proc/self/fd") if is_open(int(name))}
-
-
-def call_failing(count: int, function: Any, *args: Any) -> Any:
-    """``function(*args)`` with every memory allocation after the first ``count`` failing."""
-    testcapi = pytest.importorskip("_testcapi")
-    testcapi.set_nomemory(count, 0)
-    try:
-        return function(*args)
-    finally:
-        testcapi.remove_mem_hooks()
 
 
 def owned_fds(result: Any) -> list[int]:
