@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import is_open, within
+from helpers import close_all, is_open, within
 from helpers.speedups import call_failing, fd_table, require_extension
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -312,10 +312,7 @@ async def test_direct_send_carries_the_callers_fds_and_keeps_no_copy(send_path: 
         assert got[0][0] == b"one"
         assert len(got[0][1]) == 4
     finally:
-        a.close()
-        b.close()
-        await a.wait_closed()
-        await b.wait_closed()
+        await close_all(a, b)
 
 
 async def test_a_burst_queues_copies_the_caller_may_close_at_once(send_path: str) -> None:
@@ -334,10 +331,7 @@ async def test_a_burst_queues_copies_the_caller_may_close_at_once(send_path: str
         assert await _recv_inodes(b, 300) == expected
         assert a.transport.get_write_buffer_fds() == 0
     finally:
-        a.close()
-        b.close()
-        await a.wait_closed()
-        await b.wait_closed()
+        await close_all(a, b)
 
 
 @pytest.mark.parametrize("bad", ["closed", "collision"])
@@ -362,10 +356,7 @@ async def test_a_bad_fd_in_a_burst_is_refused_and_nothing_is_queued(
         got = await _recv_inodes(b, 2)
         assert [data for data, _fds in got] == [b"first", b"third"]
     finally:
-        a.close()
-        b.close()
-        await a.wait_closed()
-        await b.wait_closed()
+        await close_all(a, b)
 
 
 async def test_partial_writes_with_a_small_send_buffer_lose_and_repeat_nothing(
@@ -393,10 +384,7 @@ async def test_partial_writes_with_a_small_send_buffer_lose_and_repeat_nothing(
         b.transport.resume_reading()
         assert await _recv_inodes(b, 60) == expected
     finally:
-        a.close()
-        b.close()
-        await a.wait_closed()
-        await b.wait_closed()
+        await close_all(a, b)
 
 
 async def test_eagain_on_the_direct_path_queues_the_message_whole(send_path: str) -> None:
@@ -431,10 +419,7 @@ async def test_eagain_on_the_direct_path_queues_the_message_whole(send_path: str
                 os.close(f)
         assert a.transport.get_write_buffer_fds() == 0
     finally:
-        a.close()
-        b.close()
-        await a.wait_closed()
-        await b.wait_closed()
+        await close_all(a, b)
 
 
 async def _recvmsg(sock: socket.socket) -> tuple[bytes, list[Any], int, Any]:
@@ -465,8 +450,7 @@ async def test_a_peer_gone_fails_the_direct_send_alike(send_path: str) -> None:
         finally:
             os.close(fd)
     finally:
-        a.close()
-        await a.wait_closed()
+        await close_all(a)
 
 
 # -- the outboxes themselves --------------------------------------------------------------------
@@ -622,10 +606,7 @@ async def _outcomes(path: str) -> tuple[list[str], list[tuple[bytes, int]]]:
         return outcomes, got
     finally:
         os.close(fd)
-        a.close()
-        b.close()
-        await a.wait_closed()
-        await b.wait_closed()
+        await close_all(a, b)
 
 
 async def test_inputs_the_c_path_declines_meet_the_same_checks() -> None:
@@ -674,10 +655,7 @@ async def test_a_repeated_fd_is_copied_once_by_the_c_path(send_path: str) -> Non
         assert len(set(got[1][1])) == 1  # one file, four fds
         assert fd_table() == before - {fd}  # the copy was closed once sent
     finally:
-        a.close()
-        b.close()
-        await a.wait_closed()
-        await b.wait_closed()
+        await close_all(a, b)
 
 
 def test_messages_taken_back_own_each_of_their_fds() -> None:
