@@ -127,6 +127,9 @@ def test_sdist_carries_what_the_tests_need_and_no_more(dist: Path) -> None:
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert "src/aioancillary/_kernel/_speedups.c" in names
     assert "src/aioancillary/_kernel/_speedups_accept.c" in names  # #included by _speedups.c
+    assert "src/aioancillary/_kernel/_speedups_send.c" in names
+    assert "src/aioancillary/_kernel/_speedups_outbox.c" in names
+    assert "src/aioancillary/_kernel/_speedups_write.c" in names
     assert not [n for n in names if n.endswith(".so")]  # never a module built in place
 
 

@@ -1,7 +1,8 @@
 /* aioancillary._kernel._speedups: the hot paths in C.
  *
  * An optional accelerator for the pure-Python paths: this file holds the receive side;
- * _speedups_send.c (the send side: the write queue, the direct sendmsg, the flush) and
+ * _speedups_send.c, _speedups_outbox.c and _speedups_write.c (the send side: the write
+ * queue, the direct sendmsg, the flush) and
  * _speedups_accept.c (the accept burst and the acceptor's batched hand-off) are #included
  * below and say what they replace. Each piece here replaces one
  * Python piece behind one selection point (aioancillary/_kernel/_accel.py), with the same
@@ -144,7 +145,9 @@ raise_exception(PyObject *exc) /* steals exc */
 #endif
 }
 
-#include "_speedups_send.c" /* the send path: Outbox, duplicates */
+#include "_speedups_send.c"   /* the send path: batches, sendmsg, duplicates */
+#include "_speedups_outbox.c" /* the Outbox type: its sans-I/O interface */
+#include "_speedups_write.c"  /* the Outbox type: the transport's C path, SEND_METHODS */
 
 /* cls(message, data=data, closed_fds=n): FdTruncatedError / DataTruncatedError. */
 static PyObject *
