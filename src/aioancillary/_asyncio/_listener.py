@@ -179,13 +179,7 @@ class AncillaryServer(AsyncClosing):
             # accept() finds nothing; accept_burst reports it as fatal instead of letting the
             # reader fire again at once, forever.
             failure = accept_burst(sock.accept, _ACCEPT_BURST, accepted, fd=self._fileno)
-            for index, (conn_sock, _addr) in enumerate(accepted):
-                try:
-                    self._admit(conn_sock)
-                except BaseException:
-                    for rest, _ in accepted[index + 1 :]:
-                        rest.close()  # KeyboardInterrupt, SystemExit: never served
-                    raise
+            self._admit_all([conn_sock for conn_sock, _addr in accepted])
         if failure is None:
             if self._resource.active:
                 self._resource.recovered()
@@ -199,6 +193,7 @@ class AncillaryServer(AsyncClosing):
             self._listener_failed(failure.error)
 
     def _admit_all(self, socks: list[socket.socket]) -> None:
+        """`_admit` each socket of a burst; if one raises past it, the rest are closed."""
         for index, conn_sock in enumerate(socks):
             try:
                 self._admit(conn_sock)
