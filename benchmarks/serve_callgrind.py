@@ -126,6 +126,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keep", type=Path, help="keep the callgrind files in this directory")
     args = parser.parse_args(argv)
     if not CLIENT.exists():
+        CLIENT.parent.mkdir(exist_ok=True)
         subprocess.run(["cc", "-O2", "-o", str(CLIENT), str(HERE / "c" / "httpload.c")], check=True)
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
