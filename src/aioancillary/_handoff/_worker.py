@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Self, TypeVar
 
 from .._asyncio._client import create_unix_connection
@@ -43,6 +43,51 @@ _EAGER = sys.version_info >= (3, 12)
 _ProtocolT = TypeVar("_ProtocolT", bound=asyncio.BaseProtocol)
 
 
+def _as_enum(value: int, kind: Any) -> int:
+    """``value`` as a member of the IntEnum ``kind`` (as ``socket.socket`` reports it), or the
+    int itself when ``kind`` has no such member."""
+    try:
+        member: int = kind(value)
+    except ValueError:
+        return value
+    return member
+
+
+class _ClientSocket(socket.socket):
+    """A handed client's socket: a ``socket.socket`` whose ``family`` and ``type`` are stored.
+
+    ``socket.socket`` builds an enum member from the kernel's int on every read of either,
+    and the loops read them when they adopt a socket (``connect_accepted_socket``): three
+    enum conversions per client, more than a microsecond. Here they are set once, from the
+    acceptor's announcement (already enum members), and read like any attribute. Everything
+    else is ``socket.socket``'s.
+
+    Use `client_socket` to make one: the attributes are set after ``socket.socket``'s own
+    ``__init__`` (a second ``__init__`` frame would cost a quarter of what is saved).
+    """
+
+    __slots__ = ("family", "type")
+
+    def dup(self) -> Self:
+        # socket.socket.dup() makes a self.__class__ through __init__ alone: set the slots.
+        sock = super().dup()
+        sock.family = self.family  # type: ignore[misc]
+        sock.type = self.type  # type: ignore[misc]
+        return sock
+
+
+def client_socket(family: int, kind: int, proto: int, fd: int) -> socket.socket:
+    """A `_ClientSocket` for ``fd`` (``family`` and ``kind``: the listener's enum members).
+
+    Raises:
+        OSError: ``fd`` is not an open socket (nothing is closed).
+    """
+    sock = _ClientSocket(family, kind, proto, fd)
+    sock.family = family  # type: ignore[misc,assignment]
+    sock.type = kind  # type: ignore[misc,assignment]
+    return sock
+
+
 class HandedClient:
     """One client connection handed over by the acceptor.
 
@@ -59,7 +104,7 @@ class HandedClient:
             [`done`][aioancillary.HandedClient.done].
     """
 
-    __slots__ = ("_addr", "_info", "_transport", "_worker", "_writer", "sock")
+    __slots__ = ("_addr", "_adopting", "_info", "_transport", "_worker", "_writer", "sock")
 
     def __init__(
         self, sock: socket.socket, info: wire.ListenerInfo, addr: bytes, worker: Worker
@@ -73,6 +118,11 @@ class HandedClient:
         # handler that returns drops its own reference first, and a StreamWriter collected
         # while its transport is open warns "unclosed StreamWriter" (ResourceWarning).
         self._writer: asyncio.StreamWriter | None = None
+        # _adopt()'s coroutine and failure callback, until the transport is connected.
+        self._adopting: (
+            tuple[Coroutine[Any, Any, tuple[asyncio.Transport, Any]], Callable[[Exception], object]]
+            | None
+        ) = None
 
     @property
     def peername(self) -> Any:
@@ -124,6 +174,45 @@ class HandedClient:
         transport, protocol = await loop.connect_accepted_socket(protocol_factory, self.sock)
         self._transport = transport
         return transport, protocol
+
+    def _adopt(
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        failed: Callable[[Exception], object],
+    ) -> None:
+        """`connect_protocol` without awaiting it: the transport is made now, and the
+        connection is served from ``connection_made`` on. ``failed(exc)`` is called if the
+        loop refuses the socket or the client leaves before its transport is connected; the
+        client is not finished then (the caller decides).
+
+        For adapters that start many clients: no task (and no registration in asyncio's set
+        of all tasks) per client.
+        """
+        loop = asyncio.get_running_loop()
+        self._adopting = loop.connect_accepted_socket(protocol_factory, self.sock), failed
+        self._adopt_step()
+
+    def _adopt_step(self, _done: object = None) -> None:
+        """Run `_adopt`'s coroutine on, the way a task would: each future it yields resumes
+        it when done. It must run to its end: dropped at its ``await``, the coroutine would
+        close the transport it made."""
+        assert self._adopting is not None
+        coro, failed = self._adopting
+        try:
+            waiting = coro.send(None)
+        except StopIteration as stop:
+            self._adopting = None
+            self._transport = stop.value[0]
+            return
+        except Exception as exc:
+            self._adopting = None
+            failed(exc)
+            return
+        if waiting is None:  # a bare yield: run again on the next iteration
+            asyncio.get_running_loop().call_soon(self._adopt_step)
+        else:
+            waiting._asyncio_future_blocking = False  # as a task does when it takes it
+            waiting.add_done_callback(self._adopt_step)
 
     def done(self) -> None:
         """Close the client (its socket, or the transport made from it) and report it finished.
@@ -196,6 +285,8 @@ class Worker(AncillaryProtocol, AsyncClosing):
         self._done_count = 0
         self._flush_scheduled = False
         self._handler: ClientHandler | None = None
+        self._sink: Callable[[HandedClient], object] | None = None
+        self._sink_adopts = False  # the sink gives each socket to a loop transport at once
         self._tasks: set[asyncio.Task[None]] = set()
         self._pid = os.getpid()
 
@@ -279,6 +370,8 @@ class Worker(AncillaryProtocol, AsyncClosing):
                 f"{sorted(listeners)}); the fds were closed"
             )
         handler = self._handler
+        sink = self._sink
+        blocking = not self._sink_adopts
         queue = self._queue
         fds = take_raw_fds(msg)
         used = 0  # fds before this index belong to a socket object (or were closed)
@@ -286,7 +379,7 @@ class Worker(AncillaryProtocol, AsyncClosing):
             for info, (_lid, addr), fd in zip(infos, records, fds, strict=True):
                 assert info is not None
                 try:
-                    sock = socket.socket(info.family, info.type, info.proto, fd)
+                    sock = client_socket(info.family, info.type, info.proto, fd)
                 except OSError as exc:
                     used += 1
                     os.close(fd)  # never a socket object: ours to close
@@ -294,14 +387,23 @@ class Worker(AncillaryProtocol, AsyncClosing):
                     self._complete()
                     continue
                 used += 1
-                sock.setblocking(False)
+                if blocking:
+                    # (A loop's transport does this itself when it adopts the socket.)
+                    sock.setblocking(False)
                 client = HandedClient(sock, info, addr, self)
-                if handler is not None:
+                if sink is not None:
+                    try:
+                        sink(client)
+                    except Exception:
+                        logger.exception("could not start serving %r; closing it", client)
+                        client.done()
+                elif handler is not None:
                     self._start(handler, client)
                 else:
                     queue.append(client)
         finally:
-            close_raw(fds[used:])  # only if something above raised: none may leak
+            if used < len(fds):  # only if something above raised: none may leak
+                close_raw(fds[used:])
 
     def _control(self, msg: AncillaryMessage) -> None:
         """A message that is not a well-formed client: welcome, listener, or garbage."""
@@ -319,7 +421,11 @@ class Worker(AncillaryProtocol, AsyncClosing):
                 self._welcomed = True
             elif kind == wire.LISTENER and self._welcomed:
                 info = wire.parse_listener(data)
-                self._listeners[info.id] = info
+                # Enum members, as socket.socket reports them (converted once, not per client).
+                self._listeners[info.id] = info._replace(
+                    family=_as_enum(info.family, socket.AddressFamily),
+                    type=_as_enum(info.type, socket.SocketKind),
+                )
             else:
                 raise ProtocolError(f"unexpected message from the acceptor: {data[:64]!r}")
 
@@ -426,6 +532,42 @@ class Worker(AncillaryProtocol, AsyncClosing):
             self._handler = None
             while self._tasks:
                 await asyncio.wait(list(self._tasks))
+
+    async def _deliver(
+        self, sink: Callable[[HandedClient], object], *, adopting: bool = False
+    ) -> None:
+        """Call ``sink(client)`` for every client as it arrives, until the acceptor stops.
+
+        Like [`serve`][aioancillary.Worker.serve], but synchronous: no task per client and no
+        iterating task to wake, for adapters that start each client's work themselves (the
+        serve runner's). ``sink`` should not raise: a client it raises for is logged and
+        finished. With ``adopting``, the sink hands every socket to a loop transport at once
+        (``loop.connect_accepted_socket``, ``create_connection(sock=)``), which makes it
+        non-blocking itself: the sockets are passed on as they came.
+
+        Raises:
+            ProtocolError: the acceptor broke the hand-off protocol.
+            ConnectionClosedError: the link failed.
+        """
+        self._sink = sink
+        self._sink_adopts = adopting
+        try:
+            queue = self._queue
+            while queue:
+                client = queue.popleft()
+                try:
+                    sink(client)
+                except Exception:
+                    logger.exception("could not start serving %r; closing it", client)
+                    client.done()
+            while True:
+                try:
+                    await self.__anext__()  # wakes at the end; clients go to the sink
+                except StopAsyncIteration:
+                    break
+        finally:
+            self._sink = None
+            self._sink_adopts = False
 
     def _start(self, handler: ClientHandler, client: HandedClient) -> None:
         coro = _run_handler(handler, client)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Coroutine
+from functools import partial
+from itertools import repeat
 from types import TracebackType
 from typing import Any, Self
 
@@ -153,11 +154,14 @@ class ClientAdapter:
         await asyncio.wait((pulling,))
         return clean
 
+    #: Whether `serve_client` gives each client's socket to a loop transport at once (which
+    #: makes it non-blocking itself). A subclass that uses ``client.sock`` directly keeps
+    #: the default: its sockets arrive non-blocking, as documented.
+    _adopts_sockets = False
+
     async def _pull(self, worker: Worker) -> None:
-        serve_client = self.serve_client
         try:
-            async for client in worker:
-                serve_client(client)
+            await worker._deliver(self.serve_client, adopting=self._adopts_sockets)
         except (AncillaryError, ConnectionClosedError) as exc:
             logger.error("the link to the acceptor failed (%s): stopping", exc)
 
@@ -283,39 +287,6 @@ class _TrackedBuffered(_Tracked, asyncio.BufferedProtocol):
             self._follow(transport)
 
 
-class _Connecting:
-    """Runs ``HandedClient.connect_protocol()`` to its end without a task of its own.
-
-    ``loop.connect_accepted_socket`` makes the transport at once and then only waits for
-    ``connection_made`` (one future): a task per connection, with its registration in
-    asyncio's set of all tasks, would cost more than the rest of the hand-off. This drives the
-    coroutine the way a task does: each future it yields resumes it when done.
-    """
-
-    __slots__ = ("_adapter", "_coro", "_tracked")
-
-    def __init__(
-        self, adapter: ProtocolAdapter, tracked: _Tracked, coro: Coroutine[Any, Any, Any]
-    ) -> None:
-        self._adapter = adapter
-        self._tracked = tracked
-        self._coro = coro
-
-    def step(self, _done: object = None) -> None:
-        try:
-            waiting = self._coro.send(None)
-        except StopIteration:
-            return
-        except Exception as exc:
-            self._adapter._connect_failed(self._tracked, exc)
-            return
-        if waiting is None:  # a bare yield: run again on the next iteration
-            asyncio.get_running_loop().call_soon(self.step)
-        else:
-            waiting._asyncio_future_blocking = False  # as a task does when it takes it
-            waiting.add_done_callback(self.step)
-
-
 class ProtocolAdapter(ClientAdapter):
     """Serves each client with a new protocol from ``protocol_factory`` (the ``protocol``
     interface; also the base of the HTTP adapters).
@@ -328,6 +299,8 @@ class ProtocolAdapter(ClientAdapter):
             ``loop.create_server``.
         drain_idle: See [`ClientAdapter`][aioancillary.ClientAdapter].
     """
+
+    _adopts_sockets = True
 
     def __init__(self, protocol_factory: Any = None, *, drain_idle: float = DRAIN_IDLE) -> None:
         super().__init__(drain_idle=drain_idle)
@@ -354,7 +327,8 @@ class ProtocolAdapter(ClientAdapter):
             tracked: _Tracked = _TrackedBuffered(self, client, protocol)
         else:
             tracked = _Tracked(self, client, protocol)
-        _Connecting(self, tracked, client.connect_protocol(lambda: tracked)).step()
+        # repeat(tracked).__next__: the factory, without a Python frame per client.
+        client._adopt(repeat(tracked).__next__, partial(self._connect_failed, tracked))
 
     def _connect_failed(self, tracked: _Tracked, exc: Exception) -> None:
         # The client left before its transport was made (or the loop refused the socket).

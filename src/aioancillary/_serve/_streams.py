@@ -35,6 +35,8 @@ class StreamAdapter(ClientAdapter):
             when it is done).
     """
 
+    _adopts_sockets = True  # open_streams(): the loop's transport takes the socket
+
     def __init__(
         self, handler: StreamHandler, *, limit: int = 2**16, drain_idle: float = DRAIN_IDLE
     ) -> None:
