@@ -342,3 +342,186 @@ def _tcp_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
     peer = socket.create_connection(listener.getsockname())
     accepted, _addr = listener.accept()
     return accepted, peer
+
+
+async def _fake_acceptor() -> tuple[AncillaryConnection, Worker, socket.socket]:
+    """A worker linked to a hand-written acceptor with one TCP listener (id 0, "web")."""
+    ours, theirs = socket.socketpair()
+    fake = AncillaryConnection(ours)
+    worker = await Worker.connect(sock=theirs)
+    listener = socket.create_server(("127.0.0.1", 0))
+    await fake.send(wire.welcome_message())
+    await fake.send(wire.listener_message(0, listener, "web", {}))
+    return fake, worker, listener
+
+
+async def _hand(fake: AncillaryConnection, accepted: list[socket.socket]) -> None:
+    pack = wire.record_packer(0, socket.AF_INET)
+    records = [pack(("127.0.0.1", n)) for n in range(1, len(accepted) + 1)]
+    await fake.send_fds(wire.client_message(records), accepted, close_fds=True)
+
+
+async def _finished(fake: AncillaryConnection, count: int) -> None:
+    done = 0
+    while done < count:
+        with await within(fake.recv()) as report:
+            done += wire.parse_done(report.data)
+    assert done == count
+
+
+async def _close_fake(fake: AncillaryConnection, worker: Worker, *socks: socket.socket) -> None:
+    for sock in socks:
+        sock.close()
+    fake.close()  # the worker's client stream ends
+    await within(fake.wait_closed())
+    worker.close()
+    await within(worker.wait_closed())
+
+
+async def test_client_sockets_store_the_enum_family_and_type_that_socket_socket_reports(
+    acceptor_and_worker: tuple[Acceptor, Worker, tuple[str, int]],
+) -> None:
+    """Stored once from the listener's announcement instead of rebuilt on each read; the
+    values are the ones a plain ``socket.socket`` gives for the same fd, and a dup keeps them."""
+    _acceptor, worker, addr = acceptor_and_worker
+    _reader, writer = await asyncio.open_connection(*addr)
+    with await within(worker.__anext__()) as client:
+        plain = socket.socket(fileno=os.dup(client.sock.fileno()))
+        with plain:
+            assert client.sock.family is plain.family is socket.AF_INET
+            assert client.sock.type is plain.type is socket.SOCK_STREAM
+        copy = client.sock.dup()
+        with copy:
+            assert isinstance(copy, socket.socket)
+            assert (copy.family, copy.type) == (socket.AF_INET, socket.SOCK_STREAM)
+            assert copy.getpeername() == client.peername
+            assert "family=" in repr(copy)
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_deliver_calls_the_sink_from_the_link_for_each_client_queued_ones_first() -> None:
+    fake, worker, listener = await _fake_acceptor()
+    pairs = [_tcp_pair(listener) for _ in range(3)]
+    await _hand(fake, [pairs[0][0]])
+    queued = await within(worker.__anext__())  # taken before the sink existed: not re-queued
+    await _hand(fake, [pairs[1][0]])
+    await wait_until(lambda: len(worker._queue) == 1)
+    seen: list[tuple[Any, asyncio.Task[Any] | None]] = []
+
+    def sink(client: HandedClient) -> None:
+        seen.append((client.peername, asyncio.current_task()))
+        client.sock.sendall(b"hi")
+        client.done()
+
+    delivering = asyncio.create_task(worker._deliver(sink))
+    await wait_until(lambda: len(seen) == 1)  # the queued one, from the delivering task
+    await _hand(fake, [pairs[2][0]])
+    await wait_until(lambda: len(seen) == 2)
+    assert [peer for peer, _task in seen] == [("127.0.0.1", 1), ("127.0.0.1", 1)]
+    assert seen[0][1] is delivering
+    assert seen[1][1] is None  # called in the link's read callback, no task in between
+    assert not worker._queue
+    with queued:
+        queued.sock.sendall(b"hi")
+    assert [peer.recv(8) for _accepted, peer in pairs] == [b"hi"] * 3
+    await _finished(fake, 3)
+    await _close_fake(fake, worker, listener, *(peer for _accepted, peer in pairs))
+    await within(delivering)  # the stream ended: _deliver returns
+    assert worker._sink is None
+
+
+async def test_a_sink_that_raises_gets_the_client_finished_and_the_next_one_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake, worker, listener = await _fake_acceptor()
+    (a, peer_a), (b, peer_b) = _tcp_pair(listener), _tcp_pair(listener)
+    served: list[HandedClient] = []
+
+    def sink(client: HandedClient) -> None:
+        if client.peername == ("127.0.0.1", 1):
+            raise RuntimeError("cannot serve this one")
+        served.append(client)
+
+    delivering = asyncio.create_task(worker._deliver(sink))
+    with caplog.at_level(logging.ERROR, logger="aioancillary"):
+        await _hand(fake, [a, b])
+        await wait_until(lambda: len(served) == 1)
+    assert "could not start serving" in caplog.text
+    assert "cannot serve this one" in caplog.text
+    assert peer_a.recv(8) == b""  # closed...
+    await _finished(fake, 1)  # ...and reported, while the other is still served
+    with served[0]:
+        served[0].sock.sendall(b"ok")
+    assert peer_b.recv(8) == b"ok"
+    await _finished(fake, 1)
+    await _close_fake(fake, worker, listener, peer_a, peer_b)
+    await within(delivering)
+
+
+async def test_adopting_passes_sockets_on_as_they_came_and_the_loop_makes_them_nonblocking() -> (
+    None
+):
+    """With ``adopting``, the worker does not call ``setblocking(False)``: the loop's transport
+    does it when it takes the socket (``_adopt``). The fd here comes blocking, as
+    ``socket.accept()`` makes it, so the test sees who set the flag."""
+    fake, worker, listener = await _fake_acceptor()
+    accepted, peer = _tcp_pair(listener)
+    assert os.get_blocking(accepted.fileno())
+    blocking_in_sink: list[bool] = []
+    transports: list[asyncio.Transport] = []
+    clients: list[HandedClient] = []
+
+    class Upper(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            transports.append(transport)  # type: ignore[arg-type]
+
+        def data_received(self, data: bytes) -> None:
+            transports[0].write(data.upper())
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            clients[0].done()
+
+    def failed(exc: Exception) -> None:
+        pytest.fail(f"the loop refused the socket: {exc!r}")
+
+    def sink(client: HandedClient) -> None:
+        clients.append(client)
+        blocking_in_sink.append(os.get_blocking(client.sock.fileno()))
+        client._adopt(Upper, failed)
+
+    delivering = asyncio.create_task(worker._deliver(sink, adopting=True))
+    await _hand(fake, [accepted])
+    await wait_until(lambda: bool(transports))
+    assert blocking_in_sink == [True]
+    assert not os.get_blocking(transports[0].get_extra_info("socket").fileno())
+    peer.sendall(b"abc")
+    assert await within(asyncio.to_thread(peer.recv, 8)) == b"ABC"
+    peer.close()  # the transport sees the end; Upper finishes the client
+    await _finished(fake, 1)
+    await _close_fake(fake, worker, listener)
+    await within(delivering)
+
+
+async def test_adopt_reports_a_refused_socket_to_its_callback_and_done_closes_it() -> None:
+    """The loop never made a transport (the protocol factory raised): ``failed`` gets the
+    error, and the client, still owning its socket, is closed and reported by ``done()``."""
+    fake, worker, listener = await _fake_acceptor()
+    accepted, peer = _tcp_pair(listener)
+    failures: list[Exception] = []
+
+    def factory() -> asyncio.Protocol:
+        raise RuntimeError("no protocol today")
+
+    def sink(client: HandedClient) -> None:
+        client._adopt(factory, failures.append)
+        assert failures  # at once: the factory runs before the coroutine first waits
+        client.done()
+
+    delivering = asyncio.create_task(worker._deliver(sink, adopting=True))
+    await _hand(fake, [accepted])
+    await _finished(fake, 1)
+    assert [str(exc) for exc in failures] == ["no protocol today"]
+    assert peer.recv(8) == b""
+    await _close_fake(fake, worker, listener, peer)
+    await within(delivering)
