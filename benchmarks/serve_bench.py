@@ -1,7 +1,10 @@
 """``aioancillary serve`` against gunicorn with uvicorn workers and ``uvicorn --workers``.
 
-The same tiny ASGI application (``serve_app.py``) on every server, with httptools and uvloop
-on every side and 2 workers, loaded by a C client (``c/httpload.c``, 64 connections):
+``aioancillary serve`` runs twice: as it does by default (the runner accepts and hands each
+connection to the least busy worker) and with ``--accept workers`` (every worker accepts on
+the shared listener, as gunicorn's do). The same tiny ASGI application (``serve_app.py``) on
+every server, with httptools and uvloop on every side and 2 workers, loaded by a C client
+(``c/httpload.c``, 64 connections):
 
 * **keep-alive**: every connection sends its requests one after the other;
 * **new connection per request** (``Connection: close``);
@@ -59,6 +62,11 @@ def servers(workers: int, port: int) -> dict[str, list[str]]:
         "aioancillary": [
             PY, "-m", "aioancillary", "serve", "serve_app:app", "--workers", str(workers),
             "--loop", "uvloop", "--http", "httptools", "--bind", bind, "--log-level", "warning",
+        ],
+        "aioancillary --accept workers": [
+            PY, "-m", "aioancillary", "serve", "serve_app:app", "--workers", str(workers),
+            "--loop", "uvloop", "--http", "httptools", "--bind", bind, "--log-level", "warning",
+            "--accept", "workers",
         ],
         BASE: [
             PY, "-W", "ignore::DeprecationWarning", "-m", "gunicorn", "--workers", str(workers),

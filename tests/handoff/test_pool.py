@@ -213,3 +213,25 @@ async def test_clients_queued_for_a_killed_worker_are_served_by_another() -> Non
         assert lost == victim.handed - victim.completed
         assert stats.requeued == queued
         await wait_until(lambda: pool.restarts == 1)
+
+
+async def test_shared_sockets_reach_every_worker_at_their_numbers_and_are_taken_once() -> None:
+    """``share``: each worker takes its copy of the listener once and accepts on it; the
+    acceptor hands nothing over, and the pool's own socket stays the caller's."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    port = listener.getsockname()[1]
+    pool = WorkerPool(
+        main="helpers.pool_handlers:shared_main",
+        processes=2,
+        loop=_loop_name(),  # type: ignore[arg-type]
+        share=[listener],
+    )
+    async with pool:
+        answers = await within(asyncio.gather(*(ask(port, f"c{n}\n") for n in range(40))), 60)
+        assert pool.acceptor.stats().accepted == 0
+        pids = set(pool.pids)
+    assert {a.split()[1] for a in answers} == {"refused"}
+    assert {a.split()[2] for a in answers} == {f"c{n}" for n in range(40)}
+    assert {int(a.split()[0]) for a in answers} <= pids  # the kernel chose among them
+    assert listener.fileno() >= 0  # not closed by the pool
+    listener.close()

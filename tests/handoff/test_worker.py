@@ -270,15 +270,44 @@ async def test_two_iterators_are_refused() -> None:
             first.cancel()
 
 
-async def test_a_client_fd_that_is_not_a_socket_is_closed_and_reported_the_rest_served(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+async def _fake_acceptor() -> tuple[AncillaryConnection, Worker, socket.socket]:
+    """A worker linked to a hand-written acceptor with one TCP listener (id 0, "web")."""
     ours, theirs = socket.socketpair()
     fake = AncillaryConnection(ours)
     worker = await Worker.connect(sock=theirs)
     listener = socket.create_server(("127.0.0.1", 0))
     await fake.send(wire.welcome_message())
     await fake.send(wire.listener_message(0, listener, "web", {}))
+    return fake, worker, listener
+
+
+async def _hand(fake: AncillaryConnection, accepted: list[socket.socket]) -> None:
+    pack = wire.record_packer(0, socket.AF_INET)
+    records = [pack(("127.0.0.1", n)) for n in range(1, len(accepted) + 1)]
+    await fake.send_fds(wire.client_message(records), accepted, close_fds=True)
+
+
+async def _finished(fake: AncillaryConnection, count: int) -> None:
+    done = 0
+    while done < count:
+        with await within(fake.recv()) as report:
+            done += wire.parse_done(report.data)
+    assert done == count
+
+
+async def _close_fake(fake: AncillaryConnection, worker: Worker, *socks: socket.socket) -> None:
+    for sock in socks:
+        sock.close()
+    fake.close()  # the worker's client stream ends
+    await within(fake.wait_closed())
+    worker.close()
+    await within(worker.wait_closed())
+
+
+async def test_a_client_fd_that_is_not_a_socket_is_closed_and_reported_the_rest_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake, worker, listener = await _fake_acceptor()
     pack = wire.record_packer(0, socket.AF_INET)
     good1, peer1 = _tcp_pair(listener)
     good2, peer2 = _tcp_pair(listener)
@@ -313,12 +342,7 @@ async def test_a_client_fd_that_is_not_a_socket_is_closed_and_reported_the_rest_
 
 async def test_completions_pending_when_the_acceptor_is_gone_are_dropped_quietly() -> None:
     """A worker closing (or flushing its reports) after the acceptor died does not raise."""
-    ours, theirs = socket.socketpair()
-    listener = socket.create_server(("127.0.0.1", 0))
-    fake = AncillaryConnection(ours)
-    worker = await Worker.connect(sock=theirs)
-    await fake.send(wire.welcome_message())
-    await fake.send(wire.listener_message(0, listener, "web", {}))
+    fake, worker, listener = await _fake_acceptor()
     accepted, peer = _tcp_pair(listener)
     record = wire.record_packer(0, socket.AF_INET)(("127.0.0.1", 1))
     await fake.send_fds(wire.client_message([record]), [accepted], close_fds=True)
@@ -342,40 +366,6 @@ def _tcp_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
     peer = socket.create_connection(listener.getsockname())
     accepted, _addr = listener.accept()
     return accepted, peer
-
-
-async def _fake_acceptor() -> tuple[AncillaryConnection, Worker, socket.socket]:
-    """A worker linked to a hand-written acceptor with one TCP listener (id 0, "web")."""
-    ours, theirs = socket.socketpair()
-    fake = AncillaryConnection(ours)
-    worker = await Worker.connect(sock=theirs)
-    listener = socket.create_server(("127.0.0.1", 0))
-    await fake.send(wire.welcome_message())
-    await fake.send(wire.listener_message(0, listener, "web", {}))
-    return fake, worker, listener
-
-
-async def _hand(fake: AncillaryConnection, accepted: list[socket.socket]) -> None:
-    pack = wire.record_packer(0, socket.AF_INET)
-    records = [pack(("127.0.0.1", n)) for n in range(1, len(accepted) + 1)]
-    await fake.send_fds(wire.client_message(records), accepted, close_fds=True)
-
-
-async def _finished(fake: AncillaryConnection, count: int) -> None:
-    done = 0
-    while done < count:
-        with await within(fake.recv()) as report:
-            done += wire.parse_done(report.data)
-    assert done == count
-
-
-async def _close_fake(fake: AncillaryConnection, worker: Worker, *socks: socket.socket) -> None:
-    for sock in socks:
-        sock.close()
-    fake.close()  # the worker's client stream ends
-    await within(fake.wait_closed())
-    worker.close()
-    await within(worker.wait_closed())
 
 
 async def test_client_sockets_store_the_enum_family_and_type_that_socket_socket_reports(

@@ -52,3 +52,28 @@ async def main(pool_worker: PoolWorker) -> None:
 
     async with await pool_worker.connect() as worker:
         await worker.serve(serve)
+
+
+async def shared_main(pool_worker: PoolWorker) -> None:
+    """A pool ``main`` that accepts on the pool's shared listener itself: answers each client
+    with "PID FDS-LEFT-UNTAKEN TEXT", where FDS-LEFT-UNTAKEN checks that a second
+    take_shared() is refused; the acceptor's client stream only says when to stop."""
+    (listener,) = pool_worker.take_shared()
+    try:
+        pool_worker.take_shared()
+    except RuntimeError:
+        again = "refused"
+    else:
+        again = "allowed"
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        text = (await reader.readline()).decode().strip()
+        writer.write(f"{os.getpid()} {again} {text}\n".encode())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, sock=listener)
+    async with await pool_worker.connect() as worker:
+        async for _client in worker:
+            raise AssertionError("no client is handed over: the workers accept")
+    server.close()

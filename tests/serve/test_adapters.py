@@ -300,3 +300,46 @@ async def test_protocols_and_handlers_get_the_whole_graceful_timeout(kind: str) 
 def test_adapters_are_exported_with_their_interfaces() -> None:
     for cls in (AsgiAdapter, AiohttpAdapter, ProtocolAdapter, StreamAdapter):
         assert issubclass(cls, ClientAdapter)
+
+
+# -- accepting in the worker (serve --accept workers) -------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [*HTTP, "protocol", "handler"])
+async def test_accept_on_serves_what_this_process_accepts_until_the_stop_begins(
+    kind: str,
+) -> None:
+    """Connections the adapter accepts itself are served and drained like handed ones, with
+    nobody to report them to; once the stop begins it accepts no more: a connection made then
+    waits in the backlog for another process (here, the test takes it)."""
+    async with served(make_adapter(kind)) as s:
+        listener = socket.create_server(("127.0.0.1", 0), backlog=16)
+        port = listener.getsockname()[1]
+        await s.adapter.accept_on([listener.dup()], backlog=16)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        http = kind in HTTP
+        if http:
+            status, headers, body = await get(reader, writer)
+            assert (status, body, headers.get("connection", "")) == (200, b"hello", "")
+        else:
+            writer.write(b"one\n")
+            assert await within(reader.readline()) == f"{os.getpid()} one\n".encode()
+        await wait_until(lambda: s.adapter.connections == 1)
+        assert s.acceptor.stats().accepted == 0  # the acceptor had no part in it
+        s.stop()
+        await wait_until(lambda: s.adapter.draining)
+        late = socket.create_connection(("127.0.0.1", port))
+        listener.settimeout(10)
+        taken, _addr = listener.accept()  # still queued: the adapter no longer accepts
+        if http:
+            status, headers, _body = await get(reader, writer)
+            assert (status, headers.get("connection")) == (200, "close")
+            assert await within(reader.read(), 10) == b""
+        else:
+            writer.write(b"two\n")  # served on until the client leaves
+            assert await within(reader.readline()) == f"{os.getpid()} two\n".encode()
+        await close(writer)
+        assert await within(s.serving, 10) is True
+        assert s.adapter.connections == 0
+        for sock in (taken, late, listener):
+            sock.close()

@@ -80,9 +80,14 @@ def no_losses(result: LoadResult) -> None:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("accept", ["runner", "workers"])
 @pytest.mark.parametrize("loop_name", LOOP_NAMES)
 @pytest.mark.parametrize("interface", ["asgi", "aiohttp"])
-def test_signals_under_load_lose_no_request(interface: str, loop_name: str, tmp_path: Path) -> None:
+def test_signals_under_load_lose_no_request(
+    interface: str, loop_name: str, accept: str, tmp_path: Path
+) -> None:
+    """The same checks whoever accepts: the runner handing connections over (the default), or
+    the workers on their copies of the listeners (``--accept workers``)."""
     events = tmp_path / "events"
     events.mkdir()
 
@@ -98,6 +103,8 @@ def test_signals_under_load_lose_no_request(interface: str, loop_name: str, tmp_
             "127.0.0.1:0",
             "--loop",
             loop_name,
+            "--accept",
+            accept,
             env={"SERVE_TEST_EVENTS": str(events)},
         )
         try:
@@ -262,7 +269,8 @@ def test_a_failed_reload_keeps_the_old_workers_serving(tmp_path: Path) -> None:
     run(test)
 
 
-def test_systemd_sockets_by_name_and_notifications(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accept", ["runner", "workers"])
+def test_systemd_sockets_by_name_and_notifications(accept: str, tmp_path: Path) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     # sd_listen_fds() wants LISTEN_PID == getpid(): set by a wrapper that moves the socket to
@@ -284,6 +292,8 @@ def test_systemd_sockets_by_name_and_notifications(tmp_path: Path) -> None:
             f"web=127.0.0.1:{port}",  # taken (by the inherited socket): it must be adopted
             "--workers",
             "2",
+            "--accept",
+            accept,
             command=wrapper,
             pass_fds=[listener.fileno()],
             env={"WATCHDOG_USEC": "400000"},
@@ -316,7 +326,9 @@ def test_systemd_sockets_by_name_and_notifications(tmp_path: Path) -> None:
     run(test)
 
 
-def test_unix_and_ipv6_binds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop_name", LOOP_NAMES)
+@pytest.mark.parametrize("accept", ["runner", "workers"])
+def test_unix_and_ipv6_binds(accept: str, loop_name: str, tmp_path: Path) -> None:
     path = str(tmp_path / "app.sock")
     ipv6 = socket.has_ipv6
     try:
@@ -328,7 +340,17 @@ def test_unix_and_ipv6_binds(tmp_path: Path) -> None:
         binds = ["--bind", f"unix:{path}", "--bind", "127.0.0.1:0"]
         if ipv6:
             binds += ["--bind", "[::1]:0"]
-        runner = await start_runner(tmp_path, APPS["aiohttp"], "--interface", "aiohttp", *binds)
+        runner = await start_runner(
+            tmp_path,
+            APPS["aiohttp"],
+            "--interface",
+            "aiohttp",
+            "--accept",
+            accept,
+            "--loop",
+            loop_name,
+            *binds,
+        )
         try:
             await runner.ready()
             assert (await get(path))[2] == b"hello"
@@ -346,6 +368,7 @@ def test_unix_and_ipv6_binds(tmp_path: Path) -> None:
     run(test)
 
 
+@pytest.mark.parametrize("accept", ["runner", "workers"])
 @pytest.mark.parametrize(
     ("interface", "app"),
     [
@@ -354,7 +377,7 @@ def test_unix_and_ipv6_binds(tmp_path: Path) -> None:
     ],
 )
 def test_protocol_and_handler_interfaces_with_worker_init(
-    interface: str, app: str, tmp_path: Path
+    interface: str, app: str, accept: str, tmp_path: Path
 ) -> None:
     events = tmp_path / "events"
     events.mkdir()
@@ -371,6 +394,8 @@ def test_protocol_and_handler_interfaces_with_worker_init(
             "127.0.0.1:0",
             "--worker-init",
             "helpers.serve_apps:worker_init",
+            "--accept",
+            accept,
             env={"SERVE_TEST_EVENTS": str(events)},
         )
         try:

@@ -24,8 +24,9 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -75,6 +76,10 @@ class WorkerPool:
         dispatch: As for [`Acceptor`][aioancillary.Acceptor].
         worker_limit: As for [`Acceptor`][aioancillary.Acceptor].
         env: Extra environment variables for the workers.
+        share: Sockets every worker inherits, at the same fd numbers (each worker takes its
+            copies with [`PoolWorker.take_shared`][aioancillary.PoolWorker.take_shared]): e.g.
+            listening sockets the workers accept on themselves instead of the acceptor. The
+            pool does not own them: keep them open while workers start.
         shutdown_timeout: Default deadline of [`shutdown`][aioancillary.WorkerPool.shutdown], and
             how long a retired worker ([`reload`][aioancillary.WorkerPool.reload],
             [`remove_worker`][aioancillary.WorkerPool.remove_worker]) may take to finish, in
@@ -98,6 +103,7 @@ class WorkerPool:
         dispatch: DispatchName | Picker = "least-busy",
         worker_limit: int = 1024,
         env: dict[str, str] | None = None,
+        share: Sequence[socket.socket] = (),
         shutdown_timeout: float = 30.0,
         ready_timeout: float = 60.0,
     ) -> None:
@@ -118,6 +124,7 @@ class WorkerPool:
         self._size = processes or os.cpu_count() or 1
         self._loop_name = loop
         self._env = env
+        self._share = list(share)
         self._shutdown_timeout = shutdown_timeout
         self._ready_timeout = ready_timeout
         #: The acceptor the workers register with: add listeners to it.
@@ -265,7 +272,7 @@ class WorkerPool:
     async def _spawn(self, slot: Slot) -> ChildProcess:
         config = {**self._target, "args": self._args, "loop": self._loop_name}
         env = None if self._env is None else {**os.environ, **self._env}
-        child = await spawn(slot, config, env)
+        child = await spawn(slot, config, env, [sock.fileno() for sock in self._share])
         child.started = _clock()
         self._children.add(child)
         child.watcher = asyncio.get_running_loop().create_task(self._watch(child))

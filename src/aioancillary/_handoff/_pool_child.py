@@ -2,7 +2,8 @@
 
 Run as ``python -m aioancillary._handoff._pool_child CONFIG``, where CONFIG is a JSON object
 from the pool: the handler's or main's reference, the pool's ``args``, the slot index, the
-event loop to run, the inherited fds (the link to the acceptor, the ready pipe) and the
+event loop to run, the inherited fds (the link to the acceptor, the ready pipe, the pool's
+shared sockets) and the
 parent's ``sys.path``.
 
 Exit status: 0 when the main returned (the acceptor ended the client stream), 1 when it
@@ -43,10 +44,11 @@ def main(argv: list[str]) -> int:
         if entry not in sys.path:
             sys.path.insert(0, entry)
     # pass_fds made them inheritable: processes this worker starts must not get them.
-    os.set_inheritable(config["fd"], False)
-    os.set_inheritable(config["ready"], False)
+    shared: list[int] = config.get("shared", [])
+    for fd in (config["fd"], config["ready"], *shared):
+        os.set_inheritable(fd, False)
     args = config.get("args") or {}
-    pool_worker = PoolWorker(config["index"], args, config["fd"], config["ready"])
+    pool_worker = PoolWorker(config["index"], args, config["fd"], config["ready"], shared)
     try:
         try:
             target = _load(config)

@@ -133,8 +133,11 @@ class ChildProcess:
             )
 
 
-async def spawn(slot: Slot, config: dict[str, Any], env: dict[str, str] | None) -> ChildProcess:
-    """Start the worker process of ``slot`` (``config``: what ``_pool_child`` reads)."""
+async def spawn(
+    slot: Slot, config: dict[str, Any], env: dict[str, str] | None, shared: list[int]
+) -> ChildProcess:
+    """Start the worker process of ``slot`` (``config``: what ``_pool_child`` reads), with
+    copies of the fds ``shared`` at the same numbers."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ready_r, ready_w = os.pipe()
     try:
@@ -144,13 +147,14 @@ async def spawn(slot: Slot, config: dict[str, Any], env: dict[str, str] | None) 
             "fd": theirs.fileno(),
             "ready": ready_w,
             "sys_path": sys.path,
+            "shared": shared,
         }
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "aioancillary._handoff._pool_child",
             json.dumps(config),
-            pass_fds=(theirs.fileno(), ready_w),
+            pass_fds=(theirs.fileno(), ready_w, *shared),
             env=env,
         )
     except BaseException:

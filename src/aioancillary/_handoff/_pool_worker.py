@@ -16,6 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .._core._fd import close_raw
 from ._worker import ClientHandler, Worker
 
 __all__ = ["PoolWorker", "WorkerMain", "callable_reference", "resolve_reference"]
@@ -50,12 +51,44 @@ class PoolWorker:
         args: The pool's ``args`` (a JSON round trip of them).
     """
 
-    def __init__(self, index: int, args: dict[str, Any], link_fd: int, ready_fd: int) -> None:
+    def __init__(
+        self,
+        index: int,
+        args: dict[str, Any],
+        link_fd: int,
+        ready_fd: int,
+        shared: list[int] | None = None,
+    ) -> None:
         """Made by the worker process's entry point from what the pool passed it."""
         self.index = index
         self.args = args
         self._link_fd: int | None = link_fd
         self._ready_fd = ready_fd
+        self._shared: list[int] | None = list(shared or ())
+
+    def take_shared(self) -> list[socket.socket]:
+        """This worker's copies of the pool's ``share`` sockets, in the pool's order, as socket
+        objects the caller owns from then on (closing them closes only this worker's copies).
+
+        Untaken copies are closed when the worker's entry point exits.
+
+        Raises:
+            RuntimeError: called a second time.
+        """
+        fds = self._shared
+        if fds is None:
+            raise RuntimeError("PoolWorker.take_shared() was called already")
+        self._shared = None
+        socks: list[socket.socket] = []
+        try:
+            for fd in fds:
+                socks.append(socket.socket(fileno=fd))
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            close_raw(fds[len(socks) :])
+            raise
+        return socks
 
     async def connect(self) -> Worker:
         """Tell the pool this worker is ready and return its [`Worker`][aioancillary.Worker] (the
@@ -86,6 +119,9 @@ class PoolWorker:
             os.close(self._link_fd)
             self._link_fd = None
             os.close(self._ready_fd)
+        if self._shared:
+            close_raw(self._shared)
+        self._shared = None
 
     def __repr__(self) -> str:
         state = "waiting" if self._link_fd is not None else "connected"

@@ -523,11 +523,7 @@ class Worker(AncillaryProtocol, AsyncClosing):
         try:
             while self._queue:
                 self._start(handler, self._queue.popleft())
-            while True:
-                try:
-                    await self.__anext__()  # wakes at the end; clients go to tasks directly
-                except StopAsyncIteration:
-                    break
+            await self._until_end()  # clients go to tasks directly
         finally:
             self._handler = None
             while self._tasks:
@@ -560,14 +556,19 @@ class Worker(AncillaryProtocol, AsyncClosing):
                 except Exception:
                     logger.exception("could not start serving %r; closing it", client)
                     client.done()
-            while True:
-                try:
-                    await self.__anext__()  # wakes at the end; clients go to the sink
-                except StopAsyncIteration:
-                    break
+            await self._until_end()  # clients go to the sink
         finally:
             self._sink = None
             self._sink_adopts = False
+
+    async def _until_end(self) -> None:
+        """Wait for the end of the client stream, while clients go elsewhere than the queue
+        (to a handler's tasks, or a sink); raises what `__anext__` raises."""
+        while True:
+            try:
+                await self.__anext__()
+            except StopAsyncIteration:
+                return
 
     def _start(self, handler: ClientHandler, client: HandedClient) -> None:
         coro = _run_handler(handler, client)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Sequence
 from functools import partial
 from itertools import repeat
 from types import TracebackType
@@ -67,6 +68,7 @@ class ClientAdapter:
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._emptied: asyncio.Future[None] | None = None  # drain() waits on it
+        self._servers: list[asyncio.AbstractServer] = []  # accept_on()'s
 
     # -- the application's life -------------------------------------------------------------
 
@@ -81,6 +83,7 @@ class ClientAdapter:
     async def close(self) -> None:
         """Run the application's shutdown (after [`serve`][aioancillary.ClientAdapter.serve] has
         returned)."""
+        self._stop_accepting()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -99,6 +102,38 @@ class ClientAdapter:
     def serve_client(self, client: HandedClient) -> None:
         """Start serving ``client``; it is reported finished when its connection ends."""
         raise NotImplementedError
+
+    async def accept_on(self, listeners: Sequence[socket.socket], *, backlog: int = 2048) -> None:
+        """Also serve the clients this process accepts itself on ``listeners`` (listening
+        sockets, e.g. shared by every worker: ``WorkerPool(share=...)``), until the graceful
+        stop begins ([`begin_drain`][aioancillary.ClientAdapter.begin_drain]): then this process
+        closes its copies and accepts no more, and those connections drain like handed ones.
+
+        Args:
+            listeners: Listening stream sockets; the adapter owns them from then on.
+            backlog: Passed to ``listen()`` again by the loop: keep the listener's own.
+        """
+        assert self._loop is not None, "start() was not called"
+        taken = list(listeners)
+        try:
+            while taken:
+                sock = taken[0]
+                self._servers.append(await self._serve_listener(sock, backlog))
+                taken.pop(0)
+        finally:
+            for sock in taken:
+                sock.close()
+        if self._draining:
+            self._stop_accepting()
+
+    async def _serve_listener(self, sock: socket.socket, backlog: int) -> asyncio.AbstractServer:
+        """A server of the loop accepting on ``sock`` with this adapter's connections."""
+        raise NotImplementedError
+
+    def _stop_accepting(self) -> None:
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()  # this process's copy of the listener; its connections go on
 
     @property
     def connections(self) -> int:
@@ -168,8 +203,10 @@ class ClientAdapter:
     # -- stopping -------------------------------------------------------------------------------
 
     def begin_drain(self) -> None:
-        """Start the graceful stop: responses close their connections, quiet ones close."""
+        """Start the graceful stop: responses close their connections, quiet ones close, and
+        [`accept_on`][aioancillary.ClientAdapter.accept_on]'s listeners accept no more."""
         self._draining = True
+        self._stop_accepting()
 
     # A deadline that answers "did they finish in time?" instead of raising: the stop goes on.
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109
@@ -221,7 +258,7 @@ class _Tracked(asyncio.Protocol):
 
     __slots__ = ("_adapter", "_live", "active", "client", "inner", "transport")
 
-    def __init__(self, adapter: ProtocolAdapter, client: HandedClient, inner: Any) -> None:
+    def __init__(self, adapter: ProtocolAdapter, client: HandedClient | None, inner: Any) -> None:
         self._adapter = adapter
         self._live = adapter._tracked
         self.client = client
@@ -266,7 +303,8 @@ class _Tracked(asyncio.Protocol):
         finally:
             live = self._live
             live.discard(self)
-            self.client.done()
+            if self.client is not None:  # None: accepted here, nobody to report to
+                self.client.done()
             if not live:
                 self._adapter._on_empty()
 
@@ -330,12 +368,25 @@ class ProtocolAdapter(ClientAdapter):
         # repeat(tracked).__next__: the factory, without a Python frame per client.
         client._adopt(repeat(tracked).__next__, partial(self._connect_failed, tracked))
 
+    async def _serve_listener(self, sock: socket.socket, backlog: int) -> asyncio.AbstractServer:
+        assert self._loop is not None
+        return await self._loop.create_server(self._accepted, sock=sock, backlog=backlog)
+
+    def _accepted(self) -> _Tracked:
+        """The protocol of a connection this process accepted itself (``accept_on``)."""
+        protocol = self._new_protocol()
+        if self._draining:
+            self._drain_protocol(protocol)
+        if isinstance(protocol, asyncio.BufferedProtocol):
+            return _TrackedBuffered(self, None, protocol)
+        return _Tracked(self, None, protocol)
+
     def _connect_failed(self, tracked: _Tracked, exc: Exception) -> None:
         # The client left before its transport was made (or the loop refused the socket).
         logger.debug("could not serve %r: %s", tracked.client, exc)
         if tracked in self._tracked:
             self._lost(tracked)
-        else:
+        elif tracked.client is not None:
             tracked.client.done()
 
     # -- hooks of the interfaces --------------------------------------------------------------
@@ -358,7 +409,8 @@ class ProtocolAdapter(ClientAdapter):
 
     def _lost(self, tracked: _Tracked) -> None:
         self._tracked.discard(tracked)
-        tracked.client.done()
+        if tracked.client is not None:
+            tracked.client.done()
         if not self._tracked:
             self._on_empty()
 

@@ -94,6 +94,7 @@ class ServeOptions:
     access_log: bool = False
     log_level: str = "info"
     lifespan: str = "auto"
+    accept: Literal["runner", "workers"] = "runner"
     cwd: str = dataclasses.field(default_factory=os.getcwd)
 
     def to_json(self) -> dict[str, Any]:
@@ -187,6 +188,14 @@ def add_arguments(parser: argparse.ArgumentParser, default_loop: str) -> None:
         help="asgi: uvicorn's HTTP implementation (default auto: httptools when installed)",
     )
     parser.add_argument(
+        "--accept",
+        choices=("runner", "workers"),
+        default="runner",
+        help="who accepts connections: runner (the runner accepts and hands each one to the "
+        "least busy worker) or workers (every worker accepts on the shared listening sockets, "
+        "as under gunicorn: less CPU per new connection, no choice of worker); default runner",
+    )
+    parser.add_argument(
         "--worker-init",
         type=_reference,
         metavar="MODULE:FUNC",
@@ -245,4 +254,5 @@ def from_namespace(args: argparse.Namespace) -> ServeOptions:
         access_log=args.access_log,
         log_level=args.log_level,
         lifespan=args.lifespan,
+        accept=args.accept,
     )

@@ -83,20 +83,26 @@ class Runner:
             return await self._serve()
         finally:
             for listener in self._listeners:
+                listener.sock.close()  # the acceptor's (closed already), or ours (--accept workers)
                 listener.remove_path()
 
     async def _serve(self) -> int:
         options = self.options
+        by_workers = options.accept == "workers"
         pool = WorkerPool(
             main=WORKER_MAIN,
             args=options.to_json(),
             processes=options.workers,
             loop=options.loop,
             shutdown_timeout=options.graceful_timeout,
+            # --accept workers: each worker accepts on its copies of the listeners, and the
+            # acceptor only keeps the workers' links (their start, retirement and stop).
+            share=[listener.sock for listener in self._listeners] if by_workers else (),
         )
         self._pool = pool
-        for listener in self._listeners:
-            pool.acceptor.add_listener(listener.sock, name=listener.name)
+        if not by_workers:
+            for listener in self._listeners:
+                pool.acceptor.add_listener(listener.sock, name=listener.name)
         for listener in self._listeners:
             logger.info("listening on %s", listener.describe())
         logger.info("starting %d worker(s)", options.workers)
@@ -136,6 +142,12 @@ class Runner:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if by_workers:
+                # (After the reloads and resizes: no worker starts from here on.) The workers
+                # stop accepting next; once the last copy of a listener is closed, new
+                # connections are refused instead of waiting in a backlog nobody reads.
+                for listener in self._listeners:
+                    listener.sock.close()
             clean = await pool.shutdown()
         finally:
             watchdog.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -74,6 +75,25 @@ class StreamAdapter(ClientAdapter):
                 await self._handler(reader, writer)
             except Exception:
                 logger.exception("stream handler failed for %r", client)
+
+    async def _serve_listener(self, sock: socket.socket, backlog: int) -> asyncio.AbstractServer:
+        return await asyncio.start_server(
+            self._run_accepted, sock=sock, backlog=backlog, limit=self._limit
+        )
+
+    async def _run_accepted(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        try:
+            await self._handler(reader, writer)
+        except Exception:
+            logger.exception("stream handler failed for %r", writer.get_extra_info("peername"))
+        finally:
+            writer.close()
 
     def _abort_all(self) -> None:
         for task in list(self._tasks):

@@ -1,7 +1,8 @@
 """A worker process of ``python -m aioancillary serve``: the ``main`` its pool runs.
 
 Each worker is a fresh interpreter: it runs ``--worker-init``, imports the application, runs
-its startup, and only then connects to the runner's acceptor (the pool counts it as ready).
+its startup, with ``--accept workers`` starts accepting on its copies of the listeners, and
+only then connects to the runner's acceptor (the pool counts it as ready).
 It serves until the acceptor ends its client stream (a reload, a smaller pool, a stop), then
 stops gracefully within ``--graceful-timeout`` and runs the application's shutdown.
 
@@ -163,6 +164,10 @@ async def main(pool_worker: PoolWorker) -> None:
     except Exception:
         _fail(STARTUP_FAILED, "error: the application's startup failed:", trace=True)
     try:
+        if options.accept == "workers":
+            # Accepting before connecting: the runner counts this worker as ready (and, in a
+            # reload, retires the old ones) only once it serves.
+            await adapter.accept_on(pool_worker.take_shared(), backlog=options.backlog)
         async with await pool_worker.connect() as worker:
             await adapter.serve(worker, graceful_timeout=options.graceful_timeout, stop=stop)
     finally:
