@@ -1,7 +1,8 @@
 """Instructions per request in one HTTP worker process: ``aioancillary serve``'s worker
-(``AsgiAdapter`` on a ``Worker``) against a uvicorn worker (what gunicorn's ``UvicornWorker``
-and ``uvicorn --workers`` run: ``uvicorn.Server.serve(sockets=...)``), both on uvloop with
-httptools, serving ``serve_app.py`` (callgrind).
+(``AsgiAdapter`` on a ``Worker``; and ``aioancillary-accepting``, a worker of ``serve --accept
+workers``: ``AsgiAdapter.accept_on``) against a uvicorn worker (what gunicorn's
+``UvicornWorker`` and ``uvicorn --workers`` run: ``uvicorn.Server.serve(sockets=...)``), all
+on uvloop with httptools, serving ``serve_app.py`` (callgrind).
 
 Instruction counts do not depend on how loaded the machine is: this is the figure to compare
 while the machine is shared, and to find where the worker spends them
@@ -13,7 +14,7 @@ own cost per connection is measured by ``acceptor_callgrind.py``.
 
 Run::
 
-    .venv/bin/python benchmarks/serve_callgrind.py                      # both modes, both servers
+    .venv/bin/python benchmarks/serve_callgrind.py                      # both modes, all three
     .venv/bin/python benchmarks/serve_callgrind.py --mode close --keep   # keep the callgrind files
 """
 
@@ -30,6 +31,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CLIENT = HERE / "_build" / "httpload"
+#: aioancillary-accepting: a worker of ``serve --accept workers`` (``AsgiAdapter.accept_on``).
+SERVERS = ("aioancillary", "aioancillary-accepting", "uvicorn")
 
 CHILD = """
 import asyncio, os, signal, socket, sys
@@ -52,7 +55,15 @@ async def theirs():
     print("ready", flush=True)
     await server.serve(sockets=[socket.socket(fileno=lfd)])
 
-uvloop.run(ours() if server == "aioancillary" else theirs())
+async def accepting():  # a worker of serve --accept workers
+    from aioancillary import AsgiAdapter
+    async with AsgiAdapter("serve_app:app", http="httptools") as adapter:
+        await adapter.accept_on([socket.socket(fileno=lfd)])
+        print("ready", flush=True)
+        await asyncio.Event().wait()  # until the driver's SIGTERM
+
+MAINS = {{"aioancillary": ours, "aioancillary-accepting": accepting, "uvicorn": theirs}}
+uvloop.run(MAINS[server]())
 """
 
 
@@ -120,7 +131,7 @@ async def measure(server: str, mode: str, low: int, high: int, keep: Path | None
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", action="append", choices=("keepalive", "close"))
-    parser.add_argument("--server", action="append", choices=("aioancillary", "uvicorn"))
+    parser.add_argument("--server", action="append", choices=SERVERS)
     parser.add_argument("--low", type=int, default=1000)
     parser.add_argument("--high", type=int, default=3000)
     parser.add_argument("--keep", type=Path, help="keep the callgrind files in this directory")
@@ -132,14 +143,15 @@ def main(argv: list[str]) -> int:
         args.keep.mkdir(parents=True, exist_ok=True)
     results = {}
     for mode in args.mode or ["keepalive", "close"]:
-        for server in args.server or ["aioancillary", "uvicorn"]:
+        for server in args.server or SERVERS:
             per = asyncio.run(measure(server, mode, args.low, args.high, args.keep))
             results[server, mode] = per
-            print(f"{server:13} {mode:9}: {per:10,.0f} instructions per request", flush=True)
+            print(f"{server:22} {mode:9}: {per:10,.0f} instructions per request", flush=True)
     for mode in args.mode or ["keepalive", "close"]:
-        if ("aioancillary", mode) in results and ("uvicorn", mode) in results:
-            ratio = results["aioancillary", mode] / results["uvicorn", mode]
-            print(f"{mode}: aioancillary's worker / uvicorn's worker = {ratio:.3f}")
+        for ours in SERVERS[:2]:
+            if (ours, mode) in results and ("uvicorn", mode) in results:
+                ratio = results[ours, mode] / results["uvicorn", mode]
+                print(f"{mode}: {ours}'s worker / uvicorn's worker = {ratio:.3f}")
     return 0
 
 
