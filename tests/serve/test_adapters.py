@@ -343,3 +343,27 @@ async def test_accept_on_serves_what_this_process_accepts_until_the_stop_begins(
         assert s.adapter.connections == 0
         for sock in (taken, late, listener):
             sock.close()
+
+
+@pytest.mark.parametrize("kind", HTTP)
+async def test_a_connection_made_after_the_stop_began_is_drained_too(kind: str) -> None:
+    """Its protocol was made before the stop began, and its ``connection_made`` (which the loop
+    schedules) ran after: it is drained like the others, not served with keep-alive until the
+    deadline aborts it."""
+    adapter = make_adapter(kind)
+    assert isinstance(adapter, ProtocolAdapter)
+    async with adapter:
+        listener = socket.create_server(("127.0.0.1", 0))
+        peer = socket.create_connection(listener.getsockname())
+        accepted, _addr = listener.accept()
+        tracked = adapter._accepted()  # the loop accepted and called the factory...
+        adapter.begin_drain()  # ...the stop began...
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: tracked, accepted)  # ...connection_made
+        reader, writer = await asyncio.open_connection(sock=peer)
+        status, headers, body = await get(reader, writer)
+        assert (status, body, headers.get("connection")) == (200, b"hello", "close")
+        assert await within(reader.read(), 10) == b""
+        await close(writer)
+        assert await within(adapter.drain(5), 10) is True
+        listener.close()

@@ -270,6 +270,12 @@ class _Tracked(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self._live.add(self)
+        # Counted from here on, so drained from here on: begin_drain() drains the connections
+        # counted before it, this the ones counted after. The protocol may have been made
+        # before the stop began (its connection_made was still scheduled when it did) and
+        # would otherwise keep a keep-alive connection open until the deadline's abort.
+        if self._adapter._draining:
+            self._adapter._drain_protocol(self.inner)
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -355,8 +361,6 @@ class ProtocolAdapter(ClientAdapter):
         assert loop is not None, "start() was not called"
         try:
             protocol = self._new_protocol()
-            if self._draining:
-                self._drain_protocol(protocol)
         except Exception:
             logger.exception("the protocol factory failed; closing the client")
             client.done()
@@ -375,8 +379,6 @@ class ProtocolAdapter(ClientAdapter):
     def _accepted(self) -> _Tracked:
         """The protocol of a connection this process accepted itself (``accept_on``)."""
         protocol = self._new_protocol()
-        if self._draining:
-            self._drain_protocol(protocol)
         if isinstance(protocol, asyncio.BufferedProtocol):
             return _TrackedBuffered(self, None, protocol)
         return _Tracked(self, None, protocol)
