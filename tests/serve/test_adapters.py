@@ -367,3 +367,34 @@ async def test_a_connection_made_after_the_stop_began_is_drained_too(kind: str) 
         await close(writer)
         assert await within(adapter.drain(5), 10) is True
         listener.close()
+
+
+@pytest.mark.parametrize("kind", [*HTTP, "protocol", "handler"])
+async def test_the_stop_waits_for_a_connection_the_loop_accepted_but_had_not_counted(
+    kind: str,
+) -> None:
+    """The loop accepted the connection, and its protocol (asyncio: a task per accepted
+    connection) comes a turn or two later: a stop that begins in between must still count,
+    serve and drain it, not end with it unserved (the worker would exit and reset it)."""
+    adapter = make_adapter(kind)
+    async with adapter:
+        listener = socket.create_server(("127.0.0.1", 0))
+        await adapter.accept_on([listener.dup()], backlog=16)
+        peer = socket.create_connection(listener.getsockname())
+        peer.sendall(request() if kind in HTTP else b"one\n")
+        for _ in range(2):  # asyncio: the loop's reader accepts during the first turn
+            await asyncio.sleep(0)
+        adapter.begin_drain()
+        if kind not in HTTP:
+            await asyncio.sleep(0.1)
+            peer.shutdown(socket.SHUT_WR)  # a stream client leaves once answered
+        assert await within(adapter.drain(5), 10) is True
+        peer.setblocking(False)
+        answer = peer.recv(65536)  # everything was answered before drain() returned
+        if kind in HTTP:
+            assert answer.startswith(b"HTTP/1.1 200")
+            assert b"connection: close" in answer.lower()
+        else:
+            assert answer == f"{os.getpid()} one\n".encode()
+        peer.close()
+        listener.close()

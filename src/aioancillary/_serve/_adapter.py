@@ -43,6 +43,10 @@ logger = logging.getLogger("aioancillary.serve")
 
 #: Default quiet period after which a draining connection is closed, in seconds.
 DRAIN_IDLE = 1.0
+#: Loop turns for accepted connections to be counted once the servers closed (asyncio: two
+#: for a protocol, three for a stream handler, whose task counts it; uvloop: one; see
+#: ClientAdapter._settled).
+_SETTLE_TURNS = 4
 _INET = (socket.AF_INET, socket.AF_INET6)
 
 
@@ -69,6 +73,8 @@ class ClientAdapter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._emptied: asyncio.Future[None] | None = None  # drain() waits on it
         self._servers: list[asyncio.AbstractServer] = []  # accept_on()'s
+        self._settle = False  # servers were closed: see _settled()
+        self._closing: list[asyncio.AbstractServer] = []  # not accepting; closed by close()
 
     # -- the application's life -------------------------------------------------------------
 
@@ -84,6 +90,9 @@ class ClientAdapter:
         """Run the application's shutdown (after [`serve`][aioancillary.ClientAdapter.serve] has
         returned)."""
         self._stop_accepting()
+        closing, self._closing = self._closing, []
+        for server in closing:
+            server.close()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -133,7 +142,33 @@ class ClientAdapter:
     def _stop_accepting(self) -> None:
         servers, self._servers = self._servers, []
         for server in servers:
-            server.close()  # this process's copy of the listener; its connections go on
+            if isinstance(server, asyncio.base_events.Server) and self._loop is not None:
+                # asyncio's own server: closing it fails the transport of every connection
+                # accepted but not yet set up ("Error on transport creation": Server._attach
+                # asserts the server is open), which resets those clients. Stop reading the
+                # listener instead, and close the server after the drain (close()).
+                for sock in server.sockets:
+                    self._loop.remove_reader(sock.fileno())
+                self._closing.append(server)
+            else:
+                server.close()  # this process's copy of the listener; its connections go on
+        if servers:
+            self._settle = True
+
+    async def _settled(self) -> None:
+        """Let the connections the loop accepted before its servers closed be counted.
+
+        A connection is counted when its protocol's ``connection_made`` runs (a stream
+        handler's: when its task starts), a few loop turns after the loop accepted it: asyncio
+        runs a task per accepted connection whose first step makes the protocol and the
+        transport, and the transport schedules ``connection_made``; uvloop schedules it at
+        once. Without these turns a stop could
+        find nothing to wait for and end the process under them (a reset for their clients).
+        """
+        if self._settle:
+            self._settle = False
+            for _ in range(_SETTLE_TURNS):
+                await asyncio.sleep(0)
 
     @property
     def connections(self) -> int:
@@ -234,6 +269,7 @@ class ClientAdapter:
             return False
 
     async def _until_empty(self) -> None:
+        await self._settled()
         while self.connections:
             assert self._loop is not None
             self._emptied = self._loop.create_future()
