@@ -116,7 +116,9 @@ class ClientAdapter:
         """Also serve the clients this process accepts itself on ``listeners`` (listening
         sockets, e.g. shared by every worker: ``WorkerPool(share=...)``), until the graceful
         stop begins ([`begin_drain`][aioancillary.ClientAdapter.begin_drain]): then this process
-        closes its copies and accepts no more, and those connections drain like handed ones.
+        accepts no more, and those connections drain like handed ones. Its copies of the
+        listeners are closed then on uvloop, and by [`close`][aioancillary.ClientAdapter.close]
+        on asyncio (whose server, closed at once, would reset what it had just accepted).
 
         Args:
             listeners: Listening stream sockets; the adapter owns them from then on.
@@ -162,8 +164,8 @@ class ClientAdapter:
         handler's: when its task starts), a few loop turns after the loop accepted it: asyncio
         runs a task per accepted connection whose first step makes the protocol and the
         transport, and the transport schedules ``connection_made``; uvloop schedules it at
-        once. Without these turns a stop could
-        find nothing to wait for and end the process under them (a reset for their clients).
+        once. Without these turns a stop could find nothing to wait for and end the process
+        under them (a reset for their clients).
         """
         if self._settle:
             self._settle = False
