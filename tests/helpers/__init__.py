@@ -50,6 +50,14 @@ BIG = 1024 * 1024 - 1024
 #: Why the uvloop half of the suite is skipped when uvloop is absent (shown by ``pytest -ra``).
 NO_UVLOOP = "uvloop is not installed: the uvloop half of the suite is skipped (pip install uvloop)"
 
+#: For a test that forks the test process itself. Once a uvloop test has resolved an address,
+#: libuv's thread pool (4 threads, idle, never stopped) lives in the process, and Python 3.12+
+#: warns at every fork of a multi-threaded process. These children only close, send and exec
+#: or exit, and take none of the locks those threads could hold.
+FORKS_THE_TEST_PROCESS = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded, use of fork:DeprecationWarning"
+)
+
 
 class DebugEventLoop(asyncio.SelectorEventLoop):
     """asyncio's default loop with debug mode pinned on (``asyncio.new_event_loop`` + debug).

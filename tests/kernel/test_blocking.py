@@ -8,6 +8,7 @@ import socket
 from collections.abc import Callable, Iterator
 
 import pytest
+from helpers import FORKS_THE_TEST_PROCESS
 
 from aioancillary import (
     SCM_MAX_FD,
@@ -425,6 +426,7 @@ def test_send_closed_objects_refused(pair: tuple[socket.socket, ...]) -> None:
 # -- across processes ---------------------------------------------------------------------
 
 
+@FORKS_THE_TEST_PROCESS
 def test_fds_from_a_child_process() -> None:
     parent, child = socket.socketpair()
     with parent:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from helpers import FORKS_THE_TEST_PROCESS
+
 from aioancillary._kernel import _fork
 
 
@@ -28,6 +30,7 @@ def test_track_returns_the_pid() -> None:
         os.close(w)
 
 
+@FORKS_THE_TEST_PROCESS
 def test_the_child_closes_every_tracked_copy_and_the_parent_keeps_its_own() -> None:
     r, w = os.pipe()
     failing = Tracked(-1, fails=True)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import nofile_at_least
+from helpers import FORKS_THE_TEST_PROCESS, nofile_at_least
 
 from aioancillary._lifecycle import _exec_wrapper as wrapper
 
@@ -81,6 +81,7 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "cannot get the fds from the parent" in capsys.readouterr().err
 
 
+@FORKS_THE_TEST_PROCESS
 def test_in_a_child_it_places_the_fds_and_reports_a_failed_exec() -> None:
     name = f"aioancillary-test-wrapper-{os.getpid()}"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
