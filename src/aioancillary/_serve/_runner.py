@@ -2,7 +2,8 @@
 
 The runner owns the listening sockets and an [`Acceptor`][aioancillary.Acceptor] (least-busy
 dispatch) in its own process, and a [`WorkerPool`][aioancillary.WorkerPool] of fresh interpreters
-that serve the application (`._worker`). Signals:
+that serve the application (`._worker`). With ``--accept workers`` the workers accept on their
+copies of the listeners themselves, and the acceptor only keeps their links. Signals:
 
 * ``HUP``: reload. New workers import the application afresh (new code) and start; once all
   are ready the old ones are retired: they get no more clients, finish what they hold and
