@@ -101,10 +101,11 @@ from ._fdholder._blocking import FdHolderBlockingClient
 from ._fdholder._client import FdHolderClient
 from ._fdholder._wire import FdHolderEntry
 from ._handoff._acceptor import Acceptor, AcceptorStats
+from ._handoff._client import HandedClient
 from ._handoff._dispatch import DispatchName, Picker, WorkerInfo
 from ._handoff._pool import WorkerPool
 from ._handoff._pool_worker import PoolWorker, WorkerMain
-from ._handoff._worker import HandedClient, Worker
+from ._handoff._worker import Worker
 from ._kernel._authorize import (
     allow_gids,
     allow_group_members,

@@ -20,7 +20,8 @@ from helpers.acceptor import acceptor_with_workers
 from aioancillary import AncillaryConnection, PeerRejectedError, ProtocolError
 from aioancillary._handoff import _wire as wire
 from aioancillary._handoff._acceptor import Acceptor
-from aioancillary._handoff._worker import HandedClient, Worker
+from aioancillary._handoff._client import HandedClient
+from aioancillary._handoff._worker import Worker
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ from typing import Any
 
 from aioancillary import AncillaryConnection, AncillaryTransport, WorkerInfo
 from aioancillary._handoff._acceptor import Acceptor
+from aioancillary._handoff._client import HandedClient
 from aioancillary._handoff._ledger import WorkerSlot
-from aioancillary._handoff._worker import HandedClient, Worker
+from aioancillary._handoff._worker import Worker
 from helpers import TIMEOUT, within
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 
+from aioancillary._handoff._client import HandedClient
 from aioancillary._handoff._pool_worker import PoolWorker
-from aioancillary._handoff._worker import HandedClient
 
 
 def _fd_count() -> int:

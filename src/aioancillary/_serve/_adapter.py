@@ -34,7 +34,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from .._core._errors import AncillaryError, ConnectionClosedError
-from .._handoff._worker import HandedClient, Worker
+from .._handoff._client import HandedClient
+from .._handoff._worker import Worker
 
 __all__ = ["ClientAdapter", "ProtocolAdapter"]
 

@@ -9,7 +9,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 
-from .._handoff._worker import HandedClient
+from .._handoff._client import HandedClient
 from ._adapter import DRAIN_IDLE, ClientAdapter
 
 __all__ = ["StreamAdapter", "StreamHandler"]
