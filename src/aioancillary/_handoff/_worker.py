@@ -2,12 +2,13 @@
 ready sockets.
 
 A [`Worker`][aioancillary.Worker] is a protocol on its link to the acceptor. Each ``C`` message
-becomes a [`HandedClient`][aioancillary.HandedClient] (``_client``): a non-blocking ``socket.socket`` built from
-the family, type and protocol the acceptor announced for its listener (passed to ``socket.socket``
-with the fd, so no ``getsockopt`` is needed), plus the listener's name and metadata and the peer's
-address (decoded only when asked for). Finishing a client (``with client:``, or
-[`HandedClient.done`][aioancillary.HandedClient.done]) closes it and reports the completion; reports
-are coalesced into one message per loop iteration.
+becomes a [`HandedClient`][aioancillary.HandedClient] (``_client``): a non-blocking
+``socket.socket`` built from the family, type and protocol the acceptor announced for its
+listener (passed to ``socket.socket`` with the fd, so no ``getsockopt`` is needed), plus the
+listener's name and metadata and the peer's address (decoded only when asked for).
+Finishing a client (``with client:``, or [`HandedClient.done`][aioancillary.HandedClient.done])
+closes it and reports the completion; reports are coalesced into one message per loop
+iteration.
 """
 
 from __future__ import annotations
