@@ -12,6 +12,12 @@ every server, with httptools and uvloop on every side and 2 workers, loaded by a
   new workers replace the old ones), both modes; every failed request is counted, nothing
   is retried.
 
+With keep-alive, where each connection stays with the worker that got it, the report also
+says how evenly the connections were spread: the busiest worker's share of the 64 (read from
+``/proc`` once the warm-up is over; half is an even split). The kernel spreads them over
+workers that accept for themselves as they happen to wake; the runner gives each to the least
+busy worker.
+
 Requests/s and latency percentiles come from the client; CPU per request is the CPU time
 (user + system, ``/proc/PID/stat``) of the server's whole process tree (main process and
 workers) over the measured window, divided by the requests answered in it. Servers are
@@ -122,6 +128,34 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICK
 
 
+def connections_per_worker(server_pid: int, port: int, workers: int) -> list[int]:
+    """How many established client connections to ``port`` each worker holds, busiest first.
+
+    Read from ``/proc``: the inodes of the established TCP sockets whose local port is
+    ``port``, then which process has an fd on each. The main process is left out (it holds
+    none once a hand-off is done); the ``workers`` busiest of its descendants are kept, so a
+    worker that got no connection counts as 0.
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{inode}]")
+    counts = []
+    for pid in tree(server_pid)[1:]:
+        held = 0
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    held += os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
+        counts.append(held)
+    return (sorted(counts, reverse=True) + [0] * workers)[:workers]
+
+
 def get(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
@@ -168,13 +202,17 @@ class Cell:
     client_cpu: float  # the client's CPU share of the window (1.0 = one core)
     failed: int
     failures: dict[str, int] = field(default_factory=dict)
+    #: keep-alive: each worker's connections during the window, busiest first
+    split: list[int] = field(default_factory=list)
 
 
 def load(
     server_pid: int, port: int, *, mode: str, conns: int, warmup: float, seconds: float,
-    hups: list[float] | None = None,
+    hups: list[float] | None = None, workers: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
-    """One client run; the server tree's CPU over the window; HUPs at the given offsets."""
+    """One client run; the server tree's CPU over the window; HUPs at the given offsets; with
+    ``workers``, how the connections are spread over them (once the warm-up is over: with
+    keep-alive every connection is open and placed by then)."""
     client = subprocess.Popen(
         [str(CLIENT), "127.0.0.1", str(port), "--mode", mode, "--conns", str(conns),
          "--warmup", str(warmup), "--seconds", str(seconds)],
@@ -187,6 +225,7 @@ def load(
     for offset in hups or []:
         time.sleep(max(0.0, t0 + offset - time.monotonic()))
         os.kill(server_pid, signal.SIGHUP)
+    split = connections_per_worker(server_pid, port, workers) if workers else []
     assert client.stdout.readline().strip() == "end"
     pids = sorted(set(pids) | set(tree(server_pid)))
     cpu1, client1, t1 = cpu_seconds(pids), cpu_seconds([client.pid]), time.monotonic()
@@ -194,6 +233,7 @@ def load(
     client.wait()
     result["server_cpu"] = cpu1 - cpu0
     result["client_cpu"] = (client1 - client0) / (t1 - t0)
+    result["split"] = split
     return result
 
 
@@ -210,6 +250,7 @@ def cell(server: str, mode: str, repeat: int, result: dict[str, Any]) -> Cell:
         client_cpu=result["client_cpu"],
         failed=result["failed"],
         failures=result["failures"],
+        split=result.get("split", []),
     )
 
 
@@ -225,6 +266,7 @@ def measure(args: argparse.Namespace) -> list[Cell]:
                     result = load(
                         pid, port, mode=mode, conns=args.conns, warmup=args.warmup,
                         seconds=args.seconds,
+                        workers=args.workers if mode == "keepalive" else 0,
                     )  # fmt: skip
                     cells.append(cell(name, mode, repeat, result))
                     progress(cells[-1])
@@ -248,7 +290,8 @@ def progress(c: Cell) -> None:
     print(
         f"  {c.server:18} {c.mode:15} #{c.repeat}: {c.rps:9.0f} req/s  p99 {c.p99_us:8.0f} µs  "
         f"{c.cpu_us:6.1f} µs CPU/req  client {c.client_cpu:4.0%}  failed {c.failed} "
-        f"{ {k: v for k, v in c.failures.items() if v} or '' }",
+        + (f"split {'/'.join(map(str, c.split))} " if c.split else "")
+        + f"{ {k: v for k, v in c.failures.items() if v} or '' }",
         file=sys.stderr,
         flush=True,
     )
@@ -256,6 +299,17 @@ def progress(c: Cell) -> None:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def balance(cells: list[Cell]) -> str:
+    """The busiest worker's share of the keep-alive connections: the median over the repeats,
+    and the most uneven split seen."""
+    splits = [c.split for c in cells if sum(c.split)]
+    if not splits:
+        return "not measured"
+    worst = max(splits, key=lambda split: split[0] / sum(split))
+    share = median([split[0] / sum(split) for split in splits])
+    return f"{share:.0%} ({'/'.join(map(str, worst))})"
 
 
 def report(cells: list[Cell], args: argparse.Namespace) -> str:
@@ -284,6 +338,7 @@ def report(cells: list[Cell], args: argparse.Namespace) -> str:
                 f"{median([c.p99_us for c in got]):,.0f}",
                 f"{cpu:.1f} ({ratio(name, mode, 'cpu_us'):.2f}x)",
             ]
+        row.append(balance(pick(name, "keepalive")))
         hups = [
             str(sum(c.failed for c in pick(name, f"hup-{mode}"))) for mode in ("keepalive", "close")
         ]
@@ -297,6 +352,7 @@ def report(cells: list[Cell], args: argparse.Namespace) -> str:
         "new conn. req/s",
         "p99 µs",
         "CPU µs/req",
+        "keep-alive connections on the busiest worker: median (most uneven split)",
         "failed across 2 HUPs (keep-alive / new conn.)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
