@@ -32,7 +32,7 @@ from .._core._errors import NotifyError, WorkerStartError
 from .._handoff._pool import WorkerPool
 from .._lifecycle._notify import notify_async, watchdog_interval
 from ._listeners import BindError, Listener, open_listeners
-from ._options import HTTP_INTERFACES, ServeOptions
+from ._options import ServeOptions
 from ._worker import LOAD_FAILED, STARTUP_FAILED, configure_logging
 
 __all__ = ["run"]
@@ -75,7 +75,7 @@ class Runner:
             self._listeners = open_listeners(
                 options.binds,
                 backlog=options.backlog,
-                defer_accept=options.interface in HTTP_INTERFACES,
+                defer_accept=options.defer_accept,
             )
         except BindError as exc:
             logger.error("%s", exc)
