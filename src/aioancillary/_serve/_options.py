@@ -103,9 +103,10 @@ class ServeOptions:
         once its first bytes are in): for HTTP, when the runner accepts.
 
         There it saves the runner a wake-up per connection, and the worker gets the socket
-        with its request already in. With ``--accept workers`` it is left off: measured on two
-        workers (``benchmarks/serve_bench.py``), a new connection per request then cost the
-        workers 60-72 µs of CPU against 61-63 µs without it, and gunicorn's 55-65 µs.
+        with its request already in. With ``--accept workers`` it is left off: on two workers
+        accepting for themselves, a new connection per request cost them 60-72 µs of CPU with
+        it against 61-63 µs without (``/proc/PID/stat``, interleaved runs; gunicorn's workers:
+        55-65 µs).
         """
         return self.interface in HTTP_INTERFACES and self.accept == "runner"
 
